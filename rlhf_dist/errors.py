@@ -1,0 +1,43 @@
+"""User-facing errors.
+
+Every error a user can cause (bad config, missing model, broken reward function, empty dataset,
+a dead actor, a NaN loss) is raised as a subclass of `RlhfDistError`. The entry point prints the
+message (never a traceback from deep inside Ray) and exits non-zero. Messages say what was given,
+what was expected and how to fix it.
+"""
+
+
+class RlhfDistError(Exception):
+    """Base class: the message is meant for the user, as is."""
+
+
+class ConfigError(RlhfDistError):
+    """A config value is invalid or inconsistent with another one."""
+
+
+class ModelPathError(RlhfDistError):
+    """`model.path` does not point at a loadable HF-format model directory."""
+
+
+class DatasetError(RlhfDistError):
+    """A prompt source is missing, empty or malformed."""
+
+
+class RewardFnError(RlhfDistError):
+    """`reward.fn` cannot be imported, is not callable, raises, or returns the wrong thing."""
+
+
+class ClusterResourceError(RlhfDistError):
+    """The Ray cluster cannot fit the requested actors."""
+
+
+class ActorDiedError(RlhfDistError):
+    """A Ray actor (rollout engine, learner rank, ...) died; the message names it."""
+
+
+class WeightSyncError(RlhfDistError):
+    """A weight broadcast timed out or the engine's checksum does not match the learner's."""
+
+
+class NonFiniteLossError(RlhfDistError):
+    """The learner computed a NaN or infinite loss."""
