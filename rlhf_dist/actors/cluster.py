@@ -1,0 +1,58 @@
+"""Connecting to Ray and checking, before any actor starts, that the actors fit."""
+
+from __future__ import annotations
+
+import os
+
+from rlhf_dist.errors import ClusterResourceError
+
+
+def init_ray(cluster) -> None:
+    """Local Ray by default (the embedded laptop mode); `cluster.address=auto` joins a cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "WARNING",
+                        "RAY_DEDUP_LOGS": "1"}}
+    if cluster.address is None:
+        ray.init(num_cpus=cluster.num_cpus or os.cpu_count(), include_dashboard=False,
+                 runtime_env=env, log_to_driver=True, configure_logging=True,
+                 logging_level="WARNING")
+    else:
+        ray.init(address=cluster.address, runtime_env=env, logging_level="WARNING")
+
+
+def required_resources(cfg) -> dict[str, dict[str, float]]:
+    cl = cfg.cluster
+    need = {
+        f"{cfg.rollout.num_engines} rollout engine(s)": {
+            "CPU": cfg.rollout.num_engines * cl.cpus_per_engine,
+            "GPU": cfg.rollout.num_engines * cl.gpus_per_engine},
+        f"{cfg.learner.world_size} learner rank(s)": {
+            "CPU": cfg.learner.world_size * cl.cpus_per_learner,
+            "GPU": cfg.learner.world_size * cl.gpus_per_learner},
+        "reward actor": {"CPU": cl.cpus_per_aux, "GPU": 0.0},
+    }
+    if cfg.algo.kl_coef > 0:
+        need["reference actor"] = {"CPU": cl.cpus_per_aux, "GPU": cl.gpus_per_aux}
+    return need
+
+
+def check_resources(cfg) -> None:
+    """Fail fast, with a breakdown, when the cluster cannot hold every actor at once."""
+    import ray
+
+    total = ray.cluster_resources()
+    need = required_resources(cfg)
+    for resource in ("CPU", "GPU"):
+        wanted = sum(parts[resource] for parts in need.values())
+        have = total.get(resource, 0.0)
+        if wanted > have + 1e-9:
+            breakdown = ", ".join(f"{name}: {parts[resource]:g}" for name, parts in need.items()
+                                  if parts[resource])
+            hint = ("lower rollout.num_engines / learner.world_size, or the cluster.*_per_* "
+                    "fractions") if resource == "CPU" else "use fewer GPU actors or a bigger cluster"
+            raise ClusterResourceError(
+                f"the actors need {wanted:g} {resource} ({breakdown}) but the Ray cluster has "
+                f"{have:g}. Fix: {hint}.")

@@ -1,0 +1,127 @@
+"""A named group of identical Ray actors placed with one placement group.
+
+The controller talks to actors only through `ActorGroup.run(...)`, which waits on every call
+with a deadline and turns a dead actor or a timeout into a user-facing error that names it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlhf_dist.errors import ActorDiedError, ClusterResourceError, RlhfDistError
+
+
+def wait_all(refs: Sequence[ray.ObjectRef], names: Sequence[str], what: str, timeout_s: float) -> list:
+    """`ray.get` with a deadline; errors name the actor and the phase."""
+    try:
+        return ray.get(list(refs), timeout=timeout_s)
+    except GetTimeoutError:
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+        stuck = [name for ref, name in zip(refs, names) if ref not in ready]
+        raise RlhfDistError(
+            f"{what} did not finish within {timeout_s:.0f} s; still waiting on: {', '.join(stuck)}. "
+            "The actor may be stuck or far slower than expected; its log is in the Ray session "
+            "directory (/tmp/ray/session_latest/logs). Raise the matching *_timeout_s if it is just slow."
+        ) from None
+    except RayActorError as err:
+        name = _failed_name(refs, names)
+        raise ActorDiedError(
+            f"{name} died during {what}: {_short(err)}. The run cannot continue without it. "
+            "Look for an out-of-memory kill or a crash in the Ray logs "
+            "(/tmp/ray/session_latest/logs)."
+        ) from None
+    except RayTaskError as err:
+        cause = err.cause if isinstance(err.cause, Exception) else None
+        if isinstance(cause, RlhfDistError):
+            raise type(cause)(f"{_failed_name(refs, names)}: {cause}") from None
+        raise RlhfDistError(
+            f"{_failed_name(refs, names)} raised during {what}:\n{err}"
+        ) from None
+
+
+def _failed_name(refs: Sequence[ray.ObjectRef], names: Sequence[str]) -> str:
+    for ref, name in zip(refs, names):
+        try:
+            ray.get(ref, timeout=0)
+        except GetTimeoutError:
+            continue
+        except Exception:  # noqa: BLE001 - we only look for the ref that failed
+            return name
+    return names[0] if len(names) == 1 else "one of " + ", ".join(names)
+
+
+def _short(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__
+
+
+class ActorGroup:
+    """`num` actors of `actor_cls`, one placement-group bundle each."""
+
+    def __init__(
+        self,
+        name: str,
+        actor_cls: type,
+        num: int,
+        num_cpus: float,
+        num_gpus: float,
+        placement_timeout_s: float,
+        actor_kwargs: list[dict[str, Any]],
+        pack: str = "PACK",
+    ) -> None:
+        self.name = name
+        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+        self.placement_group = placement_group([dict(bundle) for _ in range(num)], strategy=pack)
+        try:
+            ray.get(self.placement_group.ready(), timeout=placement_timeout_s)
+        except GetTimeoutError:
+            remove_placement_group(self.placement_group)
+            raise ClusterResourceError(
+                f"The Ray cluster cannot place {num} x {name} with {bundle} each within "
+                f"{placement_timeout_s:.0f} s. Cluster total: {ray.cluster_resources()}, free: "
+                f"{ray.available_resources()}. Fix: fewer actors, smaller cluster.*_per_* values, "
+                "or a bigger cluster."
+            ) from None
+        self.names = [f"{name}[{i}]" for i in range(num)]
+        remote_cls = ray.remote(actor_cls)
+        self.actors = [
+            remote_cls.options(
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                name=None,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.placement_group, placement_group_bundle_index=i
+                ),
+            ).remote(**kwargs)
+            for i, kwargs in enumerate(actor_kwargs)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
+        """The same call on every actor (returns refs; pair with `wait`)."""
+        return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
+
+    def call_each(self, method: str, per_actor_args: Sequence[tuple], **kwargs: Any) -> list[ray.ObjectRef]:
+        """Actor i gets `per_actor_args[i]`."""
+        return [
+            getattr(actor, method).remote(*args, **kwargs)
+            for actor, args in zip(self.actors, per_actor_args)
+        ]
+
+    def wait(self, refs: Sequence[ray.ObjectRef], what: str, timeout_s: float) -> list:
+        return wait_all(refs, self.names[: len(refs)], what, timeout_s)
+
+    def run(self, method: str, *args: Any, timeout_s: float, **kwargs: Any) -> list:
+        return self.wait(self.call(method, *args, **kwargs), f"{self.name}.{method}", timeout_s)
+
+    def kill(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        remove_placement_group(self.placement_group)

@@ -1,0 +1,199 @@
+"""Learner actor: one DeepSpeed data-parallel rank.
+
+`learner.world_size` of these form one process group (gloo on CPU, NCCL on GPU). The controller
+hands every rank the same number of equally sized micro-batches per mini-batch, so the ranks step
+in lock-step; each micro-batch's loss is normalised by the mini-batch's global token count, so the
+update equals the one a single rank would make on the whole mini-batch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rlhf_dist.algo.objective import policy_objective
+from rlhf_dist.data.batch import Batch
+from rlhf_dist.distributed.checksum import checksums, fuse_like_engine, layer_key
+from rlhf_dist.distributed.deepspeed_config import build_deepspeed_config, lr_lambda
+from rlhf_dist.distributed.process_group import free_port, init_learner_process_group, node_ip
+from rlhf_dist.errors import NonFiniteLossError
+from rlhf_dist.models.hf import DTYPES, load_causal_lm, response_logprobs
+
+
+class LearnerActor:
+    def __init__(self, rank: int, world_size: int, model_path: str, device: str = "cpu") -> None:
+        self.rank, self.world_size = rank, world_size
+        self.model_path, self.device = model_path, device
+        if device == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        self.engine = None
+        self.optimizer_steps = 0
+
+    def address(self) -> tuple[str, int]:
+        return node_ip(), free_port()
+
+    def init(
+        self,
+        master_addr: str,
+        master_port: int,
+        backend: str,
+        zero_stage: int,
+        micro_batch_size: int,
+        grad_accum_steps: int,
+        optim: dict[str, Any],
+        total_optimizer_steps: int,
+        bf16: bool,
+        gradient_checkpointing: bool,
+        timeout_s: float,
+    ) -> dict[str, Any]:
+        import deepspeed
+
+        start = time.perf_counter()
+        init_learner_process_group(self.rank, self.world_size, master_addr, master_port, backend, timeout_s)
+        if self.device == "cuda":
+            torch.cuda.set_device(0)
+        model = load_causal_lm(self.model_path, "float32", self.device)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=optim["lr"], betas=tuple(optim["betas"]), eps=optim["eps"],
+            weight_decay=optim["weight_decay"],
+        )
+        schedule = lr_lambda(optim["scheduler"], optim["warmup_steps"], total_optimizer_steps,
+                             optim["min_lr_ratio"])
+        config = build_deepspeed_config(zero_stage, micro_batch_size, grad_accum_steps,
+                                        self.world_size, optim["grad_clip"], bf16)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        )
+        self.grad_accum_steps = grad_accum_steps
+        self.zero_stage = zero_stage
+        return {"rank": self.rank, "init_s": time.perf_counter() - start,
+                "num_params": sum(p.numel() for p in model.parameters())}
+
+    def train_step(self, minibatches: list[tuple[Batch, float, float]], loss_cfg: dict[str, Any],
+                   step: int) -> dict[str, float]:
+        """One pass over this rank's shards of every mini-batch (all epochs, in order).
+
+        minibatches[i] = (this rank's shard of mini-batch i, global masked tokens, global sequences).
+        """
+        self.engine.train()
+        sums: dict[str, float] = defaultdict(float)
+        counts: dict[str, int] = defaultdict(int)
+        for shard, num_tokens, num_seqs in minibatches:
+            micro_batches = shard.chunk(self.grad_accum_steps)
+            for micro in micro_batches:
+                metrics, stats = self._micro_step(micro, loss_cfg, num_tokens, num_seqs, step)
+                for key, value in metrics.items():
+                    sums[key] += value
+                for key, value in stats.items():
+                    sums[f"policy/{key}"] += value
+                    counts[f"policy/{key}"] += 1
+            self.optimizer_steps += 1
+        num_minibatches = max(1, len(minibatches))
+        result = {k: (v / counts[k] if k in counts else v / num_minibatches) for k, v in sums.items()}
+        result["optim/lr"] = self.engine.get_lr()[0]
+        result["optim/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        return result
+
+    def _micro_step(self, micro: Batch, loss_cfg: dict[str, Any], num_tokens: float,
+                    num_seqs: float, step: int) -> tuple[dict[str, float], dict[str, float]]:
+        micro = micro.trimmed()
+        tensors = {k: v.to(self.device) for k, v in micro.tensors.items()}
+        entropy_needed = loss_cfg["entropy_coef"] > 0 or loss_cfg.get("log_entropy", True)
+        logprobs, entropy = response_logprobs(
+            self.engine.module, tensors["input_ids"], tensors["attention_mask"],
+            micro.prompt_width, loss_cfg["temperature"], with_entropy=entropy_needed,
+        )
+        loss, metrics, stats = policy_objective(
+            logprobs, tensors["rollout_logprobs"], tensors["advantages"], tensors["response_mask"],
+            ref_logprobs=tensors.get("ref_logprobs"),
+            entropy=entropy.detach() if entropy is not None and loss_cfg["entropy_coef"] == 0 else entropy,
+            policy_loss=loss_cfg["policy_loss"], clip_low=loss_cfg["clip_low"],
+            clip_high=loss_cfg["clip_high"], kl_coef=loss_cfg["kl_coef"],
+            kl_estimator=loss_cfg["kl_estimator"], entropy_coef=loss_cfg["entropy_coef"],
+            loss_agg=loss_cfg["loss_agg"], num_tokens=num_tokens, num_seqs=num_seqs,
+        )
+        self._check_finite(loss, metrics, step)
+        # DeepSpeed divides by grad-accum steps and averages over ranks; undo both so the
+        # gradient is that of the global-normalised sum (see module docstring).
+        self.engine.backward(loss * self.world_size * self.grad_accum_steps)
+        self.engine.step()
+        return ({k: float(v) for k, v in metrics.items()}, {k: float(v) for k, v in stats.items()})
+
+    def _check_finite(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], step: int) -> None:
+        """All ranks agree before backward, so a NaN on one rank cannot deadlock the others."""
+        flag = torch.tensor([float(torch.isfinite(loss).item())], device=loss.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if flag.item() < 1.0:
+            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
+            raise NonFiniteLossError(
+                f"non-finite loss at RL step {step} (rank {self.rank}: {terms}). The weights were "
+                "not updated with it. Usual causes: a learning rate too high "
+                "(learner.optim.lr), rewards with NaN/inf, or bf16 overflow. Lower the LR or "
+                "check reward.fn.")
+
+    def publish_weights(self, bucket_mb: float, dtype: str, packed_modules: dict[str, list[str]],
+                        with_checksums: bool) -> dict[str, Any] | None:
+        """Put the current weights into the object store as buckets of whole layers.
+
+        Every rank must call this (ZeRO-3 gathers are collective); rank 0 returns
+        {"refs": [ObjectRef, ...], "checksums": {...}, "bytes": int}, the others None.
+        """
+        import deepspeed
+        import ray
+
+        groups: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
+        for name, param in self.engine.module.named_parameters():
+            groups.setdefault(layer_key(name), []).append((name, param))
+        limit = bucket_mb * 2**20
+        refs, sums, pending, pending_bytes, total = [], {}, [], 0, 0
+
+        def flush():
+            nonlocal pending, pending_bytes
+            if pending and self.rank == 0:
+                if with_checksums:
+                    sums.update(checksums(fuse_like_engine(dict(pending), packed_modules)))
+                refs.append(ray.put(pending))
+            pending, pending_bytes = [], 0
+
+        for params in groups.values():
+            with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=self.zero_stage == 3):
+                if self.rank == 0:
+                    for name, param in params:
+                        tensor = param.detach().to(DTYPES[dtype]).cpu().clone()
+                        pending.append((name, tensor))
+                        pending_bytes += tensor.numel() * tensor.element_size()
+                        total += tensor.numel() * tensor.element_size()
+            if pending_bytes >= limit:
+                flush()
+        flush()
+        if self.rank != 0:
+            return None
+        return {"refs": refs, "checksums": sums, "bytes": total}
+
+    def save_pretrained(self, path: str) -> bool:
+        """Write the current policy as an HF model dir (rank 0 writes; ZeRO-3 gathers first)."""
+        import deepspeed
+        from transformers import AutoTokenizer
+
+        params = list(self.engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=self.zero_stage == 3):
+            if self.rank == 0:
+                self.engine.module.save_pretrained(path)
+                AutoTokenizer.from_pretrained(self.model_path).save_pretrained(path)
+        return self.rank == 0
+
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the full weights (tests)."""
+        import deepspeed
+
+        params = dict(self.engine.module.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values()), enabled=self.zero_stage == 3):
+            return {n: p.detach().cpu().clone() for n, p in params.items()}

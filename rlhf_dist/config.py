@@ -1,0 +1,306 @@
+"""Config schema: dataclasses registered in Hydra's ConfigStore, plus validation.
+
+The dataclasses are the schema (types, defaults, one comment per field); YAML files under conf/
+only pick group options and override values. `validate(cfg)` runs once, before any actor starts,
+and raises `ConfigError` that says what was given, what was expected and how to fix it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from rlhf_dist.errors import ConfigError
+
+
+@dataclass
+class TinyModelConfig:
+    """The offline tiny model built when `model.path` is unset."""
+
+    arch: str = "qwen2"  # "qwen2" or "llama"
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2  # head_dim = hidden_size / num_heads must be >= 32 (vLLM CPU)
+    seed: int = 0
+    cache_dir: str = "~/.cache/rlhf_dist/models"  # built once per shape, reused afterwards
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None  # HF-format model dir; None = build the tiny model offline
+    dtype: str = "float32"  # learner compute dtype: float32 | bfloat16 (rollout uses rollout.dtype)
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TaskConfig:
+    name: str = "reverse"  # built-in task (rlhf_dist.data.tasks); its reward is the default reward.fn
+    prompts_file: Optional[str] = None  # .jsonl with a "prompt" column; replaces the task's train set
+    eval_file: Optional[str] = None  # .jsonl for held-out eval; default: the task's eval split
+    num_train: int = 2000  # train prompts generated from the built-in task
+    num_eval: int = 64  # held-out prompts for eval
+    seed: int = 0
+
+
+@dataclass
+class WarmupConfig:
+    """Short supervised warm-up on the task's own demonstrations (runs before RL, in the driver).
+
+    A randomly initialised tiny model never produces a rewarded completion, so GRPO would see
+    all-zero advantages. A few hundred SFT steps give it a weak policy that RL then improves.
+    """
+
+    steps: int = 0  # 0 = no warm-up (use it with a pretrained/SFT model)
+    batch_size: int = 32
+    lr: float = 3e-3
+    seed: int = 0
+
+
+@dataclass
+class RolloutConfig:
+    num_engines: int = 1  # vLLM engines, one Ray actor each; prompts are split across them
+    n_samples_per_prompt: int = 8  # group size G for GRPO
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 16
+    dtype: str = "float32"  # engine dtype: float32 | bfloat16
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.1  # on CPU: fraction of RAM for the KV cache
+    kv_cache_gb: Optional[int] = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE (GiB); None = vLLM default
+    enforce_eager: bool = True
+    seed: int = 0
+    # weight broadcast learner -> engines
+    sync_transport: str = "object_store"  # Ray object store buckets (CPU and GPU)
+    sync_bucket_mb: float = 64.0  # max bucket size; buckets hold whole layers
+    sync_timeout_s: float = 120.0  # per-bucket and per-engine deadline: a stuck sync fails loudly
+    verify_sync: bool = True  # compare a checksum of engine weights with the learner's after sync
+    init_timeout_s: float = 600.0  # engine start-up (model load + warm-up) deadline
+
+
+@dataclass
+class RewardConfig:
+    # "path/to/file.py:fn" or "package.module:fn"; None = the task's built-in reward.
+    # Signature: fn(prompts: list[str], completions: list[str], **fields) -> list[float]
+    fn: Optional[str] = None
+    timeout_s: float = 300.0
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "grpo"
+    advantage: str = "grpo"  # registry name in rlhf_dist.algo.advantages
+    policy_loss: str = "clipped"  # registry name in rlhf_dist.algo.policy_loss
+    loss_agg: str = "token_mean"  # token_mean | seq_mean_token_sum | seq_mean_token_mean
+    clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.2
+    kl_coef: float = 0.01  # weight of KL(pi || pi_ref) in the loss; 0 = no reference actor needed
+    kl_estimator: str = "k3"  # k1 | k2 | k3 (Schulman 2020)
+    norm_adv_by_std: bool = True  # GRPO: divide by the group std (Dr. GRPO sets this False)
+    gamma: float = 1.0  # PPO/GAE discount
+    lam: float = 0.95  # PPO/GAE lambda
+    ppo_epochs: int = 1  # passes over each rollout batch
+    entropy_coef: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    scheduler: str = "constant"  # constant | linear | cosine (after warmup)
+    warmup_steps: int = 0  # optimizer steps of linear LR warm-up
+    min_lr_ratio: float = 0.1  # cosine/linear decay floor, as a fraction of lr
+
+
+@dataclass
+class LearnerConfig:
+    world_size: int = 2  # DeepSpeed data-parallel ranks, one Ray actor each
+    zero_stage: int = 2  # 0-3
+    mini_batch_size: int = 64  # sequences per optimizer step (global, over all ranks)
+    micro_batch_size: int = 32  # sequences per forward/backward on one rank
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    init_timeout_s: float = 600.0
+    step_timeout_s: float = 1800.0  # one train_step on all ranks
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = None  # None = start a local Ray; "auto" = join a running cluster
+    device: str = "cpu"  # cpu | cuda
+    num_cpus: Optional[int] = None  # local Ray only; None = all cores
+    # Ray resources per actor. Fractional CPUs let every actor fit on a 2-core laptop; the phases
+    # run one after another, so the actors rarely compete for the cores.
+    cpus_per_engine: float = 0.3
+    cpus_per_learner: float = 0.4
+    cpus_per_aux: float = 0.1  # reference and reward actors
+    gpus_per_engine: float = 0.0
+    gpus_per_learner: float = 0.0
+    gpus_per_aux: float = 0.0
+    placement_timeout_s: float = 60.0  # waiting for resources before failing with a clear error
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline (default, no account) | online | disabled
+    project: str = "rlhf_dist"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    sample_every: int = 10  # steps between sample tables (W&B and samples.jsonl)
+    num_samples: int = 8  # rows per sample table
+    console: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 60
+    prompts_per_step: int = 16  # prompts per rollout batch; sequences = prompts x n_samples
+    eval_every: int = 20  # held-out eval every N steps (plus at start and end); 0 = start/end only
+    seed: int = 0
+    run_dir: str = "."  # set by conf/config.yaml to Hydra's run directory
+    save_final: bool = False  # write the final policy (HF format) into run_dir/final
+
+
+@dataclass
+class RLConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def register_configs() -> None:
+    """Register the schema so `conf/config.yaml` is type-checked against it."""
+    cs = ConfigStore.instance()
+    cs.store(name="rl_schema", node=RLConfig)
+
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "rollout.dtype": ("float32", "bfloat16"),
+    "rollout.sync_transport": ("object_store",),
+    "learner.backend": ("auto", "gloo", "nccl"),
+    "learner.optim.scheduler": ("constant", "linear", "cosine"),
+    "cluster.device": ("cpu", "cuda"),
+    "logger.wandb.mode": ("offline", "online", "disabled"),
+    "algo.name": ("grpo",),
+    "algo.kl_estimator": ("k1", "k2", "k3"),
+    "algo.loss_agg": ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean"),
+}
+
+_POSITIVE = (
+    "trainer.total_steps", "trainer.prompts_per_step", "rollout.num_engines",
+    "rollout.n_samples_per_prompt", "rollout.max_new_tokens", "rollout.tensor_parallel_size",
+    "rollout.sync_bucket_mb", "rollout.sync_timeout_s", "learner.world_size",
+    "learner.mini_batch_size", "learner.micro_batch_size", "learner.optim.lr", "algo.ppo_epochs",
+)
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(cfg: Any) -> None:
+    """Check values and their consistency; raise ConfigError naming the key and the fix."""
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {list(choices)}. "
+                              f"Fix: pass {key}=<one of those> on the command line.")
+    for key in _POSITIVE:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0.")
+    if not 0 <= cfg.learner.zero_stage <= 3:
+        raise ConfigError(f"learner.zero_stage={cfg.learner.zero_stage} must be 0, 1, 2 or 3.")
+    if not 0.0 < cfg.rollout.temperature:
+        raise ConfigError(f"rollout.temperature={cfg.rollout.temperature} must be > 0 for RL "
+                          "sampling (greedy decoding gives every sample of a group the same reward).")
+    if not 0.0 < cfg.rollout.top_p <= 1.0:
+        raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1].")
+    if cfg.algo.kl_coef < 0:
+        raise ConfigError(f"algo.kl_coef={cfg.algo.kl_coef} must be >= 0.")
+    _validate_algo(cfg)
+    _validate_batches(cfg)
+    _validate_cluster(cfg)
+
+
+def _validate_algo(cfg: Any) -> None:
+    from rlhf_dist.algo import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
+
+    if cfg.algo.advantage not in ADVANTAGE_ESTIMATORS:
+        raise ConfigError(f"algo.advantage={cfg.algo.advantage!r} is not registered; valid: "
+                          f"{sorted(ADVANTAGE_ESTIMATORS)}.")
+    if cfg.algo.policy_loss not in POLICY_LOSSES:
+        raise ConfigError(f"algo.policy_loss={cfg.algo.policy_loss!r} is not registered; valid: "
+                          f"{sorted(POLICY_LOSSES)}.")
+    group_based = cfg.algo.advantage in ("grpo", "rloo")
+    if group_based and cfg.rollout.n_samples_per_prompt < 2:
+        raise ConfigError(
+            f"algo.advantage={cfg.algo.advantage} compares samples within a group, but "
+            f"rollout.n_samples_per_prompt={cfg.rollout.n_samples_per_prompt}. Expected >= 2 "
+            "(typical: 4-16). Fix: rollout.n_samples_per_prompt=8.")
+    if cfg.algo.advantage == "gae":
+        raise ConfigError("algo.advantage=gae needs a critic (PPO), which this version does not "
+                          "have yet. Use algo.advantage=grpo or rloo.")
+
+
+def _validate_batches(cfg: Any) -> None:
+    rollout_seqs = cfg.trainer.prompts_per_step * cfg.rollout.n_samples_per_prompt
+    ranks = cfg.learner.world_size
+    mini, micro = cfg.learner.mini_batch_size, cfg.learner.micro_batch_size
+    if rollout_seqs % mini:
+        raise ConfigError(
+            f"One rollout batch has trainer.prompts_per_step x rollout.n_samples_per_prompt = "
+            f"{cfg.trainer.prompts_per_step} x {cfg.rollout.n_samples_per_prompt} = {rollout_seqs} "
+            f"sequences, which is not a multiple of learner.mini_batch_size={mini}. "
+            f"Fix: pick a mini_batch_size that divides {rollout_seqs}.")
+    if mini % ranks:
+        raise ConfigError(
+            f"learner.mini_batch_size={mini} does not split evenly over learner.world_size="
+            f"{ranks} ranks. Fix: make mini_batch_size a multiple of {ranks}.")
+    per_rank = mini // ranks
+    if per_rank % micro:
+        raise ConfigError(
+            f"Each rank gets learner.mini_batch_size / learner.world_size = {mini}/{ranks} = "
+            f"{per_rank} sequences per optimizer step, which is not a multiple of "
+            f"learner.micro_batch_size={micro}. Fix: learner.micro_batch_size={_divisor(per_rank, micro)}.")
+    if cfg.trainer.prompts_per_step < cfg.rollout.num_engines:
+        raise ConfigError(
+            f"trainer.prompts_per_step={cfg.trainer.prompts_per_step} is smaller than "
+            f"rollout.num_engines={cfg.rollout.num_engines}: some engines would get no prompts.")
+
+
+def _divisor(total: int, at_most: int) -> int:
+    """Largest divisor of `total` not above `at_most` (for suggestions in messages)."""
+    return max(d for d in range(1, min(total, at_most) + 1) if total % d == 0)
+
+
+def _validate_cluster(cfg: Any) -> None:
+    if cfg.cluster.device == "cuda":
+        if cfg.cluster.gpus_per_learner <= 0 or cfg.cluster.gpus_per_engine <= 0:
+            raise ConfigError(
+                "cluster.device=cuda but cluster.gpus_per_learner / gpus_per_engine is 0. "
+                "Fix: use cluster=gpu8 (or set both to 1).")
+    if cfg.learner.backend == "nccl" and cfg.cluster.device != "cuda":
+        raise ConfigError("learner.backend=nccl needs cluster.device=cuda; on CPU use gloo or auto.")

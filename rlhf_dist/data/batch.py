@@ -1,0 +1,92 @@
+"""The rollout batch: token tensors plus everything computed about them during one step.
+
+Layout (B sequences, P prompt columns, T response columns):
+    input_ids       (B, P + T)  prompts left-padded to P, responses right-padded to T
+    attention_mask  (B, P + T)  1 on real tokens
+    response_mask   (B, T)      1 on response tokens (including the final eos)
+    rollout_logprobs(B, T)      logprobs of the sampled tokens under the engine that sampled them
+    ref_logprobs    (B, T)      reference policy, filled in the reference phase
+    rewards         (B,)        one scalar per sequence
+    advantages      (B, T)
+Samples of the same prompt are contiguous rows (group g = rows g*G .. g*G+G-1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Batch:
+    tensors: dict[str, torch.Tensor]
+    prompt_width: int
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.tensors["input_ids"].shape[0]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        if value.shape[0] != len(self):
+            raise ValueError(f"{key} has {value.shape[0]} rows, batch has {len(self)}")
+        self.tensors[key] = value
+
+    def select(self, rows: torch.Tensor | list[int], keys: list[str] | None = None) -> "Batch":
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        keys = keys or list(self.tensors)
+        return Batch({k: self.tensors[k][rows] for k in keys}, self.prompt_width)
+
+    def chunk(self, num: int) -> list["Batch"]:
+        """Split into `num` contiguous equal parts (len must divide evenly)."""
+        size = len(self) // num
+        return [self.select(range(i * size, (i + 1) * size)) for i in range(num)]
+
+    def trimmed(self) -> "Batch":
+        """Drop response columns that are padding in every row (saves compute on short batches)."""
+        width = int(self.tensors["response_mask"].sum(0).nonzero().max().item()) + 1 \
+            if self.tensors["response_mask"].any() else 1
+        cut = {}
+        for key, value in self.tensors.items():
+            if key in ("input_ids", "attention_mask"):
+                cut[key] = value[:, : self.prompt_width + width]
+            elif value.dim() == 2:
+                cut[key] = value[:, :width]
+            else:
+                cut[key] = value
+        return Batch(cut, self.prompt_width, dict(self.meta))
+
+
+def collate_rollouts(
+    prompt_ids: list[list[int]],
+    response_ids: list[list[int]],
+    response_logprobs: list[list[float]],
+    pad_id: int,
+) -> Batch:
+    """Pad prompts on the left and responses on the right into one Batch."""
+    num = len(prompt_ids)
+    width_p = max(len(p) for p in prompt_ids)
+    width_t = max(1, max(len(r) for r in response_ids))
+    input_ids = torch.full((num, width_p + width_t), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((num, width_p + width_t), dtype=torch.long)
+    response_mask = torch.zeros((num, width_t), dtype=torch.float32)
+    logprobs = torch.zeros((num, width_t), dtype=torch.float32)
+    for row, (prompt, response, lps) in enumerate(zip(prompt_ids, response_ids, response_logprobs)):
+        start = width_p - len(prompt)
+        input_ids[row, start:width_p] = torch.tensor(prompt)
+        attention_mask[row, start:width_p] = 1
+        if response:
+            input_ids[row, width_p : width_p + len(response)] = torch.tensor(response)
+            attention_mask[row, width_p : width_p + len(response)] = 1
+            response_mask[row, : len(response)] = 1.0
+            logprobs[row, : len(response)] = torch.tensor(lps, dtype=torch.float32)
+    tensors = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "response_mask": response_mask,
+        "rollout_logprobs": logprobs,
+    }
+    return Batch(tensors, width_p)

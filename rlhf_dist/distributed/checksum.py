@@ -1,0 +1,78 @@
+"""Exact, cheap weight checksums that the learner and the rollout engine compute the same way.
+
+vLLM fuses some HF parameters (q/k/v -> qkv_proj, gate/up -> gate_up_proj: the model class's
+`packed_modules_mapping`). The learner fuses its tensors the same way before hashing, so both
+sides hash identical tensors under identical names.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+
+import torch
+
+_MODULUS = 65521  # largest prime below 2**16: position weights stay small
+
+
+def tensor_checksum(tensor: torch.Tensor) -> int:
+    """A position-weighted integer sum of the float32 bit patterns.
+
+    Exact (bit-level: any changed bit changes the sum with overwhelming probability), order
+    sensitive (a permutation changes it), computed on the tensor's device, and independent of the
+    storage dtype as long as both sides up-cast to float32 (bf16 -> fp32 is exact).
+    Integer overflow wraps identically on every device, so the result is deterministic.
+    """
+    bits = tensor.detach().float().contiguous().view(-1).view(torch.int32).to(torch.int64)
+    weights = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % _MODULUS + 1
+    return int((bits * weights).sum().item())
+
+
+def fuse_like_engine(
+    named: "OrderedDict[str, torch.Tensor] | dict[str, torch.Tensor]",
+    packed_modules: dict[str, list[str]],
+) -> "OrderedDict[str, torch.Tensor]":
+    """Map HF names/tensors onto the engine's fused names by concatenating parts along dim 0."""
+    part_to_fused = {part: fused for fused, parts in packed_modules.items() for part in parts}
+    order = {part: i for parts in packed_modules.values() for i, part in enumerate(parts)}
+    groups: "OrderedDict[str, list[tuple[int, torch.Tensor]]]" = OrderedDict()
+    for name, tensor in named.items():
+        pieces = name.split(".")
+        fused_name, rank = name, 0
+        for i, piece in enumerate(pieces):
+            if piece in part_to_fused:
+                fused_name = ".".join(pieces[:i] + [part_to_fused[piece]] + pieces[i + 1 :])
+                rank = order[piece]
+                break
+        groups.setdefault(fused_name, []).append((rank, tensor))
+    fused = OrderedDict()
+    for name, parts in groups.items():
+        parts.sort(key=lambda item: item[0])
+        fused[name] = parts[0][1] if len(parts) == 1 else torch.cat([t for _, t in parts], dim=0)
+    return fused
+
+
+def checksums(named: dict[str, torch.Tensor]) -> dict[str, int]:
+    return {name: tensor_checksum(tensor) for name, tensor in named.items() if tensor.numel() > 0}
+
+
+def diff_checksums(expected: dict[str, int], actual: dict[str, int]) -> list[str]:
+    """Human-readable differences, empty when the two agree exactly."""
+    problems = []
+    for name in sorted(set(expected) | set(actual)):
+        if name not in actual:
+            problems.append(f"{name}: sent by the learner, absent in the engine")
+        elif name not in expected:
+            problems.append(f"{name}: held by the engine, never sent by the learner")
+        elif expected[name] != actual[name]:
+            problems.append(f"{name}: checksum {actual[name]} != learner's {expected[name]}")
+    return problems
+
+
+_LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
+
+
+def layer_key(name: str) -> str:
+    """The decoder layer a parameter belongs to ('model.layers.3'), or the name itself."""
+    match = _LAYER.match(name)
+    return match.group(1) if match else name

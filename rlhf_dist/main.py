@@ -1,0 +1,188 @@
+"""Entry points. `rlhf-dist [overrides...]` runs RL with the Hydra config in conf/.
+
+    rlhf-dist                                    # the default job: tiny model, reverse task, CPU
+    rlhf-dist trainer.total_steps=50 rollout.num_engines=2 learner.world_size=2
+    rlhf-dist model.path=/models/my-sft cluster=gpu8 logger.wandb.mode=online
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+# Must be set before vLLM/transformers import anywhere in this process or its Ray workers.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from rlhf_dist.config import RLConfig, register_configs, validate
+from rlhf_dist.errors import DatasetError, RlhfDistError
+
+
+def conf_dir() -> str:
+    """conf/ ships inside the wheel as rlhf_dist/conf; in a source checkout it is ../conf."""
+    packaged = Path(__file__).parent / "conf"
+    return str(packaged if packaged.is_dir() else Path(__file__).parent.parent / "conf")
+
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
+def _train_main(cfg: DictConfig) -> None:
+    try:
+        run_rl(cfg)
+    except RlhfDistError as err:
+        print(f"\nerror: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted; actors are being shut down", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+def train() -> None:
+    """Console script `rlhf-dist`."""
+    _train_main()
+
+
+def prepare(cfg: RLConfig) -> dict:
+    """Everything that can fail on bad input, checked before any actor starts."""
+    from rlhf_dist.data.prompts import load_prompt_records
+    from rlhf_dist.data.reward_fn import check_reward_fn, load_reward_fn
+    from rlhf_dist.data.tasks import get_task
+    from rlhf_dist.models.tiny import check_model_dir, ensure_tiny_model
+
+    validate(cfg)
+    task = get_task(cfg.task.name)
+    if cfg.model.path is None:
+        tiny = cfg.model.tiny
+        name = f"tiny-{tiny.arch}-h{tiny.hidden_size}-l{tiny.num_layers}-a{tiny.num_heads}-s{tiny.seed}"
+        model_path = ensure_tiny_model(
+            Path(os.path.expanduser(tiny.cache_dir)) / name, arch=tiny.arch,
+            hidden_size=tiny.hidden_size, num_layers=tiny.num_layers, num_heads=tiny.num_heads,
+            seed=tiny.seed)
+    else:
+        model_path = check_model_dir(cfg.model.path)
+    train_records = (load_prompt_records(cfg.task.prompts_file) if cfg.task.prompts_file
+                     else task.make_records("train", cfg.task.num_train, cfg.task.seed))
+    eval_records = (load_prompt_records(cfg.task.eval_file) if cfg.task.eval_file
+                    else task.make_records("eval", cfg.task.num_eval, cfg.task.seed))
+    if not train_records:
+        raise DatasetError("the train prompt set is empty (task.num_train or task.prompts_file).")
+    if len(train_records) < cfg.trainer.prompts_per_step:
+        raise DatasetError(
+            f"the train prompt set has {len(train_records)} prompts, fewer than "
+            f"trainer.prompts_per_step={cfg.trainer.prompts_per_step}. Add prompts or lower it.")
+    reward_spec = cfg.reward.fn or task.reward_fn
+    sample = train_records[:2]
+    demos = [task.demonstration(r) if "target" in r else "" for r in sample]
+    check_reward_fn(load_reward_fn(reward_spec), reward_spec, sample, demos)
+    return {"task": task, "model_path": str(model_path), "train": train_records,
+            "eval": eval_records, "reward_spec": reward_spec}
+
+
+def run_rl(dict_cfg: DictConfig) -> dict:
+    from rlhf_dist.monitor import RunMonitor, format_summary
+
+    cfg: RLConfig = OmegaConf.to_object(dict_cfg)
+    run_dir = Path(cfg.trainer.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(dict_cfg, run_dir / "config.yaml", resolve=True)
+    inputs = prepare(cfg)
+    model_path = inputs["model_path"]
+    if cfg.warmup.steps > 0:
+        model_path = run_warmup(cfg, inputs, run_dir)
+    monitor = RunMonitor(
+        str(run_dir), cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.entity,
+        cfg.logger.wandb.name, cfg.logger.wandb.tags, OmegaConf.to_container(dict_cfg, resolve=True),
+        cfg.trainer.total_steps, cfg.logger.console)
+    summary = run_with_ray(cfg, model_path, inputs, monitor)
+    monitor.finish(summary)
+    monitor.print(format_summary(summary))
+    return summary
+
+
+def run_warmup(cfg: RLConfig, inputs: dict, run_dir: Path) -> str:
+    from rlhf_dist.sft import supervised_warmup
+
+    task, records = inputs["task"], inputs["train"]
+    print(f"[warmup] {cfg.warmup.steps} supervised steps on {len(records)} '{task.name}' "
+          "demonstrations", flush=True)
+    out = supervised_warmup(
+        inputs["model_path"], str(run_dir / "warmup_model"), [r["prompt"] for r in records],
+        [task.demonstration(r) for r in records], cfg.warmup.steps, cfg.warmup.batch_size,
+        cfg.warmup.lr, cfg.warmup.seed)
+    return str(out)
+
+
+def run_with_ray(cfg: RLConfig, model_path: str, inputs: dict, monitor) -> dict:
+    import ray
+
+    from rlhf_dist.actors.cluster import check_resources, init_ray
+    from rlhf_dist.models.hf import load_tokenizer
+    from rlhf_dist.trainer import RLTrainer
+
+    init_ray(cfg.cluster)
+    trainer = None
+    try:
+        check_resources(cfg)
+        trainer = RLTrainer(cfg, model_path, load_tokenizer(model_path), inputs["train"],
+                            inputs["eval"], inputs["reward_spec"], monitor)
+        return fit(trainer, cfg, monitor)
+    finally:
+        if trainer is not None:
+            trainer.shutdown()
+        ray.shutdown()
+
+
+def fit(trainer, cfg: RLConfig, monitor) -> dict:
+    """Start-up, eval at start, the RL steps with periodic eval, eval at the end, a summary."""
+    run_start = time.perf_counter()
+    monitor.print(f"[start] {cfg.rollout.num_engines} vLLM engine(s), {cfg.learner.world_size} "
+                  f"DeepSpeed rank(s) (ZeRO-{cfg.learner.zero_stage}), reference="
+                  f"{'on' if trainer.use_reference else 'off'}, reward={trainer.reward_spec}")
+    startup = trainer.start()
+    monitor.print(f"[start] actors ready in {startup['startup/total_s']:.1f}s "
+                  f"({trainer.num_params / 1e6:.2f}M parameters)")
+    first_eval = trainer.evaluate(0)
+    for step in range(1, cfg.trainer.total_steps + 1):
+        metrics = trainer.step(step)
+        trainer.history.append(metrics)
+        monitor.log(step, metrics)
+        if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step != cfg.trainer.total_steps:
+            trainer.evaluate(step)
+    last_eval = trainer.evaluate(cfg.trainer.total_steps)
+    if cfg.trainer.save_final:
+        trainer.learners.run("save_pretrained", str(Path(cfg.trainer.run_dir) / "final"), timeout_s=600)
+    return summarize(trainer.history, first_eval, last_eval, startup, time.perf_counter() - run_start,
+                     cfg.trainer.run_dir)
+
+
+def summarize(history: list[dict], first_eval: dict, last_eval: dict, startup: dict,
+              total_s: float, run_dir: str) -> dict:
+    tail = history[-max(1, len(history) // 10):]
+    mean = lambda key, rows: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    steps = [r for r in history[1:]] or history  # step 1 includes warm-up of kernels
+    return {
+        "steps": len(history),
+        "reward/first_step": history[0]["reward/mean"],
+        "reward/last_10pct": mean("reward/mean", tail),
+        "reward/gain": mean("reward/mean", tail) - history[0]["reward/mean"],
+        "eval/reward_start": first_eval["eval/reward_mean"],
+        "eval/reward_end": last_eval["eval/reward_mean"],
+        "eval/solved_start": first_eval["eval/solved_frac"],
+        "eval/solved_end": last_eval["eval/solved_frac"],
+        "timing/step_s_mean": mean("timing/step_s", steps),
+        "timing/sync_frac": mean("timing/sync_s", steps) / mean("timing/step_s", steps),
+        "startup_s": startup["startup/total_s"],
+        "total_s": total_s,
+        "run_dir": str(run_dir),
+    }
+
+
+if __name__ == "__main__":
+    train()

@@ -1,0 +1,101 @@
+"""Run monitoring: metrics.jsonl (always), W&B (offline by default), a console line per step."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+class RunMonitor:
+    def __init__(self, run_dir: str, wandb_mode: str, project: str, entity: str | None,
+                 name: str | None, tags: list[str], config: dict, total_steps: int,
+                 console: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        self.samples_file = open(self.run_dir / "samples.jsonl", "a", buffering=1)
+        self.total_steps = total_steps
+        self.console = console
+        self.start = time.perf_counter()
+        self.wandb = None
+        if wandb_mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(
+                mode=wandb_mode, project=project, entity=entity, name=name, tags=list(tags),
+                config=config, dir=str(self.run_dir), reinit="finish_previous",
+            )
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self.metrics_file.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record, step=step)
+        if self.console and "reward/mean" in metrics:
+            self.print(format_step_line(step, self.total_steps, metrics))
+
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self.metrics_file.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record, step=step)
+        if self.console:
+            parts = " | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
+            self.print(f"[eval] step {step:>4} | {parts}")
+
+    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            self.samples_file.write(json.dumps({"step": step, **row}) + "\n")
+        if self.wandb is not None and rows:
+            import wandb
+
+            columns = list(rows[0])
+            table = wandb.Table(columns=["step", *columns],
+                                data=[[step, *[row[c] for c in columns]] for row in rows])
+            self.wandb.log({"samples": table}, step=step)
+
+    def print(self, line: str) -> None:
+        print(line, file=sys.stdout, flush=True)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.wandb is not None:
+            for key, value in summary.items():
+                if isinstance(value, (int, float, str)):
+                    self.wandb.summary[key] = value
+            self.wandb.finish()
+        self.metrics_file.close()
+        self.samples_file.close()
+
+
+def format_step_line(step: int, total: int, m: dict[str, float]) -> str:
+    return (
+        f"step {step:>4}/{total} | reward {m['reward/mean']:.3f} ±{m['reward/std']:.3f} "
+        f"| kl {m.get('kl/mean', 0.0):.4f} | loss {m.get('loss/policy', 0.0):+.4f} "
+        f"| len {m['response/length_mean']:.1f} | gen {m['timing/generate_s']:.1f}s "
+        f"score {m['timing/score_s']:.1f}s train {m['timing/train_s']:.1f}s "
+        f"sync {m['timing/sync_s']:.2f}s | {m['throughput/tokens_per_s']:.0f} tok/s"
+    )
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    rows = [(k, v) for k, v in summary.items() if not isinstance(v, (dict, list))]
+    width = max(len(k) for k, _ in rows)
+    lines = ["", "=" * (width + 24), "run summary", "-" * (width + 24)]
+    for key, value in rows:
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        lines.append(f"{key:<{width}}  {shown}")
+    lines.append("=" * (width + 24))
+    return "\n".join(lines)
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
