@@ -121,7 +121,8 @@ class Task:
         return record["target"]
 
     def split_of(self, record: dict) -> str:
-        return "eval" if _stable_unit(f"{self.name}|{record['prompt']}") < self.eval_fraction else "train"
+        in_eval = _stable_unit(f"{self.name}|{record['prompt']}") < self.eval_fraction
+        return "eval" if in_eval else "train"
 
     def make_records(self, split: str, num: int, seed: int) -> list[dict]:
         """`num` records of `split`, sampled with replacement; the same for the same seed."""

@@ -11,8 +11,8 @@ encode. The model's embedding table (`vocab_size`, default 128) is larger than t
 the tokenizer never produces the unused ids, but an untrained model samples them and they decode
 to "" (vLLM and HF alike). Restrict sampling to `range(NUM_TOKENS)` where that matters.
 
-Run `python -m rlhf_dist.models.tiny OUT_DIR [qwen2|llama]` to build a model and check that vLLM loads it
-and detokenizes exactly like the HF tokenizer.
+Run `python -m rlhf_dist.models.tiny OUT_DIR [qwen2|llama]` to build a model and check that
+vLLM loads it and detokenizes exactly like the HF tokenizer.
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ def _make_config(
     head_dim = hidden_size // num_heads
     if head_dim < MIN_HEAD_DIM:
         raise ConfigError(
-            f"tiny model head_dim = hidden_size/num_heads = {hidden_size}/{num_heads} = {head_dim}, "
+            f"tiny model head_dim = hidden_size/num_heads = {hidden_size}/{num_heads} = "
+            f"{head_dim}, "
             f"expected >= {MIN_HEAD_DIM} (vLLM's CPU attention fails on small heads). "
             f"Fix: use fewer heads or a larger hidden_size, e.g. hidden_size=128, num_heads=2."
         )
@@ -150,12 +151,14 @@ def build_tiny_model(
     max_position_embeddings: int = MODEL_MAX_LENGTH,
     tie_word_embeddings: bool = True,
     seed: int = 0,
+    overwrite: bool = True,
 ) -> Path:
     """Build a randomly initialised float32 model + char tokenizer into `out_dir`.
 
     `intermediate_size` defaults to 3 * hidden_size (about 0.44M parameters at the defaults).
     The model is written into a temporary directory beside `out_dir` and renamed into place,
-    so a crash never leaves a half-written model behind. An existing `out_dir` is replaced.
+    so a crash never leaves a half-written model behind. A non-empty `out_dir` is replaced,
+    or with `overwrite=False` left alone and FileExistsError raised.
     """
     out_dir = Path(out_dir).absolute()
     config = _make_config(
@@ -175,15 +178,17 @@ def build_tiny_model(
     try:
         model.save_pretrained(tmp_dir, safe_serialization=True)
         build_char_tokenizer().save_pretrained(tmp_dir)
-        _move_into_place(tmp_dir, out_dir)
+        _move_into_place(tmp_dir, out_dir, overwrite)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return out_dir
 
 
-def _move_into_place(tmp_dir: Path, out_dir: Path) -> None:
-    """Rename `tmp_dir` to `out_dir`, replacing an existing `out_dir` (renamed aside first)."""
+def _move_into_place(tmp_dir: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename `tmp_dir` to `out_dir`; a non-empty `out_dir` is renamed aside first."""
     if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} exists and is not empty")
         old_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         os.replace(out_dir, old_dir / "model")
         os.replace(tmp_dir, out_dir)
@@ -202,11 +207,15 @@ def ensure_tiny_model(out_dir: str | os.PathLike, **kwargs) -> Path:
     if (out_dir / "config.json").is_file():
         return out_dir
     try:
-        return build_tiny_model(out_dir, **kwargs)
-    except OSError:
+        return build_tiny_model(out_dir, overwrite=False, **kwargs)
+    except OSError as exc:  # FileExistsError, or rename(2) onto a directory another process filled
         if (out_dir / "config.json").is_file():
             return out_dir
-        raise
+        raise ModelPathError(
+            f"cannot build the tiny model in {out_dir}: it holds other files and no config.json "
+            f"({exc}). Expected a new or empty directory. Fix: choose another directory or "
+            f"empty this one."
+        ) from exc
 
 
 def check_model_dir(path: str | os.PathLike) -> Path:
