@@ -304,3 +304,37 @@ def _validate_cluster(cfg: Any) -> None:
                 "Fix: use cluster=gpu8 (or set both to 1).")
     if cfg.learner.backend == "nccl" and cfg.cluster.device != "cuda":
         raise ConfigError("learner.backend=nccl needs cluster.device=cuda; on CPU use gloo or auto.")
+
+
+def check_override_keys(overrides: list[str]) -> None:
+    """Reject CLI overrides of keys the schema does not have, suggesting the closest valid key.
+
+    Hydra would also refuse them, but suggests `+key=value`, which a typed schema rejects too.
+    Group choices (`algo=grpo`), Hydra's own keys and `+`/`~` overrides are left to Hydra.
+    """
+    import dataclasses
+    import difflib
+
+    for override in overrides:
+        if "=" not in override or override[0] in "+~" or override.startswith("hydra"):
+            continue
+        key = override.split("=", 1)[0].split("@", 1)[0]
+        if key in ("experiment",):
+            continue
+        node: Any = RLConfig
+        parts = key.split(".")
+        for depth, part in enumerate(parts):
+            fields = {f.name: f for f in dataclasses.fields(node)}
+            if part not in fields:
+                where = ".".join(parts[:depth]) or "the top level"
+                close = difflib.get_close_matches(part, fields, n=1)
+                hint = f" Did you mean '{'.'.join(parts[:depth] + close)}'?" if close else ""
+                raise ConfigError(
+                    f"unknown config key '{key}'.{hint} Valid keys under {where}: "
+                    f"{', '.join(sorted(fields))}.")
+            ftype = fields[part].default_factory if fields[part].default_factory is not dataclasses.MISSING else None
+            if depth < len(parts) - 1:
+                node = ftype() if ftype is not None and dataclasses.is_dataclass(ftype()) else None
+                if node is None:
+                    raise ConfigError(f"config key '{key}': '{part}' is a value, not a section.")
+                node = type(node)

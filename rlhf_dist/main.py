@@ -19,7 +19,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_dist.config import RLConfig, register_configs, validate
+from rlhf_dist.config import RLConfig, check_override_keys, register_configs, validate
 from rlhf_dist.errors import DatasetError, RlhfDistError
 
 
@@ -46,6 +46,11 @@ def _train_main(cfg: DictConfig) -> None:
 
 def train() -> None:
     """Console script `rlhf-dist`."""
+    try:
+        check_override_keys(sys.argv[1:])
+    except RlhfDistError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     _train_main()
 
 
