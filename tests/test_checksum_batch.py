@@ -1,0 +1,82 @@
+"""Weight checksums, the HF -> engine fusion map, and rollout batch collation."""
+
+from collections import OrderedDict
+
+import torch
+
+from rlhf_dist.data.batch import collate_rollouts
+from rlhf_dist.distributed.checksum import (
+    checksums, diff_checksums, fuse_like_engine, layer_key, tensor_checksum)
+
+PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+
+def test_checksum_sees_one_flipped_bit_and_a_permutation():
+    weights = torch.randn(64, 32)
+    flipped = weights.clone()
+    flipped.view(-1).view(torch.int32)[100] ^= 1  # lowest mantissa bit of one element
+    assert tensor_checksum(weights) == tensor_checksum(weights.clone())
+    assert tensor_checksum(weights) != tensor_checksum(flipped)
+    assert tensor_checksum(weights) != tensor_checksum(weights.flip(0))
+
+
+def test_checksum_is_dtype_independent_for_exact_upcasts():
+    weights = torch.randn(16, 16).to(torch.bfloat16)
+    assert tensor_checksum(weights) == tensor_checksum(weights.float())
+
+
+def test_fusion_concatenates_parts_in_engine_order():
+    q, k, v = torch.ones(4, 2), 2 * torch.ones(2, 2), 3 * torch.ones(2, 2)
+    named = OrderedDict([
+        ("model.layers.0.self_attn.v_proj.weight", v),  # out of order on purpose
+        ("model.layers.0.self_attn.q_proj.weight", q),
+        ("model.layers.0.self_attn.k_proj.weight", k),
+        ("model.layers.0.mlp.down_proj.weight", torch.zeros(2, 2)),
+    ])
+    fused = fuse_like_engine(named, PACKED)
+    assert list(fused) == ["model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.down_proj.weight"]
+    assert torch.equal(fused["model.layers.0.self_attn.qkv_proj.weight"], torch.cat([q, k, v]))
+
+
+def test_diff_names_every_kind_of_mismatch():
+    sent = checksums({"a": torch.ones(2), "b": torch.ones(2), "c": torch.ones(2)})
+    held = dict(sent, b=sent["b"] + 1, d=5)
+    del held["c"]
+    problems = diff_checksums(sent, held)
+    assert len(problems) == 3
+    assert any(p.startswith("b: checksum") for p in problems)
+    assert any("c: sent by the learner, absent" in p for p in problems)
+    assert any("d: held by the engine, never sent" in p for p in problems)
+    assert diff_checksums(sent, dict(sent)) == []
+
+
+def test_layer_key_groups_whole_decoder_layers():
+    assert layer_key("model.layers.12.self_attn.q_proj.weight") == "model.layers.12"
+    assert layer_key("model.embed_tokens.weight") == "model.embed_tokens.weight"
+
+
+def test_collate_left_pads_prompts_and_right_pads_responses():
+    batch = collate_rollouts([[5, 6, 7], [8]], [[9, 1], [10, 11, 1]], [[-0.5, -0.1], [-1.0, -2.0, -3.0]], pad_id=0)
+    assert batch.prompt_width == 3
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 9, 1, 0], [0, 0, 8, 10, 11, 1]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert batch["response_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert batch["rollout_logprobs"][1].tolist() == [-1.0, -2.0, -3.0]
+    trimmed = batch.select([0]).trimmed()
+    assert trimmed["input_ids"].tolist() == [[5, 6, 7, 9, 1]]
+
+
+def test_response_logprobs_ignore_padding(tiny_model_dir):
+    """A left-padded row gets the same logprobs as the same sequence alone."""
+    from rlhf_dist.models.hf import load_causal_lm, response_logprobs
+
+    model = load_causal_lm(str(tiny_model_dir)).eval()
+    batch = collate_rollouts([[5, 6, 7, 8], [9, 10]], [[11, 12, 1], [13, 1]], [[0.0] * 3, [0.0] * 2], 0)
+    with torch.no_grad():
+        padded, entropy = response_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                            batch.prompt_width, temperature=0.7, with_entropy=True)
+        alone = batch.select([1]).trimmed()
+        alone_ids = alone["input_ids"][:, 2:]  # drop the two left-pad columns
+        single, _ = response_logprobs(model, alone_ids, torch.ones_like(alone_ids), 2, temperature=0.7)
+    torch.testing.assert_close(padded[1, :2], single[0, :2], rtol=1e-5, atol=1e-5)
+    assert (entropy >= 0).all()

@@ -1,0 +1,105 @@
+"""The real actors on a local Ray: vLLM engine, reference, reward, two DeepSpeed ranks (gloo).
+
+One module-scoped start-up (about a minute on 2 cores) serves every test here.
+"""
+
+import pytest
+import ray
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from rlhf_dist.actors.cluster import check_resources, init_ray
+from rlhf_dist.distributed.checksum import checksums, diff_checksums, fuse_like_engine
+from rlhf_dist.errors import ActorDiedError, ClusterResourceError, RlhfDistError, WeightSyncError
+from rlhf_dist.main import conf_dir, prepare
+from rlhf_dist.models.hf import load_tokenizer
+
+from conftest import REPO
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def trainer(tiny_model_dir, tmp_path_factory):
+    from rlhf_dist.monitor import RunMonitor
+    from rlhf_dist.trainer import RLTrainer
+
+    run_dir = tmp_path_factory.mktemp("run")
+    with initialize_config_dir(conf_dir(), version_base="1.3"):
+        dict_cfg = compose("config", overrides=[
+            f"trainer.run_dir={run_dir}", f"model.path={tiny_model_dir}", "experiment=smoke",
+            "rollout.sync_bucket_mb=0.1",  # many small buckets: exercises streaming
+            # a user reward file whose score varies on random text, so one step has a gradient
+            f"reward.fn={REPO / 'examples' / 'my_rewards.py'}:score",
+        ])
+    cfg = OmegaConf.to_object(dict_cfg)
+    inputs = prepare(cfg)
+    init_ray(cfg.cluster)
+    monitor = RunMonitor(str(run_dir), "disabled", "p", None, None, [], {}, cfg.trainer.total_steps, console=False)
+    trainer = RLTrainer(cfg, inputs["model_path"], load_tokenizer(inputs["model_path"]),
+                        inputs["train"], inputs["eval"], inputs["reward_spec"], monitor)
+    trainer.start()
+    yield trainer
+    trainer.shutdown()
+    ray.shutdown()
+
+
+def _learner_weights_as_engine_sees_them(trainer):
+    weights = trainer.learners.run("get_weights", timeout_s=60)
+    return weights, fuse_like_engine(weights[0], trainer.packed_modules)
+
+
+def test_one_step_then_engine_weights_equal_learner_bit_for_bit(trainer):
+    engine_before = trainer.engines.run("get_weights", timeout_s=60)[0]
+    metrics = trainer.step(1)
+    for key in ("reward/mean", "loss/policy", "kl/mean", "timing/sync_s", "sync/verified_tensors"):
+        assert key in metrics
+    assert metrics["sync/buckets"] > 1
+    rank_weights, expected = _learner_weights_as_engine_sees_them(trainer)
+    for name in rank_weights[0]:  # ZeRO-2 keeps identical replicas on every rank
+        assert torch.equal(rank_weights[0][name], rank_weights[1][name]), name
+    engine_after = trainer.engines.run("get_weights", timeout_s=60)[0]
+    assert set(engine_after) == set(expected)
+    changed = 0
+    for name, tensor in expected.items():
+        assert torch.equal(engine_after[name], tensor), f"{name} differs from the learner's"
+        changed += not torch.equal(engine_before[name], tensor)
+    assert changed == len(expected), "every tensor should have moved after one AdamW step"
+
+
+def test_verification_catches_a_corrupted_bucket(trainer):
+    _, expected = _learner_weights_as_engine_sees_them(trainer)
+    weights = trainer.learners.run("get_weights", timeout_s=60)[0]
+    name = "model.layers.1.mlp.down_proj.weight"
+    weights[name] = weights[name].clone()
+    weights[name][0, 0] += 1e-3
+    ref = ray.put(list(weights.items()))
+    result = trainer.engines.run("load_weights", [ref], 30.0, True, timeout_s=60)[0]
+    problems = diff_checksums(checksums(expected), result["checksums"])
+    assert len(problems) == 1 and problems[0].startswith(name)
+    trainer.sync_weights()  # put the right weights back
+
+
+def test_sync_with_a_bucket_that_never_arrives_times_out(trainer):
+    @ray.remote(num_cpus=0)
+    def never():
+        import time
+        time.sleep(600)
+
+    with pytest.raises(WeightSyncError, match="did not arrive within 2 s"):
+        trainer.engines.run("load_weights", [never.remote()], 2.0, False, timeout_s=60)
+
+
+def test_too_many_actors_for_the_cluster_is_a_clear_error(trainer):
+    cfg = trainer.cfg
+    big = type(cfg)(**{**cfg.__dict__})
+    big.learner = type(cfg.learner)(**{**cfg.learner.__dict__, "world_size": 8})
+    with pytest.raises(ClusterResourceError, match="8 learner rank"):
+        check_resources(big)
+
+
+def test_a_dead_engine_is_named(trainer):
+    ray.kill(trainer.engines.actors[0], no_restart=True)
+    with pytest.raises(ActorDiedError, match=r"rollout\[0\] died during generate"):
+        trainer.generate(trainer.eval_records[:2], 1, 0.0)
