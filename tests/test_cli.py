@@ -1,0 +1,97 @@
+"""The `rlhf-dist` entry point on bad input: a clear message, a non-zero exit, no actor started."""
+
+import json
+
+import pytest
+
+from conftest import REPO, run_cli
+
+STARTED = "[start]"  # printed just before actors are created
+
+
+def _fails_early(args, tmp_path, needle, code=2):
+    result = run_cli([f"hydra.run.dir={tmp_path}/run", *args], cwd=tmp_path, timeout=300)
+    assert result.returncode == code, result.stdout + result.stderr
+    assert needle in result.stderr, result.stderr
+    assert STARTED not in result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.stderr
+
+
+def test_missing_model_path(tmp_path):
+    err = _fails_early(["model.path=/no/such/model"], tmp_path, "does not exist")
+    assert "/no/such/model" in err and "model.path" in err
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    _fails_early(["trainer.total_step=5"], tmp_path, "Did you mean 'trainer.total_steps'?")
+
+
+def test_unknown_group_option_lists_valid_ones(tmp_path):
+    err = _fails_early(["algo=nope"], tmp_path, "Available options", code=1)
+    assert "grpo" in err
+
+
+def test_reward_fn_that_cannot_be_imported(tmp_path):
+    _fails_early(["reward.fn=no_such_module_xyz:score"], tmp_path, "no_such_module_xyz")
+
+
+def test_reward_fn_that_raises_shows_the_sample(tmp_path):
+    bad = tmp_path / "bad_reward.py"
+    bad.write_text("def score(prompts, completions, **fields):\n    raise KeyError('answer')\n")
+    err = _fails_early([f"reward.fn={bad}:score"], tmp_path, "raised KeyError")
+    assert "First sample: prompt=" in err
+
+
+def test_grpo_with_one_sample_per_prompt(tmp_path):
+    _fails_early(["rollout.n_samples_per_prompt=1"], tmp_path, "n_samples_per_prompt=1")
+
+
+def test_batch_that_does_not_split_over_ranks(tmp_path):
+    _fails_early(["learner.world_size=3"], tmp_path, "does not split evenly")
+
+
+def test_empty_prompt_file(tmp_path):
+    empty = tmp_path / "prompts.jsonl"
+    empty.write_text("")
+    _fails_early([f"task.prompts_file={empty}"], tmp_path, "empty")
+
+
+def test_more_learner_ranks_than_the_cluster_has(tmp_path):
+    err = _fails_early(["learner.world_size=8", "learner.micro_batch_size=8", "cluster.num_cpus=2"],
+                       tmp_path, "the actors need")
+    assert "8 learner rank(s)" in err
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_smoke_run_end_to_end(tmp_path):
+    """A short real run: warm-up, Ray actors, vLLM, DeepSpeed, sync, eval, logs, W&B offline."""
+    run_dir = tmp_path / "run"
+    result = run_cli([f"hydra.run.dir={run_dir}", "experiment=smoke", "logger.wandb.mode=offline"],
+                     cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "run summary" in result.stdout
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward/mean" in r]
+    evals = [r for r in rows if "eval/reward_mean" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert len(evals) == 2  # start and end
+    required = {"step", "reward/mean", "reward/std", "kl/mean", "loss/policy", "response/length_mean",
+                "timing/generate_s", "timing/score_s", "timing/train_s", "timing/sync_s",
+                "timing/step_s", "throughput/tokens_per_s"}
+    assert required <= set(steps[0]), required - set(steps[0])
+    assert all(r["sync/verified_tensors"] > 0 for r in steps)
+    assert (run_dir / "config.yaml").exists() and (run_dir / "summary.json").exists()
+    assert (run_dir / "samples.jsonl").read_text().strip()
+    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run directory missing"
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_nan_loss_stops_the_run_with_a_message(tmp_path):
+    """An absurd learning rate blows the weights up; the next loss is NaN and the run says so."""
+    result = run_cli([f"hydra.run.dir={tmp_path}/run", "experiment=smoke", "learner.optim.lr=1e12",
+                      f"reward.fn={REPO / 'examples' / 'my_rewards.py'}:score"], cwd=tmp_path, timeout=900)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "non-finite loss" in result.stderr and "learner.optim.lr" in result.stderr
