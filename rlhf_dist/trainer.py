@@ -172,13 +172,17 @@ class RLTrainer:
 
     def sync_weights(self) -> dict[str, float]:
         """Phase 5: learner -> object store buckets -> every engine's in-place reload."""
-        ro = self.cfg.rollout
+        ro, start = self.cfg.rollout, time.perf_counter()
         refs = self.learners.call("publish_weights", ro.sync_bucket_mb, ro.dtype,
                                   self.packed_modules, ro.verify_sync)
         published = self.learners.wait(refs, "weight publish", ro.sync_timeout_s)[0]
+        published_at = time.perf_counter()
         loads = self.engines.call("load_weights", published["refs"], ro.sync_timeout_s, ro.verify_sync)
         results = self.engines.wait(loads, "weight sync", ro.sync_timeout_s)
-        metrics = {"sync/buckets": float(len(published["refs"])), "sync/mb": published["bytes"] / 2**20}
+        metrics = {"sync/buckets": float(len(published["refs"])), "sync/mb": published["bytes"] / 2**20,
+                   "sync/publish_s": published_at - start,
+                   "sync/engine_load_s": max(r["load_s"] for r in results),
+                   "sync/engine_verify_s": max(r.get("verify_s", 0.0) for r in results)}
         if ro.verify_sync:
             for name, result in zip(self.engines.names, results):
                 problems = diff_checksums(published["checksums"], result["checksums"])

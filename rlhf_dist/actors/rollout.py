@@ -146,7 +146,9 @@ class RolloutActor:
         self.llm.collective_rpc(reload, args=(stream(),))
         result = {"load_s": time.perf_counter() - start, **received}
         if verify:
+            start = time.perf_counter()
             result["checksums"] = self.weight_checksums()
+            result["verify_s"] = time.perf_counter() - start
         return result
 
     def weight_checksums(self) -> dict[str, int]:
