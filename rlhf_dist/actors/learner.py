@@ -58,6 +58,7 @@ class LearnerActor:
         if self.device == "cuda":
             torch.cuda.set_device(0)
         model = load_causal_lm(self.model_path, "float32", self.device)
+        num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
         optimizer = torch.optim.AdamW(
@@ -75,7 +76,7 @@ class LearnerActor:
         self.grad_accum_steps = grad_accum_steps
         self.zero_stage = zero_stage
         return {"rank": self.rank, "init_s": time.perf_counter() - start,
-                "num_params": sum(p.numel() for p in model.parameters())}
+                "num_params": num_params}
 
     def train_step(self, minibatches: list[tuple[Batch, float, float]], loss_cfg: dict[str, Any],
                    step: int) -> dict[str, float]:
