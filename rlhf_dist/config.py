@@ -44,6 +44,8 @@ class TaskConfig:
     num_train: int = 2000  # train prompts generated from the built-in task
     num_eval: int = 64  # held-out prompts for eval
     seed: int = 0
+    # task-specific knobs passed to the built-in task, e.g. {min_len: 3, max_len: 5} for reverse
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

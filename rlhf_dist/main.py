@@ -62,10 +62,10 @@ def prepare(cfg: RLConfig) -> dict:
     from rlhf_dist.models.tiny import check_model_dir, ensure_tiny_model
 
     validate(cfg)
-    task = get_task(cfg.task.name)
+    task = get_task(cfg.task.name, **cfg.task.options)
     if cfg.model.path is None:
         tiny = cfg.model.tiny
-        name = f"tiny-{tiny.arch}-h{tiny.hidden_size}-l{tiny.num_layers}-a{tiny.num_heads}-s{tiny.seed}"
+        name = f"tiny-{tiny.arch}-h{tiny.hidden_size}-l{tiny.num_layers}-a{tiny.num_heads}-v98-s{tiny.seed}"
         model_path = ensure_tiny_model(
             Path(os.path.expanduser(tiny.cache_dir)) / name, arch=tiny.arch,
             hidden_size=tiny.hidden_size, num_layers=tiny.num_layers, num_heads=tiny.num_heads,

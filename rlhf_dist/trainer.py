@@ -56,7 +56,7 @@ class RLTrainer:
             tensor_parallel_size=cfg.rollout.tensor_parallel_size,
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
             kv_cache_gb=cfg.rollout.kv_cache_gb, enforce_eager=cfg.rollout.enforce_eager,
-            keep_weights=cfg.rollout.verify_sync, device=device, cpu_threads_bind=bind,
+            device=device, cpu_threads_bind=bind,
         )
         self.engines = ActorGroup(
             "rollout", RolloutActor, num_engines, cl.cpus_per_engine, cl.gpus_per_engine,
@@ -168,6 +168,8 @@ class RLTrainer:
             # additive terms (global-normalised) sum over ranks; rank-local stats average
             additive = key.startswith(("loss/", "kl/", "entropy/"))
             merged[key] = sum(values) if additive else sum(values) / len(values)
+            if key.endswith("_max"):
+                merged[key] = max(values)
         return merged
 
     def sync_weights(self) -> dict[str, float]:
@@ -177,7 +179,8 @@ class RLTrainer:
                                   self.packed_modules, ro.verify_sync)
         published = self.learners.wait(refs, "weight publish", ro.sync_timeout_s)[0]
         published_at = time.perf_counter()
-        loads = self.engines.call("load_weights", published["refs"], ro.sync_timeout_s, ro.verify_sync)
+        loads = self.engines.call("load_weights", published["refs"], ro.sync_timeout_s,
+                                  published["shapes"] if ro.verify_sync else None)
         results = self.engines.wait(loads, "weight sync", ro.sync_timeout_s)
         metrics = {"sync/buckets": float(len(published["refs"])), "sync/mb": published["bytes"] / 2**20,
                    "sync/publish_s": published_at - start,

@@ -80,3 +80,14 @@ def test_response_logprobs_ignore_padding(tiny_model_dir):
         single, _ = response_logprobs(model, alone_ids, torch.ones_like(alone_ids), 2, temperature=0.7)
     torch.testing.assert_close(padded[1, :2], single[0, :2], rtol=1e-5, atol=1e-5)
     assert (entropy >= 0).all()
+
+
+def test_engine_checksums_compare_only_the_unpadded_block():
+    from rlhf_dist.distributed.checksum import engine_checksums, narrow_to
+
+    learner = torch.randn(98, 16)
+    engine = torch.cat([learner, torch.zeros(30, 16)])  # vLLM pads vocab rows to 128
+    assert torch.equal(narrow_to(engine, learner.shape), learner)
+    assert narrow_to(torch.zeros(50, 16), learner.shape) is None
+    sums = engine_checksums({"embed": engine, "extra": torch.ones(3)}, {"embed": [98, 16]})
+    assert sums["embed"] == tensor_checksum(learner) and "extra" in sums

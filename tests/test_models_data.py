@@ -58,7 +58,7 @@ def test_tiny_model_loads_back_and_runs(arch, tmp_path, qwen2_dir):
     assert model.generation_config.eos_token_id == 1 and model.generation_config.pad_token_id == 0
     batch = tokenizer(["rev abc=", "add 1+2="], return_tensors="pt", padding=True)
     logits = model(**batch).logits  # (B, T, V)
-    assert logits.shape == (2, 8, 128) and torch.isfinite(logits).all()
+    assert logits.shape == (2, 8, NUM_TOKENS) and torch.isfinite(logits).all()
     assert not [p for p in model_dir.parent.iterdir() if p.name.startswith(".")]  # no temp dirs
 
 

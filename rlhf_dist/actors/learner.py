@@ -87,24 +87,30 @@ class LearnerActor:
         self.engine.train()
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, int] = defaultdict(int)
+        first, once = True, {}
         for shard, num_tokens, num_seqs in minibatches:
             micro_batches = shard.chunk(self.grad_accum_steps)
             for micro in micro_batches:
-                metrics, stats = self._micro_step(micro, loss_cfg, num_tokens, num_seqs, step)
+                metrics, stats = self._micro_step(micro, loss_cfg, num_tokens, num_seqs, step, first)
+                first = False
                 for key, value in metrics.items():
-                    sums[key] += value
+                    if key.startswith("sync/"):
+                        once[key] = value  # measured on the first micro-batch only
+                    else:
+                        sums[key] += value
                 for key, value in stats.items():
                     sums[f"policy/{key}"] += value
                     counts[f"policy/{key}"] += 1
             self.optimizer_steps += 1
         num_minibatches = max(1, len(minibatches))
         result = {k: (v / counts[k] if k in counts else v / num_minibatches) for k, v in sums.items()}
+        result.update(once)
         result["optim/lr"] = self.engine.get_lr()[0]
         result["optim/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         return result
 
     def _micro_step(self, micro: Batch, loss_cfg: dict[str, Any], num_tokens: float,
-                    num_seqs: float, step: int) -> tuple[dict[str, float], dict[str, float]]:
+                    num_seqs: float, step: int, first: bool) -> tuple[dict[str, float], dict[str, float]]:
         micro = micro.trimmed()
         tensors = {k: v.to(self.device) for k, v in micro.tensors.items()}
         entropy_needed = loss_cfg["entropy_coef"] > 0 or loss_cfg.get("log_entropy", True)
@@ -121,6 +127,12 @@ class LearnerActor:
             kl_estimator=loss_cfg["kl_estimator"], entropy_coef=loss_cfg["entropy_coef"],
             loss_agg=loss_cfg["loss_agg"], num_tokens=num_tokens, num_seqs=num_seqs,
         )
+        if first:
+            # Before any update in this step the learner and the engine that sampled the batch
+            # hold the same weights, so their logprobs must agree up to kernel numerics; a large
+            # gap means the last weight sync did not reach the engine's compute path.
+            gap = (logprobs.detach() - tensors["rollout_logprobs"]).abs() * tensors["response_mask"]
+            metrics["sync/rollout_logprob_gap_max"] = gap.max()
         self._check_finite(loss, metrics, step)
         # DeepSpeed divides by grad-accum steps and averages over ranks; undo both so the
         # gradient is that of the global-normalised sum (see module docstring).
@@ -145,7 +157,7 @@ class LearnerActor:
         """Put the current weights into the object store as buckets of whole layers.
 
         Every rank must call this (ZeRO-3 gathers are collective); rank 0 returns
-        {"refs": [ObjectRef, ...], "checksums": {...}, "bytes": int}, the others None.
+        {"refs": [ObjectRef, ...], "checksums": {...}, "shapes": {...}, "bytes": int}, the others None.
         """
         import deepspeed
         import ray
@@ -154,13 +166,15 @@ class LearnerActor:
         for name, param in self.engine.module.named_parameters():
             groups.setdefault(layer_key(name), []).append((name, param))
         limit = bucket_mb * 2**20
-        refs, sums, pending, pending_bytes, total = [], {}, [], 0, 0
+        refs, sums, shapes, pending, pending_bytes, total = [], {}, {}, [], 0, 0
 
         def flush():
             nonlocal pending, pending_bytes
             if pending and self.rank == 0:
                 if with_checksums:
-                    sums.update(checksums(fuse_like_engine(dict(pending), packed_modules)))
+                    fused = fuse_like_engine(dict(pending), packed_modules)
+                    sums.update(checksums(fused))
+                    shapes.update({name: list(t.shape) for name, t in fused.items()})
                 refs.append(ray.put(pending))
             pending, pending_bytes = [], 0
 
@@ -177,7 +191,7 @@ class LearnerActor:
         flush()
         if self.rank != 0:
             return None
-        return {"refs": refs, "checksums": sums, "bytes": total}
+        return {"refs": refs, "checksums": sums, "shapes": shapes, "bytes": total}
 
     def save_pretrained(self, path: str) -> bool:
         """Write the current policy as an HF model dir (rank 0 writes; ZeRO-3 gathers first)."""

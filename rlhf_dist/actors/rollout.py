@@ -18,11 +18,13 @@ from rlhf_dist.errors import WeightSyncError
 
 
 def _keep_cpu_linear_weights() -> None:
-    """On CPU, vLLM repacks linear weights into oneDNN handles and frees `layer.weight`.
+    """On CPU, vLLM packs linear weights into oneDNN/SGL handles and frees `layer.weight`.
 
-    With verification on we keep the loaded weight tensor next to the packed copy (which is built
-    from it on every reload), so its checksum can be read back. Costs one extra copy of the linear
-    weights in RAM; GPU engines keep their weights anyway.
+    An in-place reload does not rebuild those handles (measured with vLLM 0.32: after
+    `reload_weights` the engine kept computing with the old packed weights while generating),
+    so we keep `layer.weight` and rebuild the handles from it after every reload
+    (`_refresh_cpu_gemm_handles`). This also lets the checksum read the weights the engine uses.
+    Costs one extra copy of the linear weights in RAM; GPU engines are unaffected.
     """
     from vllm.model_executor.layers import utils as layer_utils
 
@@ -37,6 +39,19 @@ def _keep_cpu_linear_weights() -> None:
     layer_utils.dispatch_cpu_unquantized_gemm = dispatch_keeping_weight
 
 
+def _refresh_cpu_gemm_handles(model) -> int:
+    """Re-create every packed CPU GEMM handle from the layer's current weight."""
+    from vllm.model_executor.layers import utils as layer_utils
+
+    refreshed = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if hasattr(module, "cpu_linear") and weight is not None and weight.dim() == 2 and weight.numel():
+            layer_utils.dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+            refreshed += 1
+    return refreshed
+
+
 class RolloutActor:
     def __init__(
         self,
@@ -48,7 +63,6 @@ class RolloutActor:
         gpu_memory_utilization: float = 0.1,
         kv_cache_gb: int | None = 1,
         enforce_eager: bool = True,
-        keep_weights: bool = True,
         device: str = "cpu",
         cpu_threads_bind: str = "auto",
     ) -> None:
@@ -57,8 +71,8 @@ class RolloutActor:
             if kv_cache_gb is not None:
                 os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_threads_bind
-            if keep_weights:
-                _keep_cpu_linear_weights()
+            _keep_cpu_linear_weights()
+        self.device = device
         from vllm import LLM
 
         start = time.perf_counter()
@@ -115,11 +129,13 @@ class RolloutActor:
                 })
         return samples
 
-    def load_weights(self, bucket_refs: list, timeout_s: float, verify: bool) -> dict[str, Any]:
+    def load_weights(self, bucket_refs: list, timeout_s: float,
+                     verify_shapes: dict[str, list[int]] | None = None) -> dict[str, Any]:
         """Stream weight buckets from the object store into the live engine, in place.
 
         `bucket_refs` is a list (so Ray does not resolve it on call): each bucket is fetched with
-        its own deadline while vLLM consumes the previous one.
+        its own deadline while vLLM consumes the previous one. With `verify_shapes` (the
+        learner's tensor shapes under engine names) the result carries the engine's checksums.
         """
         import ray
 
@@ -140,22 +156,24 @@ class RolloutActor:
                     received["bytes"] += tensor.numel() * tensor.element_size()
                     yield name, tensor
 
-        def reload(worker, weights):
+        def reload(worker, weights, on_cpu):
             worker.model_runner.reload_weights(weights_iterator=weights)
+            if on_cpu:
+                _refresh_cpu_gemm_handles(worker.model_runner.model)
 
-        self.llm.collective_rpc(reload, args=(stream(),))
+        self.llm.collective_rpc(reload, args=(stream(), self.device == "cpu"))
         result = {"load_s": time.perf_counter() - start, **received}
-        if verify:
+        if verify_shapes is not None:
             start = time.perf_counter()
-            result["checksums"] = self.weight_checksums()
+            result["checksums"] = self.weight_checksums(verify_shapes)
             result["verify_s"] = time.perf_counter() - start
         return result
 
-    def weight_checksums(self) -> dict[str, int]:
-        from rlhf_dist.distributed.checksum import checksums
+    def weight_checksums(self, shapes: dict[str, list[int]]) -> dict[str, int]:
+        from rlhf_dist.distributed.checksum import engine_checksums
 
         def compute(worker):
-            return checksums(dict(worker.model_runner.model.named_parameters()))
+            return engine_checksums(dict(worker.model_runner.model.named_parameters()), shapes)
 
         return self.llm.collective_rpc(compute)[0]
 

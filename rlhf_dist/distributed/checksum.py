@@ -56,6 +56,30 @@ def checksums(named: dict[str, torch.Tensor]) -> dict[str, int]:
     return {name: tensor_checksum(tensor) for name, tensor in named.items() if tensor.numel() > 0}
 
 
+def narrow_to(tensor: torch.Tensor, shape: tuple[int, ...] | list[int]) -> torch.Tensor | None:
+    """The leading `shape` block of `tensor`, or None if it does not fit.
+
+    Engines pad some tensors (vLLM rounds the vocab rows of embeddings up to a multiple of 64);
+    the learner's tensor is the unpadded leading block, and only that block is compared.
+    """
+    if tensor.dim() != len(shape) or any(have < want for have, want in zip(tensor.shape, shape)):
+        return None
+    for dim, size in enumerate(shape):
+        tensor = tensor.narrow(dim, 0, size)
+    return tensor
+
+
+def engine_checksums(named: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> dict[str, int]:
+    """Checksums of the engine's tensors, each narrowed to the shape the learner sent."""
+    result = {}
+    for name, tensor in named.items():
+        if tensor.numel() == 0:
+            continue
+        block = narrow_to(tensor, shapes[name]) if name in shapes else tensor
+        result[name] = tensor_checksum(block) if block is not None else -1
+    return result
+
+
 def diff_checksums(expected: dict[str, int], actual: dict[str, int]) -> list[str]:
     """Human-readable differences, empty when the two agree exactly."""
     problems = []

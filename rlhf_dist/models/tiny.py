@@ -7,9 +7,9 @@ so the tiny model exercises the real loading path.
 
 Token ids: 0 "<pad>", 1 "<eos>", 2 "<unk>", then printable ASCII chr(32)..chr(126) as ids 3..97
 (id = ord(char) - 29; inside the vocab the space token is spelled "Ġ"). No BOS is added on
-encode. The model's embedding table (`vocab_size`, default 128) is larger than the 98 tokens;
-the tokenizer never produces the unused ids, but an untrained model samples them and they decode
-to "" (vLLM and HF alike). Restrict sampling to `range(NUM_TOKENS)` where that matters.
+encode. The model's embedding table has exactly these 98 rows by default: an id without a meaning
+would decode to "" (in vLLM and HF alike), so RL that pushes probability off sampled tokens could
+drift into invisible output that the reward cannot see.
 
 Run `python -m rlhf_dist.models.tiny OUT_DIR [qwen2|llama]` to build a model and check that
 vLLM loads it and detokenizes exactly like the HF tokenizer.
@@ -120,7 +120,7 @@ def _make_config(
     if vocab_size < NUM_TOKENS:
         raise ConfigError(
             f"tiny model vocab_size={vocab_size} is smaller than the character tokenizer's "
-            f"{NUM_TOKENS} tokens. Fix: use vocab_size >= {NUM_TOKENS} (default 128)."
+            f"{NUM_TOKENS} tokens. Fix: use vocab_size >= {NUM_TOKENS} (the default)."
         )
     config_cls, _ = ARCHS[arch]
     return config_cls(
@@ -147,7 +147,7 @@ def build_tiny_model(
     num_heads: int = 2,
     num_kv_heads: int | None = None,
     intermediate_size: int | None = None,
-    vocab_size: int = 128,
+    vocab_size: int = NUM_TOKENS,
     max_position_embeddings: int = MODEL_MAX_LENGTH,
     tie_word_embeddings: bool = True,
     seed: int = 0,
