@@ -56,7 +56,7 @@ class WarmupConfig:
     all-zero advantages. A few hundred SFT steps give it a weak policy that RL then improves.
     """
 
-    steps: int = 0  # 0 = no warm-up (use it with a pretrained/SFT model)
+    steps: int = 80  # 0 = no warm-up (model=hf sets 0: a pretrained/SFT model needs none)
     batch_size: int = 32
     lr: float = 3e-3
     seed: int = 0
@@ -110,13 +110,13 @@ class AlgoConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
+    lr: float = 3e-4  # RL wants ~10x less than SFT: 1e-3 made single Adam steps destructive
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     grad_clip: float = 1.0
     scheduler: str = "constant"  # constant | linear | cosine (after warmup)
-    warmup_steps: int = 0  # optimizer steps of linear LR warm-up
+    warmup_steps: int = 10  # optimizer steps of linear LR warm-up
     min_lr_ratio: float = 0.1  # cosine/linear decay floor, as a fraction of lr
 
 
@@ -124,8 +124,8 @@ class OptimConfig:
 class LearnerConfig:
     world_size: int = 2  # DeepSpeed data-parallel ranks, one Ray actor each
     zero_stage: int = 2  # 0-3
-    mini_batch_size: int = 64  # sequences per optimizer step (global, over all ranks)
-    micro_batch_size: int = 32  # sequences per forward/backward on one rank
+    mini_batch_size: int = 128  # sequences per optimizer step (global, over all ranks)
+    micro_batch_size: int = 64  # sequences per forward/backward on one rank
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     optim: OptimConfig = field(default_factory=OptimConfig)
     init_timeout_s: float = 600.0
@@ -167,9 +167,9 @@ class LoggerConfig:
 
 @dataclass
 class TrainerConfig:
-    total_steps: int = 60
-    prompts_per_step: int = 16  # prompts per rollout batch; sequences = prompts x n_samples
-    eval_every: int = 20  # held-out eval every N steps (plus at start and end); 0 = start/end only
+    total_steps: int = 200
+    prompts_per_step: int = 64  # prompts per rollout batch; sequences = prompts x n_samples
+    eval_every: int = 50  # held-out eval every N steps (plus at start and end); 0 = start/end only
     seed: int = 0
     run_dir: str = "."  # set by conf/config.yaml to Hydra's run directory
     save_final: bool = False  # write the final policy (HF format) into run_dir/final
@@ -335,6 +335,8 @@ def check_override_keys(overrides: list[str]) -> None:
                     f"unknown config key '{key}'.{hint} Valid keys under {where}: "
                     f"{', '.join(sorted(fields))}.")
             ftype = fields[part].default_factory if fields[part].default_factory is not dataclasses.MISSING else None
+            if ftype is dict:  # free-form mapping (e.g. task.options): any sub-key is allowed
+                break
             if depth < len(parts) - 1:
                 node = ftype() if ftype is not None and dataclasses.is_dataclass(ftype()) else None
                 if node is None:

@@ -175,8 +175,11 @@ class RLTrainer:
     def sync_weights(self) -> dict[str, float]:
         """Phase 5: learner -> object store buckets -> every engine's in-place reload."""
         ro, start = self.cfg.rollout, time.perf_counter()
-        refs = self.learners.call("publish_weights", ro.sync_bucket_mb, ro.dtype,
-                                  self.packed_modules, ro.verify_sync)
+        args = (ro.sync_bucket_mb, ro.dtype, self.packed_modules, ro.verify_sync)
+        if self.cfg.learner.zero_stage == 3:  # gathering shards is collective: every rank joins
+            refs = self.learners.call("publish_weights", *args)
+        else:  # ranks hold identical full replicas: rank 0 alone publishes
+            refs = [self.learners.actors[0].publish_weights.remote(*args)]
         published = self.learners.wait(refs, "weight publish", ro.sync_timeout_s)[0]
         published_at = time.perf_counter()
         loads = self.engines.call("load_weights", published["refs"], ro.sync_timeout_s,
