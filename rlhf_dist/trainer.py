@@ -173,30 +173,36 @@ class RLTrainer:
         return merged
 
     def sync_weights(self) -> dict[str, float]:
-        """Phase 5: learner -> object store buckets -> every engine's in-place reload."""
+        """Phase 5: learner -> object store buckets -> every engine's in-place reload.
+
+        With verification, the learner hashes its weights while the engines load them, and each
+        engine hashes what it holds afterwards; any difference stops the run.
+        """
         ro, start = self.cfg.rollout, time.perf_counter()
-        args = (ro.sync_bucket_mb, ro.dtype, self.packed_modules, ro.verify_sync)
-        if self.cfg.learner.zero_stage == 3:  # gathering shards is collective: every rank joins
-            refs = self.learners.call("publish_weights", *args)
-        else:  # ranks hold identical full replicas: rank 0 alone publishes
-            refs = [self.learners.actors[0].publish_weights.remote(*args)]
-        published = self.learners.wait(refs, "weight publish", ro.sync_timeout_s)[0]
+        # ZeRO-3 gathers are collective, so every rank joins; otherwise rank 0 holds everything
+        ranks = self.learners.actors if self.cfg.learner.zero_stage == 3 else self.learners.actors[:1]
+        names = self.learners.names[: len(ranks)]
+        refs = [r.publish_weights.remote(ro.sync_bucket_mb, ro.dtype, self.packed_modules) for r in ranks]
+        published = wait_all(refs, names, "weight publish", ro.sync_timeout_s)[0]
         published_at = time.perf_counter()
         loads = self.engines.call("load_weights", published["refs"], ro.sync_timeout_s,
                                   published["shapes"] if ro.verify_sync else None)
+        if ro.verify_sync:
+            sum_refs = [r.weight_checksums.remote(ro.dtype, self.packed_modules) for r in ranks]
         results = self.engines.wait(loads, "weight sync", ro.sync_timeout_s)
         metrics = {"sync/buckets": float(len(published["refs"])), "sync/mb": published["bytes"] / 2**20,
                    "sync/publish_s": published_at - start,
                    "sync/engine_load_s": max(r["load_s"] for r in results),
                    "sync/engine_verify_s": max(r.get("verify_s", 0.0) for r in results)}
         if ro.verify_sync:
+            expected = wait_all(sum_refs, names, "weight checksums", ro.sync_timeout_s)[0]
             for name, result in zip(self.engines.names, results):
-                problems = diff_checksums(published["checksums"], result["checksums"])
+                problems = diff_checksums(expected, result["checksums"])
                 if problems:
                     raise WeightSyncError(
                         f"{name} holds different weights than the learner after sync "
                         f"({len(problems)} tensors differ): " + "; ".join(problems[:5]))
-            metrics["sync/verified_tensors"] = float(len(published["checksums"]))
+            metrics["sync/verified_tensors"] = float(len(expected))
         return metrics
 
     # ------------------------------------------------------------------ one step

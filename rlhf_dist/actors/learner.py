@@ -152,46 +152,60 @@ class LearnerActor:
                 "(learner.optim.lr), rewards with NaN/inf, or bf16 overflow. Lower the LR or "
                 "check reward.fn.")
 
-    def publish_weights(self, bucket_mb: float, dtype: str, packed_modules: dict[str, list[str]],
-                        with_checksums: bool) -> dict[str, Any] | None:
+    def publish_weights(self, bucket_mb: float, dtype: str,
+                        packed_modules: dict[str, list[str]]) -> dict[str, Any] | None:
         """Put the current weights into the object store as buckets of whole layers.
 
-        Every rank must call this (ZeRO-3 gathers are collective); rank 0 returns
-        {"refs": [ObjectRef, ...], "checksums": {...}, "shapes": {...}, "bytes": int}, the others None.
+        Every rank must call this under ZeRO-3 (gathers are collective); below ZeRO-3 only rank 0
+        is called. Rank 0 returns {"refs": [ObjectRef, ...], "shapes": {engine name: shape},
+        "bytes": int}; other ranks return None.
         """
-        import deepspeed
         import ray
 
-        groups: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
-        for name, param in self.engine.module.named_parameters():
-            groups.setdefault(layer_key(name), []).append((name, param))
         limit = bucket_mb * 2**20
-        refs, sums, shapes, pending, pending_bytes, total = [], {}, {}, [], 0, 0
+        refs, shapes, pending, pending_bytes, total = [], {}, [], 0, 0
 
         def flush():
             nonlocal pending, pending_bytes
             if pending and self.rank == 0:
-                if with_checksums:
-                    fused = fuse_like_engine(dict(pending), packed_modules)
-                    sums.update(checksums(fused))
-                    shapes.update({name: list(t.shape) for name, t in fused.items()})
-                refs.append(ray.put(pending))
+                meta = {name: tensor.to("meta") for name, tensor in pending}
+                shapes.update({n: list(t.shape) for n, t in fuse_like_engine(meta, packed_modules).items()})
+                refs.append(ray.put(pending))  # ray.put copies: the bucket is a snapshot
             pending, pending_bytes = [], 0
 
-        for params in groups.values():
-            with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=self.zero_stage == 3):
+        for params in self._layer_groups():
+            with self._gathered([p for _, p in params]):
                 if self.rank == 0:
                     for name, param in params:
-                        tensor = param.detach().to(DTYPES[dtype]).cpu().clone()
+                        tensor = param.detach().to(DTYPES[dtype]).cpu()
                         pending.append((name, tensor))
                         pending_bytes += tensor.numel() * tensor.element_size()
                         total += tensor.numel() * tensor.element_size()
             if pending_bytes >= limit:
                 flush()
         flush()
-        if self.rank != 0:
-            return None
-        return {"refs": refs, "checksums": sums, "shapes": shapes, "bytes": total}
+        return {"refs": refs, "shapes": shapes, "bytes": total} if self.rank == 0 else None
+
+    def weight_checksums(self, dtype: str, packed_modules: dict[str, list[str]]) -> dict[str, int] | None:
+        """Checksums of the current weights as the engine names them (rank 0; see publish)."""
+        sums = {}
+        for params in self._layer_groups():
+            with self._gathered([p for _, p in params]):
+                if self.rank == 0:
+                    named = {n: p.detach().to(DTYPES[dtype]) for n, p in params}
+                    sums.update(checksums(fuse_like_engine(named, packed_modules)))
+        return sums if self.rank == 0 else None
+
+    def _layer_groups(self) -> list[list[tuple[str, torch.nn.Parameter]]]:
+        groups: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
+        for name, param in self.engine.module.named_parameters():
+            groups.setdefault(layer_key(name), []).append((name, param))
+        return list(groups.values())
+
+    def _gathered(self, params: list):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, enabled=self.zero_stage == 3)
 
     def save_pretrained(self, path: str) -> bool:
         """Write the current policy as an HF model dir (rank 0 writes; ZeRO-3 gathers first)."""

@@ -24,8 +24,18 @@ def tensor_checksum(tensor: torch.Tensor) -> int:
     Integer overflow wraps identically on every device, so the result is deterministic.
     """
     bits = tensor.detach().float().contiguous().view(-1).view(torch.int32).to(torch.int64)
-    weights = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % _MODULUS + 1
-    return int((bits * weights).sum().item())
+    return int((bits * _position_weights(bits.numel(), bits.device)).sum().item())
+
+
+_WEIGHTS_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _position_weights(numel: int, device: torch.device) -> torch.Tensor:
+    """1, 2, ..., 65521, 1, 2, ... (cached: the same shapes are hashed after every sync)."""
+    key = (numel, str(device))
+    if key not in _WEIGHTS_CACHE:
+        _WEIGHTS_CACHE[key] = torch.arange(numel, device=device, dtype=torch.int64) % _MODULUS + 1
+    return _WEIGHTS_CACHE[key]
 
 
 def fuse_like_engine(
