@@ -178,20 +178,19 @@ class RLTrainer:
         With verification, the learner hashes its weights while the engines load them, and each
         engine hashes what it holds afterwards; any difference stops the run.
         """
-        ro, start = self.cfg.rollout, time.perf_counter()
+        ro = self.cfg.rollout
         # ZeRO-3 gathers are collective, so every rank joins; otherwise rank 0 holds everything
         ranks = self.learners.actors if self.cfg.learner.zero_stage == 3 else self.learners.actors[:1]
         names = self.learners.names[: len(ranks)]
         refs = [r.publish_weights.remote(ro.sync_bucket_mb, ro.dtype, self.packed_modules) for r in ranks]
-        published = wait_all(refs, names, "weight publish", ro.sync_timeout_s)[0]
-        published_at = time.perf_counter()
-        loads = self.engines.call("load_weights", published["refs"], ro.sync_timeout_s,
-                                  published["shapes"] if ro.verify_sync else None)
+        # engines get the publish ref itself (in a list, so Ray does not resolve it here) and
+        # start loading as soon as it resolves; the learner hashes its weights meanwhile
+        loads = self.engines.call("load_published", [refs[0]], ro.sync_timeout_s, ro.verify_sync)
         if ro.verify_sync:
             sum_refs = [r.weight_checksums.remote(ro.dtype, self.packed_modules) for r in ranks]
+        published = wait_all(refs, names, "weight publish", ro.sync_timeout_s)[0]
         results = self.engines.wait(loads, "weight sync", ro.sync_timeout_s)
-        metrics = {"sync/buckets": float(len(published["refs"])), "sync/mb": published["bytes"] / 2**20,
-                   "sync/publish_s": published_at - start,
+        metrics = {"sync/buckets": float(published["buckets"]), "sync/mb": published["bytes"] / 2**20,
                    "sync/engine_load_s": max(r["load_s"] for r in results),
                    "sync/engine_verify_s": max(r.get("verify_s", 0.0) for r in results)}
         if ro.verify_sync:

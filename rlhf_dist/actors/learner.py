@@ -157,34 +157,43 @@ class LearnerActor:
         """Put the current weights into the object store as buckets of whole layers.
 
         Every rank must call this under ZeRO-3 (gathers are collective); below ZeRO-3 only rank 0
-        is called. Rank 0 returns {"refs": [ObjectRef, ...], "shapes": {engine name: shape},
-        "bytes": int}; other ranks return None.
+        is called. Rank 0 returns {"first_bucket": [(name, tensor), ...], "refs": [ObjectRef of
+        each further bucket], "shapes": {engine name: shape}, "bytes": int, "buckets": int};
+        other ranks return None.
         """
         import ray
 
         limit = bucket_mb * 2**20
-        refs, shapes, pending, pending_bytes, total = [], {}, [], 0, 0
+        refs, shapes, pending, pending_bytes, total, inline = [], {}, [], 0, 0, None
 
         def flush():
-            nonlocal pending, pending_bytes
+            nonlocal pending, pending_bytes, inline
             if pending and self.rank == 0:
                 meta = {name: tensor.to("meta") for name, tensor in pending}
                 shapes.update({n: list(t.shape) for n, t in fuse_like_engine(meta, packed_modules).items()})
-                refs.append(ray.put(pending))  # ray.put copies: the bucket is a snapshot
+                if inline is None:
+                    inline = pending  # travels inside the publish result: one fetch fewer
+                else:
+                    refs.append(ray.put(pending))  # ray.put copies: the bucket is a snapshot
             pending, pending_bytes = [], 0
 
         for params in self._layer_groups():
             with self._gathered([p for _, p in params]):
                 if self.rank == 0:
                     for name, param in params:
-                        tensor = param.detach().to(DTYPES[dtype]).cpu()
+                        # clone: ZeRO flattens params into one buffer, and pickling a view
+                        # would ship the whole buffer once per tensor (measured: 3x slower sync)
+                        tensor = param.detach().to(DTYPES[dtype]).cpu().clone()
                         pending.append((name, tensor))
                         pending_bytes += tensor.numel() * tensor.element_size()
                         total += tensor.numel() * tensor.element_size()
             if pending_bytes >= limit:
                 flush()
         flush()
-        return {"refs": refs, "shapes": shapes, "bytes": total} if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        return {"first_bucket": inline or [], "refs": refs, "shapes": shapes, "bytes": total,
+                "buckets": len(refs) + (inline is not None)}
 
     def weight_checksums(self, dtype: str, packed_modules: dict[str, list[str]]) -> dict[str, int] | None:
         """Checksums of the current weights as the engine names them (rank 0; see publish)."""

@@ -130,7 +130,8 @@ class RolloutActor:
         return samples
 
     def load_weights(self, bucket_refs: list, timeout_s: float,
-                     verify_shapes: dict[str, list[int]] | None = None) -> dict[str, Any]:
+                     verify_shapes: dict[str, list[int]] | None = None,
+                     first_bucket: list | None = None) -> dict[str, Any]:
         """Stream weight buckets from the object store into the live engine, in place.
 
         `bucket_refs` is a list (so Ray does not resolve it on call): each bucket is fetched with
@@ -143,6 +144,12 @@ class RolloutActor:
         received = {"buckets": 0, "tensors": 0, "bytes": 0}
 
         def stream():
+            if first_bucket:
+                received["buckets"] += 1
+                for name, tensor in first_bucket:
+                    received["tensors"] += 1
+                    received["bytes"] += tensor.numel() * tensor.element_size()
+                    yield name, tensor
             for index, ref in enumerate(bucket_refs):
                 try:
                     bucket = ray.get(ref, timeout=timeout_s)
@@ -168,6 +175,22 @@ class RolloutActor:
             result["checksums"] = self.weight_checksums(verify_shapes)
             result["verify_s"] = time.perf_counter() - start
         return result
+
+    def load_published(self, published_ref: list, timeout_s: float, verify: bool) -> dict[str, Any]:
+        """`load_weights` from a learner's `publish_weights` result, given as [ObjectRef].
+
+        The controller hands the engine the publish call's ref before that call finishes, so the
+        engine starts loading the moment the buckets exist: no controller round trip between.
+        """
+        import ray
+
+        try:
+            published = ray.get(published_ref[0], timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise WeightSyncError(f"the learner did not publish weights within {timeout_s:.0f} s "
+                                  "(rollout.sync_timeout_s)") from None
+        return self.load_weights(published["refs"], timeout_s, published["shapes"] if verify else None,
+                                 first_bucket=published["first_bucket"])
 
     def weight_checksums(self, shapes: dict[str, list[int]]) -> dict[str, int]:
         from rlhf_dist.distributed.checksum import engine_checksums
