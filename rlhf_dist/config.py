@@ -168,7 +168,7 @@ class LoggerConfig:
 @dataclass
 class TrainerConfig:
     total_steps: int = 200
-    prompts_per_step: int = 64  # prompts per rollout batch; sequences = prompts x n_samples
+    prompts_per_step: int = 96  # prompts per rollout batch; sequences = prompts x n_samples
     eval_every: int = 50  # held-out eval every N steps (plus at start and end); 0 = start/end only
     seed: int = 0
     run_dir: str = "."  # set by conf/config.yaml to Hydra's run directory
