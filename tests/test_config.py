@@ -88,7 +88,7 @@ def test_wrong_type_is_rejected():
     "overrides,needle",
     [
         (["rollout.n_samples_per_prompt=1"], "n_samples_per_prompt=1"),
-        (["learner.mini_batch_size=48"], "not a multiple of learner.mini_batch_size=48"),
+        (["learner.mini_batch_size=100"], "not a multiple of learner.mini_batch_size=100"),
         (["learner.world_size=3"], "does not split evenly"),
         (["learner.micro_batch_size=24"], "learner.micro_batch_size=16"),
         (["algo.kl_estimator=k9"], "algo.kl_estimator='k9' is not one of"),
