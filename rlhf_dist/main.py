@@ -15,6 +15,10 @@ from pathlib import Path
 # Must be set before vLLM/transformers import anywhere in this process or its Ray workers.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+if os.environ.get("RLHF_DIST_VERBOSE") != "1":
+    for _key, _value in (("TRANSFORMERS_VERBOSITY", "error"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                         ("TQDM_DISABLE", "1"), ("VLLM_LOGGING_LEVEL", "ERROR")):
+        os.environ.setdefault(_key, _value)
 
 import hydra
 from omegaconf import DictConfig, OmegaConf

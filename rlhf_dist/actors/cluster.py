@@ -13,14 +13,33 @@ def init_ray(cluster) -> None:
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "WARNING",
-                        "RAY_DEDUP_LOGS": "1"}}
+    env = {"env_vars": quiet_env()}
     if cluster.address is None:
         ray.init(num_cpus=cluster.num_cpus or os.cpu_count(), include_dashboard=False,
                  runtime_env=env, log_to_driver=True, configure_logging=True,
                  logging_level="WARNING")
     else:
         ray.init(address=cluster.address, runtime_env=env, logging_level="WARNING")
+
+
+def quiet_env() -> dict[str, str]:
+    """Actor environment: keep the console to our progress lines and real errors.
+
+    vLLM otherwise logs two "Failed to load weights" warnings per sync (rotary and tied lm_head
+    have no weights to load), transformers draws a progress bar per model load, and torch warns
+    about deprecated collectives inside DeepSpeed. Set RLHF_DIST_VERBOSE=1 to see all of it.
+    """
+    if os.environ.get("RLHF_DIST_VERBOSE") == "1":
+        return {"TOKENIZERS_PARALLELISM": "false"}
+    return {
+        "TOKENIZERS_PARALLELISM": "false",
+        "VLLM_LOGGING_LEVEL": "ERROR",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TQDM_DISABLE": "1",
+        "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning",
+        "RAY_DEDUP_LOGS": "1",
+    }
 
 
 def required_resources(cfg) -> dict[str, dict[str, float]]:
