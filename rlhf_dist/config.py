@@ -56,7 +56,7 @@ class WarmupConfig:
     all-zero advantages. A few hundred SFT steps give it a weak policy that RL then improves.
     """
 
-    steps: int = 80  # 0 = no warm-up (model=hf sets 0: a pretrained/SFT model needs none)
+    steps: int = 50  # 0 = no warm-up (model=hf sets 0: a pretrained/SFT model needs none)
     batch_size: int = 32
     lr: float = 3e-3
     seed: int = 0
