@@ -95,3 +95,16 @@ def test_nan_loss_stops_the_run_with_a_message(tmp_path):
                       f"reward.fn={REPO / 'examples' / 'my_rewards.py'}:score"], cwd=tmp_path, timeout=900)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "non-finite loss" in result.stderr and "learner.optim.lr" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_default_job_learns(tmp_path):
+    """The README's default job, unchanged: reward and held-out eval must rise (about 4 min)."""
+    run_dir = tmp_path / "run"
+    result = run_cli([f"hydra.run.dir={run_dir}", "logger.wandb.mode=disabled"], cwd=tmp_path, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["reward/last_10pct"] >= summary["reward/first_step"] + 0.3, summary
+    assert summary["eval/reward_end"] > summary["eval/reward_start"] + 0.1, summary
+    assert summary["timing/sync_frac"] < 0.1, summary
