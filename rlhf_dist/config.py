@@ -244,6 +244,7 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"algo.kl_coef={cfg.algo.kl_coef} must be >= 0.")
     _validate_algo(cfg)
     _validate_batches(cfg)
+    _validate_rollout(cfg)
     _validate_cluster(cfg)
 
 
@@ -296,6 +297,15 @@ def _validate_batches(cfg: Any) -> None:
 def _divisor(total: int, at_most: int) -> int:
     """Largest divisor of `total` not above `at_most` (for suggestions in messages)."""
     return max(d for d in range(1, min(total, at_most) + 1) if total % d == 0)
+
+
+def _validate_rollout(cfg: Any) -> None:
+    if cfg.rollout.verify_sync and cfg.rollout.tensor_parallel_size > 1:
+        raise ConfigError(
+            f"rollout.verify_sync=true compares whole (unsharded) tensors, but "
+            f"rollout.tensor_parallel_size={cfg.rollout.tensor_parallel_size} shards them inside "
+            "each engine. Fix: add rollout.verify_sync=false (the per-step "
+            "sync/rollout_logprob_gap_max metric still checks the sync).")
 
 
 def _validate_cluster(cfg: Any) -> None:

@@ -96,6 +96,7 @@ def test_wrong_type_is_rejected():
         (["rollout.temperature=0"], "temperature"),
         (["algo.advantage=nope"], "not registered"),
         (["logger.wandb.mode=cloud"], "logger.wandb.mode"),
+        (["rollout.tensor_parallel_size=2"], "rollout.verify_sync=false"),
     ],
 )
 def test_bad_values_raise_config_error_with_fix(overrides, needle):
