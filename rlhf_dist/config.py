@@ -344,11 +344,10 @@ def check_override_keys(overrides: list[str]) -> None:
                 raise ConfigError(
                     f"unknown config key '{key}'.{hint} Valid keys under {where}: "
                     f"{', '.join(sorted(fields))}.")
-            ftype = fields[part].default_factory if fields[part].default_factory is not dataclasses.MISSING else None
-            if ftype is dict:  # free-form mapping (e.g. task.options): any sub-key is allowed
+            factory = fields[part].default_factory  # sections are field(default_factory=Section)
+            if factory is dict:  # free-form mapping (e.g. task.options): any sub-key is allowed
                 break
             if depth < len(parts) - 1:
-                node = ftype() if ftype is not None and dataclasses.is_dataclass(ftype()) else None
-                if node is None:
+                if not dataclasses.is_dataclass(factory):
                     raise ConfigError(f"config key '{key}': '{part}' is a value, not a section.")
-                node = type(node)
+                node = factory

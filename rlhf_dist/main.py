@@ -175,7 +175,7 @@ def summarize(history: list[dict], first_eval: dict, last_eval: dict, startup: d
               total_s: float, run_dir: str) -> dict:
     tail = history[-max(1, len(history) // 10):]
     mean = lambda key, rows: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-    steps = [r for r in history[1:]] or history  # step 1 includes warm-up of kernels
+    steps = history[1:] or history  # step 1 includes warm-up of kernels
     return {
         "steps": len(history),
         "reward/first_step": history[0]["reward/mean"],

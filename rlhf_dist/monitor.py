@@ -30,19 +30,20 @@ class RunMonitor:
                 config=config, dir=str(self.run_dir), reinit="finish_previous",
             )
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def _record(self, step: int, metrics: dict[str, float]) -> None:
+        """One line of metrics.jsonl, mirrored to W&B."""
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self.metrics_file.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log(record, step=step)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self._record(step, metrics)
         if self.console and "reward/mean" in metrics:
             self.print(format_step_line(step, self.total_steps, metrics))
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
-        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        self.metrics_file.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(record, step=step)
+        self._record(step, metrics)
         if self.console:
             parts = " | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
             self.print(f"[eval] step {step:>4} | {parts}")

@@ -39,7 +39,6 @@ class RLTrainer:
         self.generator = torch.Generator().manual_seed(cfg.trainer.seed)
         self.use_reference = cfg.algo.kl_coef > 0
         self.history: list[dict[str, float]] = []
-        self.eval_history: list[dict[str, float]] = []
 
     # ------------------------------------------------------------------ start-up
     def start(self) -> dict[str, float]:
@@ -76,15 +75,11 @@ class RLTrainer:
                 cl.placement_timeout_s,
                 [dict(model_path=self.model_path, dtype=cfg.model.dtype, device=device,
                       num_threads=cores)])
-        init_refs = self._init_learners()
-        pending = [(self.engines, self.engines.call("ready"), cfg.rollout.init_timeout_s),
-                   (self.reward, self.reward.call("ready"), 120.0)]
+        init_refs = self._init_learners()  # all groups load concurrently; then wait for each
+        engine_info = _wait_ready(self.engines, cfg.rollout.init_timeout_s)
+        _wait_ready(self.reward, 120.0)
         if self.reference is not None:
-            pending.append((self.reference, self.reference.call("ready"), cfg.learner.init_timeout_s))
-        engine_info = None
-        for group, refs, timeout in pending:
-            result = group.wait(refs, f"{group.name} start-up", timeout)
-            engine_info = result if group is self.engines else engine_info
+            _wait_ready(self.reference, cfg.learner.init_timeout_s)
         learner_info = self.learners.wait(init_refs, "learner start-up (DeepSpeed init)",
                                           cfg.learner.init_timeout_s)
         self.packed_modules = self.engines.run("packed_modules", timeout_s=60)[0]
@@ -265,7 +260,6 @@ class RLTrainer:
             "eval/length_mean": sum(len(s["token_ids"]) for s in samples) / len(samples),
             "eval/time_s": time.perf_counter() - start,
         }
-        self.eval_history.append({"step": step, **metrics})
         self.monitor.log_eval(step, metrics)
         return metrics
 
@@ -277,6 +271,10 @@ class RLTrainer:
                     actors.kill()
                 except Exception:  # noqa: BLE001 - best-effort cleanup after a failure
                     pass
+
+
+def _wait_ready(group: ActorGroup, timeout_s: float) -> list:
+    return group.wait(group.call("ready"), f"{group.name} start-up", timeout_s)
 
 
 def _split(items: list, parts: int) -> list[list]:

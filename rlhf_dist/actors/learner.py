@@ -113,15 +113,14 @@ class LearnerActor:
                     num_seqs: float, step: int, first: bool) -> tuple[dict[str, float], dict[str, float]]:
         micro = micro.trimmed()
         tensors = {k: v.to(self.device) for k, v in micro.tensors.items()}
-        entropy_needed = loss_cfg["entropy_coef"] > 0 or loss_cfg.get("log_entropy", True)
-        logprobs, entropy = response_logprobs(
+        logprobs, entropy = response_logprobs(  # entropy is always logged, so always computed
             self.engine.module, tensors["input_ids"], tensors["attention_mask"],
-            micro.prompt_width, loss_cfg["temperature"], with_entropy=entropy_needed,
+            micro.prompt_width, loss_cfg["temperature"], with_entropy=True,
         )
         loss, metrics, stats = policy_objective(
             logprobs, tensors["rollout_logprobs"], tensors["advantages"], tensors["response_mask"],
             ref_logprobs=tensors.get("ref_logprobs"),
-            entropy=entropy.detach() if entropy is not None and loss_cfg["entropy_coef"] == 0 else entropy,
+            entropy=entropy,  # enters the loss only when entropy_coef > 0
             policy_loss=loss_cfg["policy_loss"], clip_low=loss_cfg["clip_low"],
             clip_high=loss_cfg["clip_high"], kl_coef=loss_cfg["kl_coef"],
             kl_estimator=loss_cfg["kl_estimator"], entropy_coef=loss_cfg["entropy_coef"],

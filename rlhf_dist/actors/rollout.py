@@ -143,20 +143,19 @@ class RolloutActor:
         start = time.perf_counter()
         received = {"buckets": 0, "tensors": 0, "bytes": 0}
 
-        def stream():
+        def buckets():
             if first_bucket:
-                received["buckets"] += 1
-                for name, tensor in first_bucket:
-                    received["tensors"] += 1
-                    received["bytes"] += tensor.numel() * tensor.element_size()
-                    yield name, tensor
+                yield first_bucket
             for index, ref in enumerate(bucket_refs):
                 try:
-                    bucket = ray.get(ref, timeout=timeout_s)
+                    yield ray.get(ref, timeout=timeout_s)
                 except ray.exceptions.GetTimeoutError:
                     raise WeightSyncError(
                         f"weight bucket {index + 1}/{len(bucket_refs)} did not arrive within "
                         f"{timeout_s:.0f} s (rollout.sync_timeout_s)") from None
+
+        def stream():
+            for bucket in buckets():
                 received["buckets"] += 1
                 for name, tensor in bucket:
                     received["tensors"] += 1
