@@ -92,23 +92,6 @@ class RewardConfig:
 
 
 @dataclass
-class AlgoConfig:
-    name: str = "grpo"
-    advantage: str = "grpo"  # registry name in rlhf_dist.algo.advantages
-    policy_loss: str = "clipped"  # registry name in rlhf_dist.algo.policy_loss
-    loss_agg: str = "token_mean"  # token_mean | seq_mean_token_sum | seq_mean_token_mean
-    clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high]
-    clip_high: float = 0.2
-    kl_coef: float = 0.01  # weight of KL(pi || pi_ref) in the loss; 0 = no reference actor needed
-    kl_estimator: str = "k3"  # k1 | k2 | k3 (Schulman 2020)
-    norm_adv_by_std: bool = True  # GRPO: divide by the group std (Dr. GRPO sets this False)
-    gamma: float = 1.0  # PPO/GAE discount
-    lam: float = 0.95  # PPO/GAE lambda
-    ppo_epochs: int = 1  # passes over each rollout batch
-    entropy_coef: float = 0.0
-
-
-@dataclass
 class OptimConfig:
     lr: float = 3e-4  # RL wants ~10x less than SFT: 1e-3 made single Adam steps destructive
     weight_decay: float = 0.0
@@ -118,6 +101,58 @@ class OptimConfig:
     scheduler: str = "constant"  # constant | linear | cosine (after warmup)
     warmup_steps: int = 10  # optimizer steps of linear LR warm-up
     min_lr_ratio: float = 0.1  # cosine/linear decay floor, as a fraction of lr
+
+
+@dataclass
+class CriticOptimConfig(OptimConfig):
+    lr: float = 1e-3  # a fresh value head must catch up quickly; the policy's lr is 10x lower
+
+
+@dataclass
+class AlgoConfig:
+    """The RL algorithm. Each conf/algo/<name>.yaml is a preset of these fields (README table)."""
+
+    name: str = "grpo"  # preset: grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline | gspo | ppo
+    advantage: str = "grpo"  # estimator in rlhf_dist.algo.advantages ("gae" needs the critic)
+    policy_loss: str = "clipped"  # clipped (PPO, + dual-clip) | gspo (sequence-level ratio)
+    loss_agg: str = "token_mean"  # token_mean | seq_mean_token_sum | seq_mean_token_mean | seq_mean_token_sum_norm
+    clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.2
+    clip_ratio_c: Optional[float] = 3.0  # dual-clip bound for A < 0 (Ye et al. 2020); null = off; > 1
+    # KL to the reference: in the reward (per-token penalty, InstructGPT) and/or as a loss term
+    kl_coef: float = 0.01  # beta; 0 = no KL and no reference actor
+    kl_in_reward: bool = False  # r_t -= beta * KL_t (estimator kl_reward_estimator)
+    kl_in_loss: bool = True  # loss += beta * agg(KL_t) (estimator kl_loss_estimator)
+    kl_reward_estimator: str = "k1"  # k1 (exact KL-regularised return) | k2 | k3
+    kl_loss_estimator: str = "k3_st"  # k3_st (value k3, gradient of KL(pi||ref)) | k1 | k2 | k3 (README)
+    kl_target: Optional[float] = None  # adaptive beta (Ziegler et al. 2019): target KL per sequence
+    kl_horizon: int = 10000  # adaptive beta: samples over which beta moves by at most ~20%
+    whiten_advantages: bool = False  # normalise advantages over the batch (PPO default: true)
+    gamma: float = 1.0  # discount (gae, reinforce_pp)
+    lam: float = 0.95  # GAE lambda
+    ppo_epochs: int = 1  # passes over each rollout batch
+    entropy_coef: float = 0.0  # entropy bonus: loss -= entropy_coef * agg(H(pi))
+    # The learner recomputes log pi_old before its first update (verl/OpenRLHF) instead of using
+    # the engine's sampling logprobs; then a truncated importance weight min(pi_old/pi_rollout,
+    # tis_cap) corrects for engine/trainer numeric mismatch (null = no correction).
+    recompute_old_logprobs: bool = False
+    tis_cap: Optional[float] = 2.0
+
+
+@dataclass
+class CriticConfig:
+    """PPO's value model: its own DeepSpeed ranks, optimizer and ZeRO stage (used when the
+    advantage estimator needs values, i.e. algo.advantage=gae)."""
+
+    model_path: Optional[str] = None  # None = initialise from the policy (a reward model works too)
+    world_size: int = 2  # DeepSpeed ranks of the critic, one Ray actor each
+    zero_stage: int = 2
+    micro_batch_size: int = 64  # sequences per forward/backward on one critic rank
+    value_clip: Optional[float] = 0.2  # clip V - V_old to +-value_clip in the loss; null = off
+    value_loss_coef: float = 1.0  # scales the value loss (matters with grad clipping)
+    optim: CriticOptimConfig = field(default_factory=CriticOptimConfig)
+    init_timeout_s: float = 600.0
+    step_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -141,9 +176,11 @@ class ClusterConfig:
     # run one after another, so the actors rarely compete for the cores.
     cpus_per_engine: float = 0.3
     cpus_per_learner: float = 0.4
+    cpus_per_critic: float = 0.4
     cpus_per_aux: float = 0.1  # reference and reward actors
     gpus_per_engine: float = 0.0
     gpus_per_learner: float = 0.0
+    gpus_per_critic: float = 0.0
     gpus_per_aux: float = 0.0
     placement_timeout_s: float = 60.0  # waiting for resources before failing with a clear error
 
@@ -184,6 +221,7 @@ class RLConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -201,11 +239,10 @@ _CHOICES = {
     "rollout.sync_transport": ("object_store",),
     "learner.backend": ("auto", "gloo", "nccl"),
     "learner.optim.scheduler": ("constant", "linear", "cosine"),
+    "critic.optim.scheduler": ("constant", "linear", "cosine"),
     "cluster.device": ("cpu", "cuda"),
     "logger.wandb.mode": ("offline", "online", "disabled"),
-    "algo.name": ("grpo",),
-    "algo.kl_estimator": ("k1", "k2", "k3"),
-    "algo.loss_agg": ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean"),
+    "algo.name": ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gspo", "ppo"),
 }
 
 _POSITIVE = (
@@ -213,6 +250,14 @@ _POSITIVE = (
     "rollout.n_samples_per_prompt", "rollout.max_new_tokens", "rollout.tensor_parallel_size",
     "rollout.sync_bucket_mb", "rollout.sync_timeout_s", "learner.world_size",
     "learner.mini_batch_size", "learner.micro_batch_size", "learner.optim.lr", "algo.ppo_epochs",
+    "algo.kl_horizon", "critic.micro_batch_size", "critic.optim.lr",
+)
+
+# (key, lowest, highest): closed ranges; None = unbounded on that side
+_RANGES = (
+    ("algo.gamma", 0.0, 1.0), ("algo.lam", 0.0, 1.0), ("algo.clip_low", 0.0, 1.0),
+    ("algo.clip_high", 0.0, None), ("algo.kl_coef", 0.0, None), ("algo.entropy_coef", 0.0, None),
+    ("critic.value_loss_coef", 0.0, None),
 )
 
 
@@ -233,39 +278,79 @@ def validate(cfg: Any) -> None:
     for key in _POSITIVE:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0.")
-    if not 0 <= cfg.learner.zero_stage <= 3:
-        raise ConfigError(f"learner.zero_stage={cfg.learner.zero_stage} must be 0, 1, 2 or 3.")
+    for key, low, high in _RANGES:
+        value = _get(cfg, key)
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
+            raise ConfigError(f"{key}={value!r} is out of range: expected {bounds}.")
+    for key in ("learner.zero_stage", "critic.zero_stage"):
+        if not 0 <= _get(cfg, key) <= 3:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be 0, 1, 2 or 3.")
     if not 0.0 < cfg.rollout.temperature:
         raise ConfigError(f"rollout.temperature={cfg.rollout.temperature} must be > 0 for RL "
                           "sampling (greedy decoding gives every sample of a group the same reward).")
-    if not 0.0 < cfg.rollout.top_p <= 1.0:
-        raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1].")
-    if cfg.algo.kl_coef < 0:
-        raise ConfigError(f"algo.kl_coef={cfg.algo.kl_coef} must be >= 0.")
+    if cfg.rollout.top_p != 1.0:
+        raise ConfigError(
+            f"rollout.top_p={cfg.rollout.top_p}: the engine's logprobs would then be taken over the "
+            "top-p truncated distribution while the learner's are over the full softmax, so the "
+            "importance ratio would compare different distributions. Expected rollout.top_p=1.0 "
+            "(tune exploration with rollout.temperature instead).")
     _validate_algo(cfg)
     _validate_batches(cfg)
     _validate_rollout(cfg)
     _validate_cluster(cfg)
 
 
-def _validate_algo(cfg: Any) -> None:
-    from rlhf_dist.algo import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
+def uses_critic(cfg: Any) -> bool:
+    """PPO-style estimators need state values, hence a critic."""
+    return cfg.algo.advantage == "gae"
 
-    if cfg.algo.advantage not in ADVANTAGE_ESTIMATORS:
-        raise ConfigError(f"algo.advantage={cfg.algo.advantage!r} is not registered; valid: "
-                          f"{sorted(ADVANTAGE_ESTIMATORS)}.")
-    if cfg.algo.policy_loss not in POLICY_LOSSES:
-        raise ConfigError(f"algo.policy_loss={cfg.algo.policy_loss!r} is not registered; valid: "
-                          f"{sorted(POLICY_LOSSES)}.")
-    group_based = cfg.algo.advantage in ("grpo", "rloo")
+
+def uses_reference(cfg: Any) -> bool:
+    return cfg.algo.kl_coef > 0 and (cfg.algo.kl_in_reward or cfg.algo.kl_in_loss)
+
+
+def _check_registered(key: str, value: str, registry: dict) -> None:
+    if value not in registry:
+        raise ConfigError(f"{key}={value!r} is not registered; valid: {sorted(registry)}. "
+                          f"Fix: pass {key}=<one of those>.")
+
+
+def _validate_algo(cfg: Any) -> None:
+    from rlhf_dist.algo import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES
+
+    algo = cfg.algo
+    _check_registered("algo.advantage", algo.advantage, ADVANTAGE_ESTIMATORS)
+    _check_registered("algo.policy_loss", algo.policy_loss, POLICY_LOSSES)
+    _check_registered("algo.loss_agg", algo.loss_agg, LOSS_AGG_MODES)
+    _check_registered("algo.kl_reward_estimator", algo.kl_reward_estimator, KL_ESTIMATORS)
+    _check_registered("algo.kl_loss_estimator", algo.kl_loss_estimator, KL_ESTIMATORS)
+    if algo.clip_ratio_c is not None and algo.clip_ratio_c <= 1.0:
+        raise ConfigError(
+            f"algo.clip_ratio_c={algo.clip_ratio_c}: the dual-clip bound must be > 1 (it caps the "
+            "loss of negative-advantage tokens at -A * clip_ratio_c; typical 3.0). Fix: "
+            "algo.clip_ratio_c=3.0, or algo.clip_ratio_c=null to turn dual-clip off.")
+    for key in ("algo.kl_target", "algo.tis_cap", "critic.value_clip"):
+        value = _get(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}={value} must be > 0 (or null to turn it off).")
+    group_based = algo.advantage in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
     if group_based and cfg.rollout.n_samples_per_prompt < 2:
         raise ConfigError(
-            f"algo.advantage={cfg.algo.advantage} compares samples within a group, but "
+            f"algo.advantage={algo.advantage} compares samples within a group, but "
             f"rollout.n_samples_per_prompt={cfg.rollout.n_samples_per_prompt}. Expected >= 2 "
             "(typical: 4-16). Fix: rollout.n_samples_per_prompt=8.")
-    if cfg.algo.advantage == "gae":
-        raise ConfigError("algo.advantage=gae needs a critic (PPO), which this version does not "
-                          "have yet. Use algo.advantage=grpo or rloo.")
+    if uses_critic(cfg) and cfg.critic.world_size < 1:
+        raise ConfigError(
+            f"algo.advantage=gae (algo={algo.name}) needs a critic, but critic.world_size="
+            f"{cfg.critic.world_size}. Fix: critic.world_size=2 (and CPUs/GPUs for it: "
+            "cluster.cpus_per_critic / cluster.gpus_per_critic).")
+    if algo.kl_coef > 0 and not (algo.kl_in_reward or algo.kl_in_loss):
+        raise ConfigError(
+            f"algo.kl_coef={algo.kl_coef} but both algo.kl_in_reward and algo.kl_in_loss are "
+            "false, so the KL would go nowhere. Fix: set one of them true, or algo.kl_coef=0.")
+    if algo.kl_target is not None and not algo.kl_coef > 0:
+        raise ConfigError("algo.kl_target (adaptive KL) needs algo.kl_coef > 0 as its start value.")
 
 
 def _validate_batches(cfg: Any) -> None:
@@ -278,16 +363,21 @@ def _validate_batches(cfg: Any) -> None:
             f"{cfg.trainer.prompts_per_step} x {cfg.rollout.n_samples_per_prompt} = {rollout_seqs} "
             f"sequences, which is not a multiple of learner.mini_batch_size={mini}. "
             f"Fix: pick a mini_batch_size that divides {rollout_seqs}.")
-    if mini % ranks:
-        raise ConfigError(
-            f"learner.mini_batch_size={mini} does not split evenly over learner.world_size="
-            f"{ranks} ranks. Fix: make mini_batch_size a multiple of {ranks}.")
-    per_rank = mini // ranks
-    if per_rank % micro:
-        raise ConfigError(
-            f"Each rank gets learner.mini_batch_size / learner.world_size = {mini}/{ranks} = "
-            f"{per_rank} sequences per optimizer step, which is not a multiple of "
-            f"learner.micro_batch_size={micro}. Fix: learner.micro_batch_size={_divisor(per_rank, micro)}.")
+    groups = [("learner", ranks, micro)]
+    if uses_critic(cfg):
+        groups.append(("critic", cfg.critic.world_size, cfg.critic.micro_batch_size))
+    for section, ranks, micro in groups:  # the critic trains on the policy's mini-batches
+        if mini % ranks:
+            raise ConfigError(
+                f"learner.mini_batch_size={mini} does not split evenly over {section}.world_size="
+                f"{ranks} ranks. Fix: make mini_batch_size a multiple of {ranks}.")
+        per_rank = mini // ranks
+        if per_rank % micro:
+            raise ConfigError(
+                f"Each {section} rank gets learner.mini_batch_size / {section}.world_size = "
+                f"{mini}/{ranks} = {per_rank} sequences per optimizer step, which is not a "
+                f"multiple of {section}.micro_batch_size={micro}. Fix: "
+                f"{section}.micro_batch_size={_divisor(per_rank, micro)}.")
     if cfg.trainer.prompts_per_step < cfg.rollout.num_engines:
         raise ConfigError(
             f"trainer.prompts_per_step={cfg.trainer.prompts_per_step} is smaller than "

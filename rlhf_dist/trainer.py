@@ -1,11 +1,13 @@
 """The controller: starts the actors and runs RL steps, one numbered phase at a time.
 
 One step:
-  1. generate   rollout engines sample G responses per prompt (vLLM)
-  2. score      reward actor scores them; reference actor computes log pi_ref (concurrently)
-  3. advantages group baselines (or other estimator), computed here: cheap, pure torch
-  4. train      learner ranks run ppo_epochs x mini-batches of clipped-ratio + KL updates
-  5. sync       new weights are broadcast to every engine, verified, under a deadline
+  1. generate    rollout engines sample G responses per prompt (vLLM)
+  2. score       reward actor scores them; in flight at the same time: reference logprobs, critic
+                 values (PPO) and the learner's own old logprobs (algo.recompute_old_logprobs)
+  3. advantages  KL penalty in the reward (optional), the configured estimator, whitening: pure
+                 torch on the driver (rlhf_dist.algo)
+  4. train       policy ranks and critic ranks update concurrently, ppo_epochs x mini-batches
+  5. sync        new policy weights are broadcast to every engine, verified, under a deadline
 """
 
 from __future__ import annotations
@@ -17,17 +19,31 @@ from typing import Any
 
 import torch
 
+from rlhf_dist.actors.critic import CriticActor
 from rlhf_dist.actors.group import ActorGroup, wait_all
 from rlhf_dist.actors.learner import LearnerActor
 from rlhf_dist.actors.reference import ReferenceActor
 from rlhf_dist.actors.reward import RewardActor
 from rlhf_dist.actors.rollout import RolloutActor
-from rlhf_dist.algo import compute_advantages, count_normalizers
+from rlhf_dist.algo import (
+    compute_advantages,
+    count_normalizers,
+    explained_variance,
+    kl_penalty,
+    make_kl_controller,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+)
+from rlhf_dist.config import uses_critic, uses_reference
 from rlhf_dist.data.batch import Batch, collate_rollouts
 from rlhf_dist.data.prompts import PromptSampler
 from rlhf_dist.distributed.checksum import diff_checksums
 from rlhf_dist.errors import WeightSyncError
 from rlhf_dist.monitor import RunMonitor
+
+# metrics that each rank computes as its share of a global-normalised sum: summed over ranks
+_ADDITIVE = ("loss/", "kl/loss_term", "entropy/", "critic/value_loss")
 
 
 class RLTrainer:
@@ -37,71 +53,81 @@ class RLTrainer:
         self.eval_records, self.reward_spec, self.monitor = eval_records, reward_spec, monitor
         self.sampler = PromptSampler(train_records, cfg.trainer.prompts_per_step, cfg.trainer.seed)
         self.generator = torch.Generator().manual_seed(cfg.trainer.seed)
-        self.use_reference = cfg.algo.kl_coef > 0
+        self.use_reference, self.use_critic = uses_reference(cfg), uses_critic(cfg)
+        self.kl_ctl = make_kl_controller(cfg.algo.kl_coef, cfg.algo.kl_target, cfg.algo.kl_horizon)
         self.history: list[dict[str, float]] = []
+        self.reference = self.critics = None
 
     # ------------------------------------------------------------------ start-up
     def start(self) -> dict[str, float]:
-        """Create every actor group; engines, reference and learners load concurrently."""
+        """Create every actor group; engines, reference, learners and critics load concurrently."""
         cfg, cl = self.cfg, self.cfg.cluster
         start = time.perf_counter()
-        device = cl.device
         num_engines = cfg.rollout.num_engines
-        cores = os.cpu_count() or 1
-        bind = "auto" if num_engines == 1 or device != "cpu" else "nobind"
+        bind = "auto" if num_engines == 1 or cl.device != "cpu" else "nobind"
         engine_kwargs = dict(
             model_path=self.model_path, dtype=cfg.rollout.dtype,
             max_model_len=cfg.rollout.max_new_tokens + 256,
             tensor_parallel_size=cfg.rollout.tensor_parallel_size,
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
             kv_cache_gb=cfg.rollout.kv_cache_gb, enforce_eager=cfg.rollout.enforce_eager,
-            device=device, cpu_threads_bind=bind,
-        )
+            device=cl.device, cpu_threads_bind=bind)
         self.engines = ActorGroup(
             "rollout", RolloutActor, num_engines, cl.cpus_per_engine, cl.gpus_per_engine,
             cl.placement_timeout_s,
             [dict(engine_kwargs, seed=cfg.rollout.seed + i) for i in range(num_engines)])
-        self.learners = ActorGroup(
-            "learner", LearnerActor, cfg.learner.world_size, cl.cpus_per_learner,
-            cl.gpus_per_learner, cl.placement_timeout_s,
-            [dict(rank=r, world_size=cfg.learner.world_size, model_path=self.model_path, device=device)
-             for r in range(cfg.learner.world_size)])
+        self.learners = self._ds_group("learner", LearnerActor, cfg.learner.world_size,
+                                       cl.cpus_per_learner, cl.gpus_per_learner, self.model_path)
         self.reward = ActorGroup("reward", RewardActor, 1, cl.cpus_per_aux, 0.0,
                                  cl.placement_timeout_s, [dict(fn_spec=self.reward_spec)])
-        self.reference = None
         if self.use_reference:
             self.reference = ActorGroup(
                 "reference", ReferenceActor, 1, cl.cpus_per_aux, cl.gpus_per_aux,
                 cl.placement_timeout_s,
-                [dict(model_path=self.model_path, dtype=cfg.model.dtype, device=device,
-                      num_threads=cores)])
-        init_refs = self._init_learners()  # all groups load concurrently; then wait for each
+                [dict(model_path=self.model_path, dtype=cfg.model.dtype, device=cl.device,
+                      num_threads=os.cpu_count() or 1)])
+        init_refs = self._init_ds_group(self.learners, cfg.learner.zero_stage,
+                                        cfg.learner.micro_batch_size, asdict(cfg.learner.optim))
+        if self.use_critic:
+            self.critics = self._ds_group("critic", CriticActor, cfg.critic.world_size,
+                                          cl.cpus_per_critic, cl.gpus_per_critic,
+                                          cfg.critic.model_path or self.model_path)
+            critic_refs = self._init_ds_group(self.critics, cfg.critic.zero_stage,
+                                              cfg.critic.micro_batch_size, asdict(cfg.critic.optim))
         engine_info = _wait_ready(self.engines, cfg.rollout.init_timeout_s)
         _wait_ready(self.reward, 120.0)
         if self.reference is not None:
             _wait_ready(self.reference, cfg.learner.init_timeout_s)
         learner_info = self.learners.wait(init_refs, "learner start-up (DeepSpeed init)",
                                           cfg.learner.init_timeout_s)
+        if self.critics is not None:
+            self.critics.wait(critic_refs, "critic start-up (DeepSpeed init)", cfg.critic.init_timeout_s)
         self.packed_modules = self.engines.run("packed_modules", timeout_s=60)[0]
         self.num_params = learner_info[0]["num_params"]
         return {"startup/total_s": time.perf_counter() - start,
                 "startup/engine_init_s": max(e["init_s"] for e in engine_info),
                 "startup/learner_init_s": max(l["init_s"] for l in learner_info)}
 
-    def _init_learners(self) -> list:
+    def _ds_group(self, name: str, actor_cls: type, world_size: int, cpus: float, gpus: float,
+                  model_path: str) -> ActorGroup:
+        return ActorGroup(name, actor_cls, world_size, cpus, gpus, self.cfg.cluster.placement_timeout_s,
+                          [dict(rank=r, world_size=world_size, model_path=model_path,
+                                device=self.cfg.cluster.device) for r in range(world_size)])
+
+    def _init_ds_group(self, group: ActorGroup, zero_stage: int, micro_batch_size: int,
+                       optim: dict[str, Any]) -> list:
+        """Start DeepSpeed on every rank of `group` (policy or critic); returns the init refs."""
         cfg = self.cfg
-        master_addr, master_port = self.learners.run("address", timeout_s=60)[0]
+        master_addr, master_port = group.run("address", timeout_s=60)[0]
         backend = cfg.learner.backend
         if backend == "auto":
             backend = "nccl" if cfg.cluster.device == "cuda" else "gloo"
-        per_rank = cfg.learner.mini_batch_size // cfg.learner.world_size
-        grad_accum = per_rank // cfg.learner.micro_batch_size
+        grad_accum = cfg.learner.mini_batch_size // len(group) // micro_batch_size
         seqs = cfg.trainer.prompts_per_step * cfg.rollout.n_samples_per_prompt
         total_optimizer_steps = cfg.trainer.total_steps * cfg.algo.ppo_epochs * (seqs // cfg.learner.mini_batch_size)
-        return self.learners.call(
-            "init", master_addr, master_port, backend, cfg.learner.zero_stage,
-            cfg.learner.micro_batch_size, grad_accum, asdict(cfg.learner.optim),
-            total_optimizer_steps, cfg.model.dtype == "bfloat16",
+        return group.call(
+            "init", master_addr, master_port, backend, zero_stage, micro_batch_size, grad_accum,
+            optim, total_optimizer_steps, cfg.model.dtype == "bfloat16",
             cfg.model.gradient_checkpointing, cfg.learner.init_timeout_s)
 
     # ------------------------------------------------------------------ phases
@@ -120,51 +146,92 @@ class RLTrainer:
             sample["prompt_ids"] = prompt_ids[i]
         return samples, [records[i] for i in order]
 
-    def score_and_reference(self, batch: Batch, records: list[dict], texts: list[str]) -> None:
-        """Phase 2: rewards and reference logprobs in flight at the same time."""
-        reward_ref = self.reward.call("score", records, texts)
-        refs, names = [reward_ref[0]], [self.reward.names[0]]
+    def score(self, batch: Batch, records: list[dict], texts: list[str]) -> None:
+        """Phase 2: rewards, reference logprobs, critic values and old logprobs, all in flight."""
+        cfg = self.cfg
+        temperature, micro = cfg.rollout.temperature, cfg.learner.micro_batch_size
+        jobs = [("rewards", [self.reward.call("score", records, texts)[0]], self.reward.names)]
         if self.reference is not None:
-            refs += self.reference.call("compute_logprobs", batch, self.cfg.rollout.temperature,
-                                        self.cfg.learner.micro_batch_size)
-            names.append(self.reference.names[0])
-        results = wait_all(refs, names, "score/reference", self.cfg.reward.timeout_s)
-        batch["rewards"] = torch.tensor(results[0], dtype=torch.float32)
-        if self.reference is not None:
-            ref = results[1]
-            padded = torch.zeros_like(batch["rollout_logprobs"])
-            padded[:, : ref.shape[1]] = ref
-            batch["ref_logprobs"] = padded
+            jobs.append(("ref_logprobs", self.reference.call("compute_logprobs", batch, temperature, micro),
+                         self.reference.names))
+        if self.critics is not None:
+            jobs.append(("values", _call_on_shards(self.critics, "compute_values", batch,
+                                                   cfg.critic.micro_batch_size), self.critics.names))
+        if cfg.algo.recompute_old_logprobs:
+            jobs.append(("old_logprobs", _call_on_shards(self.learners, "compute_logprobs", batch,
+                                                         temperature, micro), self.learners.names))
+        refs = [ref for _, job_refs, _ in jobs for ref in job_refs]
+        names = [name for _, job_refs, job_names in jobs for name in job_names[: len(job_refs)]]
+        timeout = max(cfg.reward.timeout_s, cfg.learner.step_timeout_s)
+        results = iter(wait_all(refs, names, "score/reference/values", timeout))
+        for key, job_refs, _ in jobs:
+            parts = [next(results) for _ in job_refs]
+            if key == "rewards":
+                batch[key] = torch.tensor(parts[0], dtype=torch.float32)
+            else:  # (B_i, T_i) shards trimmed to their own width: pad back to the batch's T
+                width = batch["response_mask"].shape[1]
+                batch[key] = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
+
+    def advantages(self, batch: Batch) -> dict[str, float]:
+        """Phase 3: per-token KL penalty (if in the reward), the estimator, optional whitening."""
+        algo, mask = self.cfg.algo, batch["response_mask"]
+        old_logprobs = batch.tensors.get("old_logprobs", batch["rollout_logprobs"])
+        metrics = {"kl/coef": self.kl_ctl.value}
+        penalty = torch.zeros_like(mask)  # (B, T) beta * KL_t, zero unless the KL is in the reward
+        if "ref_logprobs" in batch.tensors:
+            token_kl = kl_penalty(old_logprobs, batch["ref_logprobs"], algo.kl_reward_estimator) * mask
+            seq_kl = token_kl.sum(-1)  # (B,)
+            metrics["kl/mean"] = masked_mean(kl_penalty(old_logprobs, batch["ref_logprobs"], "k3"), mask).item()
+            metrics["kl/seq_mean"] = seq_kl.mean().item()
+            if algo.kl_in_reward:
+                penalty = self.kl_ctl.value * token_kl
+                metrics["kl/reward_penalty"] = penalty.sum(-1).mean().item()
+            self.kl_ctl.update(seq_kl.mean().item(), len(batch))  # takes effect next step
+        advantages, returns = compute_advantages(
+            algo.advantage, scores=batch["rewards"], kl_penalty=penalty, response_mask=mask,
+            values=batch.tensors.get("values"), group_size=self.cfg.rollout.n_samples_per_prompt,
+            gamma=algo.gamma, lam=algo.lam)
+        if algo.whiten_advantages:
+            advantages = masked_whiten(advantages, mask) * mask
+        batch["advantages"], batch["returns"] = advantages, returns
+        metrics["advantages/mean"] = masked_mean(advantages, mask).item()
+        metrics["advantages/std"] = masked_var(advantages, mask).sqrt().item()
+        metrics["returns/mean"] = masked_mean(returns, mask).item()
+        if "values" in batch.tensors:
+            metrics["critic/explained_variance"] = explained_variance(batch["values"], returns, mask).item()
+            metrics["critic/values_mean"] = masked_mean(batch["values"], mask).item()
+        return metrics
 
     def train(self, batch: Batch, step: int) -> dict[str, float]:
-        """Phase 4: shuffle, cut into mini-batches, hand each rank its equal share of each."""
-        cfg = self.cfg
-        ranks, mini = cfg.learner.world_size, cfg.learner.mini_batch_size
-        keys = ["input_ids", "attention_mask", "response_mask", "rollout_logprobs", "advantages"]
-        keys += ["ref_logprobs"] if "ref_logprobs" in batch.tensors else []
-        per_rank: list[list] = [[] for _ in range(ranks)]
-        for _ in range(cfg.algo.ppo_epochs):
-            order = torch.randperm(len(batch), generator=self.generator)
-            for start in range(0, len(batch), mini):
-                rows = order[start : start + mini]
-                num_tokens, num_seqs = count_normalizers(batch["response_mask"][rows])
-                for rank, shard_rows in enumerate(rows.chunk(ranks)):
-                    per_rank[rank].append((batch.select(shard_rows, keys), float(num_tokens), float(num_seqs)))
+        """Phase 4: policy and critic ranks update concurrently on the same mini-batches."""
+        cfg, algo = self.cfg, self.cfg.algo
         loss_cfg = dict(
-            temperature=cfg.rollout.temperature, policy_loss=cfg.algo.policy_loss,
-            clip_low=cfg.algo.clip_low, clip_high=cfg.algo.clip_high, kl_coef=cfg.algo.kl_coef,
-            kl_estimator=cfg.algo.kl_estimator, entropy_coef=cfg.algo.entropy_coef,
-            loss_agg=cfg.algo.loss_agg)
-        refs = self.learners.call_each("train_step", [(part, loss_cfg, step) for part in per_rank])
-        results = self.learners.wait(refs, "train_step", cfg.learner.step_timeout_s)
-        merged = {}
-        for key in results[0]:
-            values = [r[key] for r in results]
-            # additive terms (global-normalised) sum over ranks; rank-local stats average
-            additive = key.startswith(("loss/", "kl/", "entropy/"))
-            merged[key] = sum(values) if additive else sum(values) / len(values)
-            if key.endswith("_max"):
-                merged[key] = max(values)
+            temperature=cfg.rollout.temperature, policy_loss=algo.policy_loss,
+            clip_low=algo.clip_low, clip_high=algo.clip_high, clip_ratio_c=algo.clip_ratio_c,
+            kl_loss_coef=self.kl_ctl.value if algo.kl_in_loss else 0.0,
+            kl_loss_estimator=algo.kl_loss_estimator, entropy_coef=algo.entropy_coef,
+            loss_agg=algo.loss_agg, horizon=cfg.rollout.max_new_tokens,
+            tis_cap=algo.tis_cap if algo.recompute_old_logprobs else None)
+        keys = ["input_ids", "attention_mask", "response_mask", "rollout_logprobs", "advantages"]
+        keys += [k for k in ("ref_logprobs", "old_logprobs") if k in batch.tensors]
+        orders = [torch.randperm(len(batch), generator=self.generator) for _ in range(algo.ppo_epochs)]
+        refs = self.learners.call_each("train_step", [
+            (part, loss_cfg, step) for part in _minibatch_shards(batch, keys, orders, cfg.learner.mini_batch_size,
+                                                                 len(self.learners))])
+        groups = [self.learners]
+        if self.critics is not None:
+            value_cfg = dict(clip_range=cfg.critic.value_clip, loss_agg=algo.loss_agg,
+                             horizon=cfg.rollout.max_new_tokens, value_loss_coef=cfg.critic.value_loss_coef)
+            critic_keys = ["input_ids", "attention_mask", "response_mask", "values", "returns"]
+            refs += self.critics.call_each("train_step", [
+                (part, value_cfg, step) for part in _minibatch_shards(
+                    batch, critic_keys, orders, cfg.learner.mini_batch_size, len(self.critics))])
+            groups.append(self.critics)
+        names = [name for group in groups for name in group.names]
+        results = wait_all(refs, names, "train_step", cfg.learner.step_timeout_s)
+        merged = _merge_rank_metrics(results[: len(self.learners)])
+        if self.critics is not None:
+            merged.update(_merge_rank_metrics(results[len(self.learners):]))
         return merged
 
     def sync_weights(self) -> dict[str, float]:
@@ -209,22 +276,20 @@ class RLTrainer:
         batch = collate_rollouts([s["prompt_ids"] for s in samples], [s["token_ids"] for s in samples],
                                  [s["logprobs"] for s in samples], self.tokenizer.pad_token_id)
         t1 = time.perf_counter()
-        # 2. score + reference logprobs
+        # 2. score (+ reference logprobs, critic values, old logprobs)
         texts = [s["text"] for s in samples]
-        self.score_and_reference(batch, sample_records, texts)
+        self.score(batch, sample_records, texts)
         t2 = time.perf_counter()
         # 3. advantages
-        advantages, _ = compute_advantages(
-            cfg.algo.advantage, rewards=batch["rewards"], response_mask=batch["response_mask"],
-            group_size=cfg.rollout.n_samples_per_prompt, norm_by_std=cfg.algo.norm_adv_by_std)
-        batch["advantages"] = advantages
-        # 4. train
+        advantage_metrics = self.advantages(batch)
+        # 4. train (policy and critic concurrently)
         train_metrics = self.train(batch, step)
         t3 = time.perf_counter()
         # 5. sync
         sync_metrics = self.sync_weights()
         t4 = time.perf_counter()
         metrics = self._step_metrics(batch, samples, t0, t1, t2, t3, t4)
+        metrics.update(advantage_metrics)
         metrics.update(train_metrics)
         metrics.update(sync_metrics)
         if step == 1 or step % cfg.logger.sample_every == 0:
@@ -264,7 +329,7 @@ class RLTrainer:
         return metrics
 
     def shutdown(self) -> None:
-        for group in ("engines", "learners", "reward", "reference"):
+        for group in ("engines", "learners", "reward", "reference", "critics"):
             actors = getattr(self, group, None)
             if actors is not None:
                 try:
@@ -292,3 +357,42 @@ def _sample_rows(records: list[dict], texts: list[str], rewards: torch.Tensor, n
     step = max(1, len(texts) // num)
     return [{"prompt": records[i]["prompt"], "completion": texts[i], "reward": float(rewards[i])}
             for i in range(0, len(texts), step)][:num]
+
+
+def _call_on_shards(group: ActorGroup, method: str, batch: Batch, *args) -> list:
+    """Rank i gets the i-th contiguous shard of `batch` (every rank joins: ZeRO-3 is collective)."""
+    shards = _split(list(range(len(batch))), len(group))
+    return group.call_each(method, [(batch.select(rows), *args) for rows in shards])
+
+
+def _minibatch_shards(batch: Batch, keys: list[str], orders: list[torch.Tensor], mini: int,
+                      ranks: int) -> list[list[tuple[Batch, float, float]]]:
+    """Per rank: (its shard of each mini-batch, global masked tokens, global sequences).
+
+    `orders` holds one permutation of the batch per epoch; each is cut into mini-batches of
+    `mini` rows and each mini-batch into `ranks` equal shards.
+    """
+    per_rank: list[list] = [[] for _ in range(ranks)]
+    for order in orders:
+        for start in range(0, len(batch), mini):
+            rows = order[start : start + mini]
+            num_tokens, num_seqs = count_normalizers(batch["response_mask"][rows])
+            for rank, shard_rows in enumerate(rows.chunk(ranks)):
+                per_rank[rank].append((batch.select(shard_rows, keys), float(num_tokens), float(num_seqs)))
+    return per_rank
+
+
+def _merge_rank_metrics(results: list[dict[str, float]]) -> dict[str, float]:
+    """Global-normalised shares sum over ranks; extremes keep the extreme; the rest average."""
+    merged = {}
+    for key in results[0]:
+        values = [r[key] for r in results]
+        if key.endswith("_max"):
+            merged[key] = max(values)
+        elif key.endswith("_min"):
+            merged[key] = min(values)
+        elif key.startswith(_ADDITIVE):
+            merged[key] = sum(values)
+        else:
+            merged[key] = sum(values) / len(values)
+    return merged

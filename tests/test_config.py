@@ -47,8 +47,30 @@ def test_default_config_is_valid_and_typed():
 
 def test_cli_style_overrides_reach_the_schema():
     cfg = _compose(["trainer.total_steps=50", "rollout.num_engines=2", "learner.world_size=2",
-                    "algo.kl_estimator=k2"])
-    assert (cfg.trainer.total_steps, cfg.rollout.num_engines, cfg.algo.kl_estimator) == (50, 2, "k2")
+                    "algo.kl_loss_estimator=k2", "critic.optim.lr=5e-4"])
+    assert (cfg.trainer.total_steps, cfg.rollout.num_engines, cfg.algo.kl_loss_estimator) == (50, 2, "k2")
+    assert cfg.critic.optim.lr == 5e-4 and cfg.learner.optim.lr == 3e-4
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "algo").glob("*.yaml")))
+def test_every_algo_preset_names_itself_and_validates(option):
+    """`algo=<x>` sets algo.name=<x>, and every preset is a valid config as it stands."""
+    cfg = _compose([f"algo={option}"])
+    assert cfg.algo.name == option
+    validate(cfg)
+
+
+def test_experiment_ppo_trains_policy_and_critic_on_two_ranks_each():
+    cfg = _compose(["experiment=ppo"])
+    validate(cfg)
+    assert (cfg.algo.name, cfg.algo.advantage, cfg.learner.world_size, cfg.critic.world_size) == ("ppo", "gae", 2, 2)
+    assert cfg.algo.kl_in_reward and cfg.algo.whiten_advantages
+
+
+def test_unknown_experiment_lists_the_ones_that_exist():
+    with pytest.raises(Exception, match="Available options") as info:
+        _compose(["experiment=nosuch"])
+    assert "smoke" in str(info.value) and "ppo" in str(info.value)
 
 
 def test_unknown_key_is_rejected_by_hydra():
@@ -91,10 +113,26 @@ def test_wrong_type_is_rejected():
         (["learner.mini_batch_size=100"], "not a multiple of learner.mini_batch_size=100"),
         (["learner.world_size=3"], "does not split evenly"),
         (["learner.micro_batch_size=24"], "learner.micro_batch_size=16"),
-        (["algo.kl_estimator=k9"], "algo.kl_estimator='k9' is not one of"),
+        (["algo.kl_loss_estimator=k9"], "algo.kl_loss_estimator='k9' is not registered; valid: ['k1', 'k2', 'k3', 'k3_st']"),
+        (["algo.kl_reward_estimator=k7"], "algo.kl_reward_estimator='k7' is not registered"),
+        (["algo.loss_agg=sum"], "algo.loss_agg='sum' is not registered; valid:"),
+        (["algo.advantage=vtrace"], "algo.advantage='vtrace' is not registered; valid: ['dr_grpo', 'gae', 'grpo'"),
+        (["algo.policy_loss=cispo"], "algo.policy_loss='cispo' is not registered; valid: ['clipped', 'gspo']"),
+        (["algo.name=trpo"], "algo.name='trpo' is not one of"),
+        (["algo=ppo", "critic.world_size=0"], "needs a critic, but critic.world_size=0"),
+        (["algo=ppo", "critic.micro_batch_size=48"], "critic.micro_batch_size=32"),
+        (["algo.gamma=1.5"], "algo.gamma=1.5 is out of range: expected [0.0, 1.0]"),
+        (["algo.lam=-0.1"], "algo.lam=-0.1 is out of range"),
+        (["algo.clip_low=-0.2"], "algo.clip_low=-0.2 is out of range"),
+        (["algo.clip_high=-1"], "algo.clip_high=-1.0 is out of range"),
+        (["algo.kl_coef=-0.01"], "algo.kl_coef=-0.01 is out of range"),
+        (["algo.clip_ratio_c=1.0"], "algo.clip_ratio_c=1.0: the dual-clip bound must be > 1"),
+        (["algo.kl_target=0"], "algo.kl_target=0.0 must be > 0"),
+        (["algo.kl_in_loss=false"], "both algo.kl_in_reward and algo.kl_in_loss are false"),
+        (["rollout.top_p=0.9"], "rollout.top_p=0.9"),
+        (["critic.zero_stage=5"], "critic.zero_stage=5"),
         (["learner.zero_stage=4"], "zero_stage=4"),
         (["rollout.temperature=0"], "temperature"),
-        (["algo.advantage=nope"], "not registered"),
         (["logger.wandb.mode=cloud"], "logger.wandb.mode"),
         (["rollout.tensor_parallel_size=2"], "rollout.verify_sync=false"),
     ],

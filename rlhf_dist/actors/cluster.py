@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from rlhf_dist.config import uses_critic, uses_reference
 from rlhf_dist.errors import ClusterResourceError
 
 
@@ -53,8 +54,12 @@ def required_resources(cfg) -> dict[str, dict[str, float]]:
             "GPU": cfg.learner.world_size * cl.gpus_per_learner},
         "reward actor": {"CPU": cl.cpus_per_aux, "GPU": 0.0},
     }
-    if cfg.algo.kl_coef > 0:
+    if uses_reference(cfg):
         need["reference actor"] = {"CPU": cl.cpus_per_aux, "GPU": cl.gpus_per_aux}
+    if uses_critic(cfg):
+        need[f"{cfg.critic.world_size} critic rank(s)"] = {
+            "CPU": cfg.critic.world_size * cl.cpus_per_critic,
+            "GPU": cfg.critic.world_size * cl.gpus_per_critic}
     return need
 
 

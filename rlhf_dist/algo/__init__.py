@@ -7,12 +7,23 @@ and runs on CPU.
 from rlhf_dist.algo.advantages import (
     ADVANTAGE_ESTIMATORS,
     compute_advantages,
+    dr_grpo_advantages,
     gae_advantages,
     grpo_advantages,
     register_advantage,
+    reinforce_pp_advantages,
+    reinforce_pp_baseline_advantages,
     rloo_advantages,
+    token_level_rewards,
 )
-from rlhf_dist.algo.kl import KL_ESTIMATORS, kl_penalty, register_kl_estimator
+from rlhf_dist.algo.kl import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    kl_penalty,
+    make_kl_controller,
+    register_kl_estimator,
+)
 from rlhf_dist.algo.masked import (
     LOSS_AGG_MODES,
     aggregate_loss,
@@ -23,12 +34,16 @@ from rlhf_dist.algo.masked import (
     masked_whiten,
     register_loss_agg_mode,
 )
+from rlhf_dist.algo.objective import policy_objective, value_objective
 from rlhf_dist.algo.policy_loss import (
     POLICY_LOSSES,
     clipped_policy_loss,
     clipped_value_loss,
     compute_policy_loss,
+    explained_variance,
+    gspo_policy_loss,
     register_policy_loss,
+    truncated_is_weights,
 )
 from rlhf_dist.algo.preference import bradley_terry_loss
 
@@ -37,6 +52,8 @@ __all__ = [
     "KL_ESTIMATORS",
     "LOSS_AGG_MODES",
     "POLICY_LOSSES",
+    "AdaptiveKLController",
+    "FixedKLController",
     "aggregate_loss",
     "bradley_terry_loss",
     "clipped_policy_loss",
@@ -44,16 +61,26 @@ __all__ = [
     "compute_advantages",
     "compute_policy_loss",
     "count_normalizers",
+    "dr_grpo_advantages",
+    "explained_variance",
     "gae_advantages",
     "grpo_advantages",
+    "gspo_policy_loss",
     "kl_penalty",
+    "make_kl_controller",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "policy_objective",
     "register_advantage",
     "register_kl_estimator",
     "register_loss_agg_mode",
     "register_policy_loss",
+    "reinforce_pp_advantages",
+    "reinforce_pp_baseline_advantages",
     "rloo_advantages",
+    "token_level_rewards",
+    "truncated_is_weights",
+    "value_objective",
 ]

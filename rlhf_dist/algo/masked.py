@@ -84,7 +84,7 @@ def count_normalizers(mask: torch.Tensor) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss aggregation modes: fn(per_token_loss, mask, num_tokens, num_seqs) -> scalar.
+# Loss aggregation modes: fn(per_token_loss, mask, num_tokens, num_seqs, horizon) -> scalar.
 # ----------------------------------------------------------------------------------------------
 
 LOSS_AGG_MODES: dict[str, Callable[..., torch.Tensor]] = {}
@@ -97,7 +97,7 @@ def _at_least_one(count):
 
 
 @register_loss_agg_mode("token_mean")
-def _token_mean(per_token_loss, mask, num_tokens, num_seqs):
+def _token_mean(per_token_loss, mask, num_tokens, num_seqs, horizon):
     """sum_{i,t} m_it * l_it / N: every token weighs the same (DAPO's token-level loss, Yu et al. 2025)."""
     if num_tokens is None:
         num_tokens = mask.to(per_token_loss.dtype).sum()
@@ -105,7 +105,7 @@ def _token_mean(per_token_loss, mask, num_tokens, num_seqs):
 
 
 @register_loss_agg_mode("seq_mean_token_sum")
-def _seq_mean_token_sum(per_token_loss, mask, num_tokens, num_seqs):
+def _seq_mean_token_sum(per_token_loss, mask, num_tokens, num_seqs, horizon):
     """(1/S) sum_i sum_t m_it * l_it: no 1/|o_i| length normalization (cf. Dr. GRPO, Liu et al. 2025)."""
     if num_seqs is None:
         num_seqs = _num_nonempty_seqs(mask)
@@ -114,12 +114,27 @@ def _seq_mean_token_sum(per_token_loss, mask, num_tokens, num_seqs):
 
 
 @register_loss_agg_mode("seq_mean_token_mean")
-def _seq_mean_token_mean(per_token_loss, mask, num_tokens, num_seqs):
+def _seq_mean_token_mean(per_token_loss, mask, num_tokens, num_seqs, horizon):
     """(1/S) sum_i (1/|o_i|) sum_t m_it * l_it: the original GRPO objective (Shao et al. 2024, eq. 3)."""
     if num_seqs is None:
         num_seqs = _num_nonempty_seqs(mask)
     seq_means = masked_mean(per_token_loss, mask, dim=-1)  # (B,); 0 for all-padding rows
     return seq_means.sum() / _at_least_one(num_seqs)
+
+
+@register_loss_agg_mode("seq_mean_token_sum_norm")
+def _seq_mean_token_sum_norm(per_token_loss, mask, num_tokens, num_seqs, horizon):
+    """(1/S) sum_i (1/H) sum_t m_it * l_it with a constant H (Dr. GRPO, Liu et al. 2025, sec. 3).
+
+    H = `horizon`, the maximum response length, replaces GRPO's per-sequence 1/|o_i|, which gives
+    a short wrong answer a larger per-token gradient than a long one (response-length bias).
+    """
+    if horizon is None or horizon <= 0:
+        raise ValueError(
+            f"loss aggregation 'seq_mean_token_sum_norm' needs horizon > 0 (the maximum response "
+            f"length, a constant across steps); got horizon={horizon}."
+        )
+    return _seq_mean_token_sum(per_token_loss, mask, num_tokens, num_seqs, None) / float(horizon)
 
 
 def aggregate_loss(
@@ -128,17 +143,21 @@ def aggregate_loss(
     mode: str = "token_mean",
     num_tokens: int | float | torch.Tensor | None = None,
     num_seqs: int | float | torch.Tensor | None = None,
+    horizon: float | None = None,
 ) -> torch.Tensor:
     """Reduce a (B, T) per-token loss to a scalar.
 
     Args:
         per_token_loss: (B, T) loss per response token.
         mask: (B, T) 1 on response tokens, 0 on padding.
-        mode: "token_mean", "seq_mean_token_sum" or "seq_mean_token_mean" (see `LOSS_AGG_MODES`).
+        mode: a key of `LOSS_AGG_MODES`: "token_mean", "seq_mean_token_sum",
+            "seq_mean_token_mean" or "seq_mean_token_sum_norm".
         num_tokens: masked tokens in the whole mini-batch (all ranks and micro-batches). Used by
             "token_mean"; defaults to this shard's count.
         num_seqs: sequences with at least one response token in the whole mini-batch. Used by the
             "seq_mean_*" modes; defaults to this shard's count.
+        horizon: the constant length normaliser of "seq_mean_token_sum_norm" (the maximum
+            response length); required by that mode, ignored by the others.
 
     With global `num_tokens` / `num_seqs`, summing the result over shards gives exactly the value
     and gradient of the unsplit batch (module docstring). The per-sequence mean of
@@ -150,4 +169,4 @@ def aggregate_loss(
             f"per_token_loss has shape {tuple(per_token_loss.shape)} but mask has shape "
             f"{tuple(mask.shape)}; both must be (B, T)."
         )
-    return agg_fn(per_token_loss, mask, num_tokens, num_seqs)
+    return agg_fn(per_token_loss, mask, num_tokens, num_seqs, horizon)

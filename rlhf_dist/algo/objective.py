@@ -1,10 +1,15 @@
-"""The per-micro-batch training objective: policy loss + KL to the reference - entropy bonus.
+"""The per-micro-batch training objectives: the policy's and the critic's.
 
-    L = agg(l_pg) + beta * agg(KL_est(pi || pi_ref)) - c_ent * agg(H(pi))
+    L_policy = agg(w * l_pg) + beta_loss * agg(k(log pi - log pi_ref)) - c_ent * agg(H(pi))
+    L_critic = c_v * agg(l_value)
 
 `agg` is `aggregate_loss` with the mini-batch's global token/sequence counts, so summing L over
 micro-batches and data-parallel ranks gives exactly the loss of the whole mini-batch (shard
-invariance). Every returned metric is additive the same way.
+invariance). Every returned metric is additive the same way; the stats (clip fractions, ratio
+extremes, ...) are per micro-batch and are averaged (or maxed) by the caller.
+
+The KL in the loss (GRPO's form, Shao et al. 2024, eq. 3-4) is separate from a KL penalty in the
+reward (`kl_penalty` in the advantages); see kl.py for which estimator's gradient is which KL.
 """
 
 from __future__ import annotations
@@ -13,30 +18,44 @@ import torch
 
 from rlhf_dist.algo.kl import kl_penalty
 from rlhf_dist.algo.masked import aggregate_loss
-from rlhf_dist.algo.policy_loss import compute_policy_loss
+from rlhf_dist.algo.policy_loss import clipped_value_loss, compute_policy_loss
 
 
 def policy_objective(
     logprobs: torch.Tensor,  # (B, T) current policy, with grad
-    old_logprobs: torch.Tensor,  # (B, T) behaviour policy (rollout engine)
+    old_logprobs: torch.Tensor,  # (B, T) the policy that produced the batch
     advantages: torch.Tensor,  # (B, T)
     response_mask: torch.Tensor,  # (B, T)
-    ref_logprobs: torch.Tensor | None = None,  # (B, T) needed when kl_coef > 0
+    ref_logprobs: torch.Tensor | None = None,  # (B, T) needed when kl_loss_coef > 0
     entropy: torch.Tensor | None = None,  # (B, T) needed when entropy_coef > 0
     *,
     policy_loss: str = "clipped",
     clip_low: float = 0.2,
     clip_high: float = 0.2,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
+    clip_ratio_c: float | None = None,
+    kl_loss_coef: float = 0.0,
+    kl_loss_estimator: str = "k3_st",
     entropy_coef: float = 0.0,
     loss_agg: str = "token_mean",
     num_tokens: float | None = None,
     num_seqs: float | None = None,
+    horizon: float | None = None,
+    is_weights: torch.Tensor | None = None,  # (B, T) truncated IS weights, or None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Returns (loss, additive metrics, per-micro-batch policy stats such as clip_frac)."""
+    """Returns (loss, additive metrics, per-micro-batch policy stats such as clip_frac).
+
+    Additive metrics: "loss/policy", "loss/total", "kl/loss_term" (agg of the KL estimate; only
+    when `ref_logprobs` is given) and "entropy/mean" (only when `entropy` is given). The KL and
+    entropy terms enter the loss only when their coefficient is > 0.
+    """
+    if kl_loss_coef > 0 and ref_logprobs is None:
+        raise ValueError("kl_loss_coef > 0 needs ref_logprobs (B, T); got None.")
+
     def agg(per_token: torch.Tensor) -> torch.Tensor:
-        return aggregate_loss(per_token, response_mask, loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
+        return aggregate_loss(
+            per_token, response_mask, loss_agg,
+            num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon,
+        )
 
     pg_per_token, pg_stats = compute_policy_loss(
         policy_loss,
@@ -46,19 +65,52 @@ def policy_objective(
         response_mask=response_mask,
         clip_low=clip_low,
         clip_high=clip_high,
+        clip_ratio_c=clip_ratio_c,
+        is_weights=is_weights,
     )
     pg_loss = agg(pg_per_token)
     loss = pg_loss
     metrics = {"loss/policy": pg_loss.detach()}
     if ref_logprobs is not None:
-        kl = agg(kl_penalty(logprobs, ref_logprobs, kl_estimator))
-        metrics["kl/mean"] = kl.detach()
-        if kl_coef > 0:
-            loss = loss + kl_coef * kl
+        kl_term = agg(kl_penalty(logprobs, ref_logprobs, kl_loss_estimator))
+        metrics["kl/loss_term"] = kl_term.detach()
+        if kl_loss_coef > 0:
+            loss = loss + kl_loss_coef * kl_term
     if entropy is not None:
-        ent = agg(entropy)
-        metrics["entropy/mean"] = ent.detach()
+        entropy_term = agg(entropy)
+        metrics["entropy/mean"] = entropy_term.detach()
         if entropy_coef > 0:
-            loss = loss - entropy_coef * ent
+            loss = loss - entropy_coef * entropy_term
     metrics["loss/total"] = loss.detach()
     return loss, metrics, {k: v.detach() for k, v in pg_stats.items()}
+
+
+def value_objective(
+    values: torch.Tensor,  # (B, T) current critic, with grad
+    old_values: torch.Tensor,  # (B, T) critic at rollout time
+    returns: torch.Tensor,  # (B, T) regression targets
+    response_mask: torch.Tensor,  # (B, T)
+    *,
+    clip_range: float | None,
+    loss_agg: str,
+    num_tokens: float | None,
+    num_seqs: float | None,
+    horizon: float | None = None,
+    value_loss_coef: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Critic loss c_v * agg(clipped value loss); returns (loss, additive metrics, stats).
+
+    Additive metric "critic/value_loss" is agg(l_value) before the coefficient; per-micro-batch
+    stats "critic/value_clip_frac", "critic/values_mean", "critic/returns_mean".
+    """
+    per_token, stats = clipped_value_loss(values, old_values, returns, response_mask, clip_range)
+    value_loss = aggregate_loss(
+        per_token, response_mask, loss_agg, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon
+    )
+    metrics = {"critic/value_loss": value_loss.detach()}
+    stats = {
+        "critic/value_clip_frac": stats["clip_frac"],
+        "critic/values_mean": stats["values_mean"],
+        "critic/returns_mean": stats["returns_mean"],
+    }
+    return value_loss_coef * value_loss, metrics, stats

@@ -70,3 +70,36 @@ def response_logprobs(
         probs = F.softmax(logits, dim=-1)
         entropy = log_norm - (probs * logits).sum(-1)
     return logprobs, entropy
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn every dropout off, in train mode too.
+
+    RL compares logprobs of the same tokens under models that must agree (learner vs engine,
+    old vs new policy, critic values at rollout vs train time); dropout would make each forward
+    pass a different function. `eval()` alone is not enough: DeepSpeed puts the module back in
+    train mode, and gradient checkpointing only runs in train mode. HF attention layers read
+    their own `attention_dropout` attribute, so that is zeroed as well.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
+
+
+@torch.no_grad()
+def batched_forward(batch, micro_batch_size: int, forward) -> torch.Tensor:
+    """Run `forward(input_ids, attention_mask, prompt_width) -> (b, T)` over micro-batches.
+
+    `batch` is a rlhf_dist Batch; its padding-only response columns are trimmed first. Returns
+    the concatenated (B, T') float32 CPU tensor; callers pad it back to the batch's width.
+    """
+    batch = batch.trimmed()
+    chunks = []
+    for start in range(0, len(batch), micro_batch_size):
+        rows = list(range(start, min(start + micro_batch_size, len(batch))))
+        part = batch.select(rows, ["input_ids", "attention_mask"])
+        chunks.append(forward(part["input_ids"], part["attention_mask"], batch.prompt_width).float().cpu())
+    return torch.cat(chunks)

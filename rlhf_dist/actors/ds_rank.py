@@ -1,0 +1,186 @@
+"""One DeepSpeed data-parallel rank: what the policy learner and the critic have in common.
+
+`world_size` ranks form one process group (gloo on CPU, NCCL on GPU). The controller hands every
+rank the same number of equally sized micro-batches per mini-batch, so the ranks step in
+lock-step; each micro-batch's loss is normalised by the mini-batch's global token (or sequence)
+count, so the update equals the one a single rank would make on the whole mini-batch.
+
+Subclasses say which model they train (`build_model`) and add their own verbs; the set-up, the
+micro-batch loop, the finiteness checks and weight access live here once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from rlhf_dist.data.batch import Batch
+from rlhf_dist.distributed.deepspeed_config import build_deepspeed_config, lr_lambda
+from rlhf_dist.distributed.process_group import free_port, init_learner_process_group, node_ip
+from rlhf_dist.distributed.publisher import gathered
+from rlhf_dist.errors import NonFiniteLossError
+from rlhf_dist.models.hf import disable_dropout
+
+# (micro-batch, global tokens, global sequences) -> (loss, additive metrics, averaged stats).
+# The training forward must call the DeepSpeed engine, not `ds_engine.module`: ZeRO-3 advances its
+# micro-step counter in `engine.forward`, and without it every micro-batch's gradient overwrites
+# the previous one instead of accumulating (found by tests/test_learner_dist.py).
+MicroLoss = Callable[[Batch, float, float], tuple[torch.Tensor, dict, dict]]
+
+
+class DeepSpeedRank:
+    role = "learner"  # names the rank in messages: "learner", "critic"
+
+    def __init__(self, rank: int, world_size: int, model_path: str, device: str = "cpu") -> None:
+        self.rank, self.world_size = rank, world_size
+        self.model_path, self.device = model_path, device
+        if device == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        self.ds_engine = None
+        self.optimizer_steps = 0
+        self._skipped_steps = 0  # DeepSpeed's count of steps it skipped (non-finite gradients)
+
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def address(self) -> tuple[str, int]:
+        return node_ip(), free_port()
+
+    def init(self, master_addr: str, master_port: int, backend: str, zero_stage: int,
+             micro_batch_size: int, grad_accum_steps: int, optim: dict[str, Any],
+             total_optimizer_steps: int, bf16: bool, gradient_checkpointing: bool,
+             timeout_s: float) -> dict[str, Any]:
+        import deepspeed
+
+        start = time.perf_counter()
+        init_learner_process_group(self.rank, self.world_size, master_addr, master_port, backend, timeout_s)
+        if self.device == "cuda":
+            torch.cuda.set_device(0)
+        model = disable_dropout(self.build_model())
+        num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=optim["lr"], betas=tuple(optim["betas"]), eps=optim["eps"],
+            weight_decay=optim["weight_decay"])
+        schedule = lr_lambda(optim["scheduler"], optim["warmup_steps"], total_optimizer_steps,
+                             optim["min_lr_ratio"])
+        config = build_deepspeed_config(zero_stage, micro_batch_size, grad_accum_steps,
+                                        self.world_size, optim["grad_clip"], bf16)
+        self.ds_engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        self.grad_accum_steps, self.zero_stage = grad_accum_steps, zero_stage
+        return {"rank": self.rank, "init_s": time.perf_counter() - start, "num_params": num_params}
+
+    # ------------------------------------------------------------------ training loop
+    def run_minibatches(self, minibatches: list[tuple[Batch, float, float]], micro_loss: MicroLoss,
+                        step: int, prefix: str = "") -> dict[str, float]:
+        """One pass over this rank's shards of every mini-batch (all epochs, in order).
+
+        minibatches[i] = (this rank's shard of mini-batch i, global masked tokens, global
+        sequences). Additive metrics are summed within a mini-batch and averaged over mini-batches;
+        stats are averaged over micro-batches (`*_max` / `*_min` keep the extreme).
+        """
+        self.ds_engine.train()
+        sums: dict[str, float] = defaultdict(float)
+        counts: dict[str, int] = defaultdict(int)
+        extremes: dict[str, float] = {}
+        grad_norms = []
+        for shard, num_tokens, num_seqs in minibatches:
+            for micro in shard.chunk(self.grad_accum_steps):
+                loss, metrics, stats = micro_loss(micro.trimmed(), num_tokens, num_seqs)
+                self._check_finite(loss, metrics, step)
+                # DeepSpeed divides by grad-accum steps and averages over ranks; undo both so the
+                # gradient is that of the global-normalised sum (see module docstring).
+                self.ds_engine.backward(loss * self.world_size * self.grad_accum_steps)
+                if self.ds_engine.is_gradient_accumulation_boundary():
+                    self._check_finite_gradients(step)
+                self.ds_engine.step()
+                for key, value in metrics.items():
+                    sums[key] += float(value)
+                for key, value in stats.items():
+                    value = float(value)
+                    if key.endswith(("_max", "_min")):
+                        pick = max if key.endswith("_max") else min
+                        extremes[key] = pick(extremes.get(key, value), value)
+                    else:
+                        sums[key] += value
+                        counts[key] += 1
+            grad_norms.append(self._grad_norm_after_step(step))
+            self.optimizer_steps += 1
+        num_minibatches = max(1, len(minibatches))
+        result = {k: (v / counts[k] if k in counts else v / num_minibatches) for k, v in sums.items()}
+        result.update(extremes)
+        result["optim/lr"] = self.ds_engine.get_lr()[0]
+        result["optim/grad_norm"] = sum(grad_norms) / max(1, len(grad_norms))
+        result["optim/grad_norm_max"] = max(grad_norms, default=0.0)
+        return {k if k.startswith(prefix) else f"{prefix}{k}": v for k, v in result.items()}
+
+    def _check_finite(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], step: int) -> None:
+        """All ranks agree before backward, so a NaN on one rank cannot deadlock the others."""
+        flag = torch.tensor([float(torch.isfinite(loss).item())], device=loss.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if flag.item() < 1.0:
+            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
+            raise NonFiniteLossError(
+                f"non-finite {self.role} loss at RL step {step} (rank {self.rank}: {terms}). The "
+                "weights were not updated with it. Usual causes: a learning rate too high "
+                f"({self.role}.optim.lr), rewards with NaN/inf, or bf16 overflow. Lower the LR or "
+                "check reward.fn.")
+
+    def _check_finite_gradients(self, step: int) -> None:
+        """ZeRO-0 applies NaN/inf gradients (ZeRO 1-3 skip such a step): check before it does."""
+        if self.zero_stage != 0:
+            return
+        finite = all(bool(torch.isfinite(p.grad).all()) for p in self.ds_engine.module.parameters()
+                     if p.grad is not None)
+        flag = torch.tensor([float(finite)], device=next(self.ds_engine.module.parameters()).device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if flag.item() < 1.0:
+            self._raise_non_finite_gradient(step)
+
+    def _grad_norm_after_step(self, step: int) -> float:
+        """The global gradient norm of the step just taken; ZeRO 1-3 skip a non-finite one."""
+        norm = self.ds_engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else 0.0
+        skipped = getattr(self.ds_engine, "skipped_steps", 0)
+        newly_skipped, self._skipped_steps = skipped > self._skipped_steps, skipped
+        if newly_skipped or not torch.isfinite(torch.tensor(norm)):
+            self._raise_non_finite_gradient(step)
+        return norm
+
+    def _raise_non_finite_gradient(self, step: int) -> None:
+        raise NonFiniteLossError(
+            f"non-finite {self.role} gradient at RL step {step} (rank {self.rank}) although the "
+            "loss was finite; the update was not applied. Usual causes: a learning rate too high "
+            f"({self.role}.optim.lr), extreme importance ratios, or bf16 overflow.")
+
+    # ------------------------------------------------------------------ weights
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the full weights (tests)."""
+        params = dict(self.ds_engine.module.named_parameters())
+        with gathered(list(params.values()), self.zero_stage):
+            return {n: p.detach().cpu().clone() for n, p in params.items()}
+
+    def save_pretrained(self, path: str) -> bool:
+        """Write the model as an HF dir with the tokenizer (rank 0 writes; ZeRO-3 gathers first)."""
+        from transformers import AutoTokenizer
+
+        with gathered(list(self.ds_engine.module.parameters()), self.zero_stage):
+            if self.rank == 0:
+                self.ds_engine.module.save_pretrained(path)
+                AutoTokenizer.from_pretrained(self.model_path).save_pretrained(path)
+        return self.rank == 0
+
+    def forward_batch(self, batch: Batch, micro_batch_size: int, forward) -> torch.Tensor:
+        """`batched_forward` with this rank's model in eval mode (no update happens here)."""
+        from rlhf_dist.models.hf import batched_forward
+
+        self.ds_engine.eval()
+        return batched_forward(batch, micro_batch_size, forward)
