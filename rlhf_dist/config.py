@@ -147,7 +147,7 @@ class CriticConfig:
     model_path: Optional[str] = None  # None = initialise from the policy (a reward model works too)
     world_size: int = 2  # DeepSpeed ranks of the critic, one Ray actor each
     zero_stage: int = 2
-    micro_batch_size: int = 64  # sequences per forward/backward on one critic rank
+    micro_batch_size: Optional[int] = None  # per critic rank per forward/backward; None = learner's
     value_clip: Optional[float] = 0.2  # clip V - V_old to +-value_clip in the loss; null = off
     value_loss_coef: float = 1.0  # scales the value loss (matters with grad clipping)
     optim: CriticOptimConfig = field(default_factory=CriticOptimConfig)
@@ -176,7 +176,7 @@ class ClusterConfig:
     # run one after another, so the actors rarely compete for the cores.
     cpus_per_engine: float = 0.3
     cpus_per_learner: float = 0.4
-    cpus_per_critic: float = 0.4
+    cpus_per_critic: float = 0.3
     cpus_per_aux: float = 0.1  # reference and reward actors
     gpus_per_engine: float = 0.0
     gpus_per_learner: float = 0.0
@@ -250,7 +250,7 @@ _POSITIVE = (
     "rollout.n_samples_per_prompt", "rollout.max_new_tokens", "rollout.tensor_parallel_size",
     "rollout.sync_bucket_mb", "rollout.sync_timeout_s", "learner.world_size",
     "learner.mini_batch_size", "learner.micro_batch_size", "learner.optim.lr", "algo.ppo_epochs",
-    "algo.kl_horizon", "critic.micro_batch_size", "critic.optim.lr",
+    "algo.kl_horizon", "critic.optim.lr",
 )
 
 # (key, lowest, highest): closed ranges; None = unbounded on that side
@@ -306,6 +306,10 @@ def uses_critic(cfg: Any) -> bool:
     return cfg.algo.advantage == "gae"
 
 
+def critic_micro_batch_size(cfg: Any) -> int:
+    return cfg.critic.micro_batch_size or cfg.learner.micro_batch_size
+
+
 def uses_reference(cfg: Any) -> bool:
     return cfg.algo.kl_coef > 0 and (cfg.algo.kl_in_reward or cfg.algo.kl_in_loss)
 
@@ -330,7 +334,7 @@ def _validate_algo(cfg: Any) -> None:
             f"algo.clip_ratio_c={algo.clip_ratio_c}: the dual-clip bound must be > 1 (it caps the "
             "loss of negative-advantage tokens at -A * clip_ratio_c; typical 3.0). Fix: "
             "algo.clip_ratio_c=3.0, or algo.clip_ratio_c=null to turn dual-clip off.")
-    for key in ("algo.kl_target", "algo.tis_cap", "critic.value_clip"):
+    for key in ("algo.kl_target", "algo.tis_cap", "critic.value_clip", "critic.micro_batch_size"):
         value = _get(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key}={value} must be > 0 (or null to turn it off).")
@@ -365,7 +369,7 @@ def _validate_batches(cfg: Any) -> None:
             f"Fix: pick a mini_batch_size that divides {rollout_seqs}.")
     groups = [("learner", ranks, micro)]
     if uses_critic(cfg):
-        groups.append(("critic", cfg.critic.world_size, cfg.critic.micro_batch_size))
+        groups.append(("critic", cfg.critic.world_size, critic_micro_batch_size(cfg)))
     for section, ranks, micro in groups:  # the critic trains on the policy's mini-batches
         if mini % ranks:
             raise ConfigError(

@@ -35,7 +35,7 @@ from rlhf_dist.algo import (
     masked_var,
     masked_whiten,
 )
-from rlhf_dist.config import uses_critic, uses_reference
+from rlhf_dist.config import critic_micro_batch_size, uses_critic, uses_reference
 from rlhf_dist.data.batch import Batch, collate_rollouts
 from rlhf_dist.data.prompts import PromptSampler
 from rlhf_dist.distributed.checksum import diff_checksums
@@ -93,7 +93,7 @@ class RLTrainer:
                                           cl.cpus_per_critic, cl.gpus_per_critic,
                                           cfg.critic.model_path or self.model_path)
             critic_refs = self._init_ds_group(self.critics, cfg.critic.zero_stage,
-                                              cfg.critic.micro_batch_size, asdict(cfg.critic.optim))
+                                              critic_micro_batch_size(cfg), asdict(cfg.critic.optim))
         engine_info = _wait_ready(self.engines, cfg.rollout.init_timeout_s)
         _wait_ready(self.reward, 120.0)
         if self.reference is not None:
@@ -156,7 +156,7 @@ class RLTrainer:
                          self.reference.names))
         if self.critics is not None:
             jobs.append(("values", _call_on_shards(self.critics, "compute_values", batch,
-                                                   cfg.critic.micro_batch_size), self.critics.names))
+                                                   critic_micro_batch_size(cfg)), self.critics.names))
         if cfg.algo.recompute_old_logprobs:
             jobs.append(("old_logprobs", _call_on_shards(self.learners, "compute_logprobs", batch,
                                                          temperature, micro), self.learners.names))

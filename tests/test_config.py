@@ -121,6 +121,7 @@ def test_wrong_type_is_rejected():
         (["algo.name=trpo"], "algo.name='trpo' is not one of"),
         (["algo=ppo", "critic.world_size=0"], "needs a critic, but critic.world_size=0"),
         (["algo=ppo", "critic.micro_batch_size=48"], "critic.micro_batch_size=32"),
+        (["algo=ppo", "critic.micro_batch_size=0"], "critic.micro_batch_size=0 must be > 0"),
         (["algo.gamma=1.5"], "algo.gamma=1.5 is out of range: expected [0.0, 1.0]"),
         (["algo.lam=-0.1"], "algo.lam=-0.1 is out of range"),
         (["algo.clip_low=-0.2"], "algo.clip_low=-0.2 is out of range"),
