@@ -32,6 +32,25 @@ def test_unknown_group_option_lists_valid_ones(tmp_path):
     assert "grpo" in err
 
 
+def test_unknown_experiment_lists_the_ones_that_exist(tmp_path):
+    err = _fails_early(["experiment=nosuch"], tmp_path, "Could not find 'experiment/nosuch'", code=1)
+    assert "smoke" in err and "ppo" in err
+
+
+def test_ppo_without_critic_ranks_says_what_is_missing(tmp_path):
+    _fails_early(["algo=ppo", "critic.world_size=0"], tmp_path, "needs a critic, but critic.world_size=0")
+
+
+def test_ppo_critic_that_does_not_fit_the_cluster(tmp_path):
+    err = _fails_early(["algo=ppo", "cluster.cpus_per_critic=1"], tmp_path, "the actors need")
+    assert "2 critic rank(s): 2" in err
+
+
+def test_bad_algo_values_fail_before_ray(tmp_path):
+    _fails_early(["algo.gamma=1.2"], tmp_path, "algo.gamma=1.2 is out of range")
+    _fails_early(["algo.clip_ratio_c=0.5"], tmp_path, "algo.clip_ratio_c=0.5")
+
+
 def test_reward_fn_that_cannot_be_imported(tmp_path):
     _fails_early(["reward.fn=no_such_module_xyz:score"], tmp_path, "no_such_module_xyz")
 
