@@ -127,3 +127,25 @@ def test_default_job_learns(tmp_path):
     assert summary["reward/last_10pct"] >= summary["reward/first_step"] + 0.3, summary
     assert summary["eval/reward_end"] > summary["eval/reward_start"] + 0.1, summary
     assert summary["timing/sync_frac"] < 0.1, summary
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ppo_learns(tmp_path):
+    """experiment=ppo, shortened to 40 steps: policy and critic (2 ranks each) must both learn.
+
+    The full 200-step run (README, benchmarks/learning_curves.py) gains about +0.6; here the
+    reward must rise by 0.2 and the critic must come to explain part of the returns' variance.
+    """
+    run_dir = tmp_path / "run"
+    result = run_cli([f"hydra.run.dir={run_dir}", "experiment=ppo", "trainer.total_steps=40",
+                      "trainer.eval_every=0", "logger.wandb.mode=disabled"], cwd=tmp_path, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["reward/last_10pct"] >= summary["reward/first_step"] + 0.2, summary
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "critic/explained_variance" in r]
+    assert len(steps) == 40
+    late = sum(r["critic/explained_variance"] for r in steps[-5:]) / 5
+    early = sum(r["critic/explained_variance"] for r in steps[:3]) / 3
+    assert late > early and late > 0.0, (early, late)
