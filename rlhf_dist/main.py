@@ -151,9 +151,11 @@ def run_with_ray(cfg: RLConfig, model_path: str, inputs: dict, monitor) -> dict:
 def fit(trainer, cfg: RLConfig, monitor) -> dict:
     """Start-up, eval at start, the RL steps with periodic eval, eval at the end, a summary."""
     run_start = time.perf_counter()
-    monitor.print(f"[start] {cfg.rollout.num_engines} vLLM engine(s), {cfg.learner.world_size} "
-                  f"DeepSpeed rank(s) (ZeRO-{cfg.learner.zero_stage}), reference="
-                  f"{'on' if trainer.use_reference else 'off'}, reward={trainer.reward_spec}")
+    critic = (f", critic {cfg.critic.world_size} rank(s) (ZeRO-{cfg.critic.zero_stage})"
+              if trainer.use_critic else "")
+    monitor.print(f"[start] algo={cfg.algo.name}: {cfg.rollout.num_engines} vLLM engine(s), "
+                  f"{cfg.learner.world_size} DeepSpeed rank(s) (ZeRO-{cfg.learner.zero_stage}){critic}, "
+                  f"reference={'on' if trainer.use_reference else 'off'}, reward={trainer.reward_spec}")
     startup = trainer.start()
     monitor.print(f"[start] actors ready in {startup['startup/total_s']:.1f}s "
                   f"({trainer.num_params / 1e6:.2f}M parameters)")
@@ -167,8 +169,9 @@ def fit(trainer, cfg: RLConfig, monitor) -> dict:
     last_eval = trainer.evaluate(cfg.trainer.total_steps)
     if cfg.trainer.save_final:
         trainer.learners.run("save_pretrained", str(Path(cfg.trainer.run_dir) / "final"), timeout_s=600)
-    return summarize(trainer.history, first_eval, last_eval, startup, time.perf_counter() - run_start,
-                     cfg.trainer.run_dir)
+    summary = summarize(trainer.history, first_eval, last_eval, startup,
+                        time.perf_counter() - run_start, cfg.trainer.run_dir)
+    return {"algo": cfg.algo.name, **summary}
 
 
 def summarize(history: list[dict], first_eval: dict, last_eval: dict, startup: dict,

@@ -113,7 +113,7 @@ def test_nan_loss_stops_the_run_with_a_message(tmp_path):
     result = run_cli([f"hydra.run.dir={tmp_path}/run", "experiment=smoke", "learner.optim.lr=1e12",
                       f"reward.fn={REPO / 'examples' / 'my_rewards.py'}:score"], cwd=tmp_path, timeout=900)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "non-finite loss" in result.stderr and "learner.optim.lr" in result.stderr
+    assert "non-finite learner loss" in result.stderr and "learner.optim.lr" in result.stderr
 
 
 @pytest.mark.slow
