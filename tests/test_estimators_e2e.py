@@ -96,3 +96,19 @@ def test_recomputed_old_logprobs_and_truncated_is(trainer, tiny_model_dir, tmp_p
     assert metrics["policy/is_capped_frac"] == 0.0
     # before the first update the ratio against the recomputed logprobs is exactly 1
     assert metrics["policy/ratio_min"] <= 1.0 <= metrics["policy/ratio_max"]
+
+
+def test_adaptive_kl_coefficient_moves_towards_its_target(trainer, tiny_model_dir, tmp_path):
+    """Ziegler et al.'s controller: a KL above target raises beta, below it lowers beta."""
+    algo = _cfg(tmp_path, tiny_model_dir, "algo=ppo", "algo.kl_target=1e-6", "algo.kl_horizon=100").algo
+    _use_algo(trainer, algo)
+    trainer.step(4)  # one update, so the policy has left the reference
+    first, second = trainer.step(5), trainer.step(6)
+    assert first["kl/coef"] < second["kl/coef"]  # beta applied at step 6 grew from step 5's KL
+    assert first["kl/seq_mean"] > 1e-6  # ... because that KL was above the target
+    assert second["kl/coef"] == pytest.approx(
+        first["kl/coef"] * (1 + 0.2 * trainer.cfg.trainer.prompts_per_step * trainer.cfg.rollout.n_samples_per_prompt / 100))
+    algo = _cfg(tmp_path, tiny_model_dir, "algo=ppo", "algo.kl_target=1e3", "algo.kl_horizon=100").algo
+    _use_algo(trainer, algo)
+    trainer.step(7)
+    assert trainer.kl_ctl.value == pytest.approx(0.01 * (1 - 0.2 * 64 / 100))  # far below target: -20% x n/horizon
