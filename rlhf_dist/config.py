@@ -50,15 +50,16 @@ class TaskConfig:
 
 @dataclass
 class WarmupConfig:
-    """Short supervised warm-up on the task's own demonstrations (runs before RL, in the driver).
+    """A short SFT stage (rlhf_dist.stages.sft) on the task's own demonstrations before RL, on
+    the policy's learner ranks.
 
     A randomly initialised tiny model never produces a rewarded completion, so GRPO would see
-    all-zero advantages. A few hundred SFT steps give it a weak policy that RL then improves.
+    all-zero advantages. A few SFT steps give it a weak policy that RL then improves.
     """
 
     steps: int = 50  # 0 = no warm-up (model=hf sets 0: a pretrained/SFT model needs none)
-    batch_size: int = 32
-    lr: float = 3e-3
+    batch_size: int = 32  # sequences per step, split over learner.world_size ranks
+    lr: float = 3e-3  # decays linearly to 0.1 x lr
     seed: int = 0
 
 
@@ -382,6 +383,10 @@ def _validate_batches(cfg: Any) -> None:
                 f"{mini}/{ranks} = {per_rank} sequences per optimizer step, which is not a "
                 f"multiple of {section}.micro_batch_size={micro}. Fix: "
                 f"{section}.micro_batch_size={_divisor(per_rank, micro)}.")
+    if cfg.warmup.steps and cfg.warmup.batch_size % cfg.learner.world_size:
+        raise ConfigError(
+            f"warmup.batch_size={cfg.warmup.batch_size} does not split over learner.world_size="
+            f"{cfg.learner.world_size} ranks. Fix: make it a multiple of {cfg.learner.world_size}.")
     if cfg.trainer.prompts_per_step < cfg.rollout.num_engines:
         raise ConfigError(
             f"trainer.prompts_per_step={cfg.trainer.prompts_per_step} is smaller than "

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -102,50 +103,71 @@ def run_rl(dict_cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(dict_cfg, run_dir / "config.yaml", resolve=True)
     inputs = prepare(cfg)
-    model_path = inputs["model_path"]
-    if cfg.warmup.steps > 0:
-        model_path = run_warmup(cfg, inputs, run_dir)
-    monitor = RunMonitor(
-        str(run_dir), cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.entity,
-        cfg.logger.wandb.name, cfg.logger.wandb.tags, OmegaConf.to_container(dict_cfg, resolve=True),
-        cfg.trainer.total_steps, cfg.logger.console)
-    summary = run_with_ray(cfg, model_path, inputs, monitor)
+    with ray_session(cfg):
+        model_path = inputs["model_path"]
+        if cfg.warmup.steps > 0:
+            model_path = run_warmup(cfg, inputs, run_dir)
+        monitor = RunMonitor(
+            str(run_dir), cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.entity,
+            cfg.logger.wandb.name, cfg.logger.wandb.tags, OmegaConf.to_container(dict_cfg, resolve=True),
+            cfg.trainer.total_steps, cfg.logger.console)
+        summary = run_with_ray(cfg, model_path, inputs, monitor)
     monitor.finish(summary)
     monitor.print(format_summary(summary))
     return summary
 
 
-def run_warmup(cfg: RLConfig, inputs: dict, run_dir: Path) -> str:
-    from rlhf_dist.sft import supervised_warmup
+@contextlib.contextmanager
+def ray_session(cfg: RLConfig):
+    """Local Ray (or `cluster.address`) for the whole job, checked to fit every actor."""
+    import ray
 
-    task, records = inputs["task"], inputs["train"]
-    print(f"[warmup] {cfg.warmup.steps} supervised steps on {len(records)} '{task.name}' "
-          "demonstrations", flush=True)
-    out = supervised_warmup(
-        inputs["model_path"], str(run_dir / "warmup_model"), [r["prompt"] for r in records],
-        [task.demonstration(r) for r in records], cfg.warmup.steps, cfg.warmup.batch_size,
-        cfg.warmup.lr, cfg.warmup.seed)
+    from rlhf_dist.actors.cluster import check_resources, init_ray
+
+    init_ray(cfg.cluster)
+    try:
+        check_resources(cfg)
+        yield
+    finally:
+        ray.shutdown()
+
+
+def run_warmup(cfg: RLConfig, inputs: dict, run_dir: Path) -> str:
+    """The SFT stage on the task's own demonstrations, on the policy's learner ranks."""
+    from rlhf_dist.actors.ds_group import DSGroupSpec
+    from rlhf_dist.stages.sft import run_sft
+
+    task, records, warm = inputs["task"], inputs["train"], cfg.warmup
+    print(f"[warmup] SFT stage: {warm.steps} steps on {len(records)} '{task.name}' demonstrations, "
+          f"{cfg.learner.world_size} DeepSpeed rank(s)", flush=True)
+    ranks = cfg.learner.world_size
+    optim = dict(lr=warm.lr, weight_decay=0.0, betas=[0.9, 0.999], eps=1e-8, grad_clip=1.0,
+                 scheduler="linear", warmup_steps=0, min_lr_ratio=0.1)
+    spec = DSGroupSpec(ranks, cfg.learner.zero_stage, warm.batch_size // ranks, warm.batch_size, optim,
+                       warm.steps, cfg.cluster.cpus_per_learner, cfg.cluster.gpus_per_learner,
+                       device=cfg.cluster.device, backend=cfg.learner.backend,
+                       placement_timeout_s=cfg.cluster.placement_timeout_s,
+                       init_timeout_s=cfg.learner.init_timeout_s)
+    out = run_dir / "warmup_model"
+    demos = [(r["prompt"], task.demonstration(r)) for r in records]
+    held_out = [(r["prompt"], task.demonstration(r)) for r in inputs["eval"] if "target" in r]
+    run_sft(inputs["model_path"], str(out), demos, held_out, spec, warm.steps,
+            eval_every=max(1, warm.steps), seed=warm.seed)
     return str(out)
 
 
 def run_with_ray(cfg: RLConfig, model_path: str, inputs: dict, monitor) -> dict:
-    import ray
-
-    from rlhf_dist.actors.cluster import check_resources, init_ray
     from rlhf_dist.models.hf import load_tokenizer
     from rlhf_dist.trainer import RLTrainer
 
-    init_ray(cfg.cluster)
     trainer = None
     try:
-        check_resources(cfg)
         trainer = RLTrainer(cfg, model_path, load_tokenizer(model_path), inputs["train"],
                             inputs["eval"], inputs["reward_spec"], monitor)
         return fit(trainer, cfg, monitor)
     finally:
         if trainer is not None:
             trainer.shutdown()
-        ray.shutdown()
 
 
 def fit(trainer, cfg: RLConfig, monitor) -> dict:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from rlhf_dist.actors.critic import CriticActor
+from rlhf_dist.actors.ds_group import DSGroupSpec, merge_rank_metrics, start_ds_group
 from rlhf_dist.actors.group import ActorGroup, wait_all
 from rlhf_dist.actors.learner import LearnerActor
 from rlhf_dist.actors.reference import ReferenceActor
@@ -27,7 +28,6 @@ from rlhf_dist.actors.reward import RewardActor
 from rlhf_dist.actors.rollout import RolloutActor
 from rlhf_dist.algo import (
     compute_advantages,
-    count_normalizers,
     explained_variance,
     kl_penalty,
     make_kl_controller,
@@ -36,7 +36,7 @@ from rlhf_dist.algo import (
     masked_whiten,
 )
 from rlhf_dist.config import critic_micro_batch_size, uses_critic, uses_reference
-from rlhf_dist.data.batch import Batch, collate_rollouts
+from rlhf_dist.data.batch import Batch, collate_rollouts, shard_minibatches, split_evenly
 from rlhf_dist.data.prompts import PromptSampler
 from rlhf_dist.distributed.checksum import diff_checksums
 from rlhf_dist.errors import WeightSyncError
@@ -63,21 +63,17 @@ class RLTrainer:
         """Create every actor group; engines, reference, learners and critics load concurrently."""
         cfg, cl = self.cfg, self.cfg.cluster
         start = time.perf_counter()
-        num_engines = cfg.rollout.num_engines
-        bind = "auto" if num_engines == 1 or cl.device != "cpu" else "nobind"
-        engine_kwargs = dict(
-            model_path=self.model_path, dtype=cfg.rollout.dtype,
-            max_model_len=cfg.rollout.max_new_tokens + 256,
-            tensor_parallel_size=cfg.rollout.tensor_parallel_size,
-            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-            kv_cache_gb=cfg.rollout.kv_cache_gb, enforce_eager=cfg.rollout.enforce_eager,
-            device=cl.device, cpu_threads_bind=bind)
-        self.engines = ActorGroup(
-            "rollout", RolloutActor, num_engines, cl.cpus_per_engine, cl.gpus_per_engine,
-            cl.placement_timeout_s,
-            [dict(engine_kwargs, seed=cfg.rollout.seed + i) for i in range(num_engines)])
-        self.learners = self._ds_group("learner", LearnerActor, cfg.learner.world_size,
-                                       cl.cpus_per_learner, cl.gpus_per_learner, self.model_path)
+        self.engines = self._start_engines()
+        seqs = cfg.trainer.prompts_per_step * cfg.rollout.n_samples_per_prompt
+        optimizer_steps = cfg.trainer.total_steps * cfg.algo.ppo_epochs * (seqs // cfg.learner.mini_batch_size)
+        common = dict(mini_batch_size=cfg.learner.mini_batch_size, total_optimizer_steps=optimizer_steps,
+                      device=cl.device, backend=cfg.learner.backend, bf16=cfg.model.dtype == "bfloat16",
+                      gradient_checkpointing=cfg.model.gradient_checkpointing,
+                      placement_timeout_s=cl.placement_timeout_s, init_timeout_s=cfg.learner.init_timeout_s)
+        self.learners, init_refs = start_ds_group("learner", LearnerActor, self.model_path, DSGroupSpec(
+            cfg.learner.world_size, cfg.learner.zero_stage, cfg.learner.micro_batch_size,
+            optim=asdict(cfg.learner.optim), num_cpus=cl.cpus_per_learner, num_gpus=cl.gpus_per_learner,
+            **common))
         self.reward = ActorGroup("reward", RewardActor, 1, cl.cpus_per_aux, 0.0,
                                  cl.placement_timeout_s, [dict(fn_spec=self.reward_spec)])
         if self.use_reference:
@@ -86,14 +82,12 @@ class RLTrainer:
                 cl.placement_timeout_s,
                 [dict(model_path=self.model_path, dtype=cfg.model.dtype, device=cl.device,
                       num_threads=os.cpu_count() or 1)])
-        init_refs = self._init_ds_group(self.learners, cfg.learner.zero_stage,
-                                        cfg.learner.micro_batch_size, asdict(cfg.learner.optim))
         if self.use_critic:
-            self.critics = self._ds_group("critic", CriticActor, cfg.critic.world_size,
-                                          cl.cpus_per_critic, cl.gpus_per_critic,
-                                          cfg.critic.model_path or self.model_path)
-            critic_refs = self._init_ds_group(self.critics, cfg.critic.zero_stage,
-                                              critic_micro_batch_size(cfg), asdict(cfg.critic.optim))
+            self.critics, critic_refs = start_ds_group(
+                "critic", CriticActor, cfg.critic.model_path or self.model_path, DSGroupSpec(
+                    cfg.critic.world_size, cfg.critic.zero_stage, critic_micro_batch_size(cfg),
+                    optim=asdict(cfg.critic.optim), num_cpus=cl.cpus_per_critic,
+                    num_gpus=cl.gpus_per_critic, **common))
         engine_info = _wait_ready(self.engines, cfg.rollout.init_timeout_s)
         _wait_ready(self.reward, 120.0)
         if self.reference is not None:
@@ -108,34 +102,28 @@ class RLTrainer:
                 "startup/engine_init_s": max(e["init_s"] for e in engine_info),
                 "startup/learner_init_s": max(l["init_s"] for l in learner_info)}
 
-    def _ds_group(self, name: str, actor_cls: type, world_size: int, cpus: float, gpus: float,
-                  model_path: str) -> ActorGroup:
-        return ActorGroup(name, actor_cls, world_size, cpus, gpus, self.cfg.cluster.placement_timeout_s,
-                          [dict(rank=r, world_size=world_size, model_path=model_path,
-                                device=self.cfg.cluster.device) for r in range(world_size)])
-
-    def _init_ds_group(self, group: ActorGroup, zero_stage: int, micro_batch_size: int,
-                       optim: dict[str, Any]) -> list:
-        """Start DeepSpeed on every rank of `group` (policy or critic); returns the init refs."""
-        cfg = self.cfg
-        master_addr, master_port = group.run("address", timeout_s=60)[0]
-        backend = cfg.learner.backend
-        if backend == "auto":
-            backend = "nccl" if cfg.cluster.device == "cuda" else "gloo"
-        grad_accum = cfg.learner.mini_batch_size // len(group) // micro_batch_size
-        seqs = cfg.trainer.prompts_per_step * cfg.rollout.n_samples_per_prompt
-        total_optimizer_steps = cfg.trainer.total_steps * cfg.algo.ppo_epochs * (seqs // cfg.learner.mini_batch_size)
-        return group.call(
-            "init", master_addr, master_port, backend, zero_stage, micro_batch_size, grad_accum,
-            optim, total_optimizer_steps, cfg.model.dtype == "bfloat16",
-            cfg.model.gradient_checkpointing, cfg.learner.init_timeout_s)
+    def _start_engines(self) -> ActorGroup:
+        cfg, cl = self.cfg, self.cfg.cluster
+        num_engines = cfg.rollout.num_engines
+        bind = "auto" if num_engines == 1 or cl.device != "cpu" else "nobind"
+        engine_kwargs = dict(
+            model_path=self.model_path, dtype=cfg.rollout.dtype,
+            max_model_len=cfg.rollout.max_new_tokens + 256,
+            tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+            kv_cache_gb=cfg.rollout.kv_cache_gb, enforce_eager=cfg.rollout.enforce_eager,
+            device=cl.device, cpu_threads_bind=bind)
+        return ActorGroup(
+            "rollout", RolloutActor, num_engines, cl.cpus_per_engine, cl.gpus_per_engine,
+            cl.placement_timeout_s,
+            [dict(engine_kwargs, seed=cfg.rollout.seed + i) for i in range(num_engines)])
 
     # ------------------------------------------------------------------ phases
     def generate(self, records: list[dict], n: int, temperature: float) -> tuple[list[dict], list[dict]]:
         """Split prompts across engines; returns (samples, the record each sample answers)."""
         ro = self.cfg.rollout
         prompt_ids = [self.tokenizer(r["prompt"])["input_ids"] for r in records]
-        parts = _split(list(range(len(records))), len(self.engines))
+        parts = split_evenly(list(range(len(records))), len(self.engines))
         refs = self.engines.call_each(
             "generate",
             [([prompt_ids[i] for i in part], n, temperature, ro.top_p, ro.max_new_tokens) for part in parts])
@@ -155,10 +143,10 @@ class RLTrainer:
             jobs.append(("ref_logprobs", self.reference.call("compute_logprobs", batch, temperature, micro),
                          self.reference.names))
         if self.critics is not None:
-            jobs.append(("values", _call_on_shards(self.critics, "compute_values", batch,
+            jobs.append(("values", self.critics.call_on_shards("compute_values", batch,
                                                    critic_micro_batch_size(cfg)), self.critics.names))
         if cfg.algo.recompute_old_logprobs:
-            jobs.append(("old_logprobs", _call_on_shards(self.learners, "compute_logprobs", batch,
+            jobs.append(("old_logprobs", self.learners.call_on_shards("compute_logprobs", batch,
                                                          temperature, micro), self.learners.names))
         refs = [ref for _, job_refs, _ in jobs for ref in job_refs]
         names = [name for _, job_refs, job_names in jobs for name in job_names[: len(job_refs)]]
@@ -216,7 +204,7 @@ class RLTrainer:
         keys += [k for k in ("ref_logprobs", "old_logprobs") if k in batch.tensors]
         orders = [torch.randperm(len(batch), generator=self.generator) for _ in range(algo.ppo_epochs)]
         refs = self.learners.call_each("train_step", [
-            (part, loss_cfg, step) for part in _minibatch_shards(batch, keys, orders, cfg.learner.mini_batch_size,
+            (part, loss_cfg, step) for part in shard_minibatches(batch, keys, orders, cfg.learner.mini_batch_size,
                                                                  len(self.learners))])
         groups = [self.learners]
         if self.critics is not None:
@@ -224,14 +212,14 @@ class RLTrainer:
                              horizon=cfg.rollout.max_new_tokens, value_loss_coef=cfg.critic.value_loss_coef)
             critic_keys = ["input_ids", "attention_mask", "response_mask", "values", "returns"]
             refs += self.critics.call_each("train_step", [
-                (part, value_cfg, step) for part in _minibatch_shards(
+                (part, value_cfg, step) for part in shard_minibatches(
                     batch, critic_keys, orders, cfg.learner.mini_batch_size, len(self.critics))])
             groups.append(self.critics)
         names = [name for group in groups for name in group.names]
         results = wait_all(refs, names, "train_step", cfg.learner.step_timeout_s)
-        merged = _merge_rank_metrics(results[: len(self.learners)])
+        merged = merge_rank_metrics(results[: len(self.learners)], _ADDITIVE)
         if self.critics is not None:
-            merged.update(_merge_rank_metrics(results[len(self.learners):]))
+            merged.update(merge_rank_metrics(results[len(self.learners):], _ADDITIVE))
         return merged
 
     def sync_weights(self) -> dict[str, float]:
@@ -342,57 +330,7 @@ def _wait_ready(group: ActorGroup, timeout_s: float) -> list:
     return group.wait(group.call("ready"), f"{group.name} start-up", timeout_s)
 
 
-def _split(items: list, parts: int) -> list[list]:
-    """Contiguous, near-equal parts (sizes differ by at most one)."""
-    size, extra = divmod(len(items), parts)
-    out, start = [], 0
-    for i in range(parts):
-        end = start + size + (1 if i < extra else 0)
-        out.append(items[start:end])
-        start = end
-    return out
-
-
 def _sample_rows(records: list[dict], texts: list[str], rewards: torch.Tensor, num: int) -> list[dict[str, Any]]:
     step = max(1, len(texts) // num)
     return [{"prompt": records[i]["prompt"], "completion": texts[i], "reward": float(rewards[i])}
             for i in range(0, len(texts), step)][:num]
-
-
-def _call_on_shards(group: ActorGroup, method: str, batch: Batch, *args) -> list:
-    """Rank i gets the i-th contiguous shard of `batch` (every rank joins: ZeRO-3 is collective)."""
-    shards = _split(list(range(len(batch))), len(group))
-    return group.call_each(method, [(batch.select(rows), *args) for rows in shards])
-
-
-def _minibatch_shards(batch: Batch, keys: list[str], orders: list[torch.Tensor], mini: int,
-                      ranks: int) -> list[list[tuple[Batch, float, float]]]:
-    """Per rank: (its shard of each mini-batch, global masked tokens, global sequences).
-
-    `orders` holds one permutation of the batch per epoch; each is cut into mini-batches of
-    `mini` rows and each mini-batch into `ranks` equal shards.
-    """
-    per_rank: list[list] = [[] for _ in range(ranks)]
-    for order in orders:
-        for start in range(0, len(batch), mini):
-            rows = order[start : start + mini]
-            num_tokens, num_seqs = count_normalizers(batch["response_mask"][rows])
-            for rank, shard_rows in enumerate(rows.chunk(ranks)):
-                per_rank[rank].append((batch.select(shard_rows, keys), float(num_tokens), float(num_seqs)))
-    return per_rank
-
-
-def _merge_rank_metrics(results: list[dict[str, float]]) -> dict[str, float]:
-    """Global-normalised shares sum over ranks; extremes keep the extreme; the rest average."""
-    merged = {}
-    for key in results[0]:
-        values = [r[key] for r in results]
-        if key.endswith("_max"):
-            merged[key] = max(values)
-        elif key.endswith("_min"):
-            merged[key] = min(values)
-        elif key.startswith(_ADDITIVE):
-            merged[key] = sum(values)
-        else:
-            merged[key] = sum(values) / len(values)
-    return merged

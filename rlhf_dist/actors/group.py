@@ -115,6 +115,13 @@ class ActorGroup:
             for actor, args in zip(self.actors, per_actor_args)
         ]
 
+    def call_on_shards(self, method: str, batch, *args: Any) -> list[ray.ObjectRef]:
+        """Actor i gets the i-th contiguous shard of `batch` (a Batch), then `args`."""
+        from rlhf_dist.data.batch import split_evenly
+
+        shards = split_evenly(list(range(len(batch))), len(self.actors))
+        return self.call_each(method, [(batch.select(rows), *args) for rows in shards])
+
     def wait(self, refs: Sequence[ray.ObjectRef], what: str, timeout_s: float) -> list:
         return wait_all(refs, self.names[: len(refs)], what, timeout_s)
 

@@ -25,7 +25,7 @@ class Batch:
     meta: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return self.tensors["input_ids"].shape[0]
+        return next(iter(self.tensors.values())).shape[0]
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.tensors[key]
@@ -47,6 +47,8 @@ class Batch:
 
     def trimmed(self) -> "Batch":
         """Drop response columns that are padding in every row (saves compute on short batches)."""
+        if "response_mask" not in self.tensors:  # e.g. reward-model pairs: nothing to trim
+            return self
         width = int(self.tensors["response_mask"].sum(0).nonzero().max().item()) + 1 \
             if self.tensors["response_mask"].any() else 1
         cut = {}
@@ -90,3 +92,37 @@ def collate_rollouts(
         "rollout_logprobs": logprobs,
     }
     return Batch(tensors, width_p)
+
+
+def split_evenly(items: list, parts: int) -> list[list]:
+    """Contiguous, near-equal parts (sizes differ by at most one)."""
+    size, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + size + (1 if i < extra else 0)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+def shard_minibatches(batch: Batch, keys: list[str], orders: list[torch.Tensor], mini: int,
+                      ranks: int) -> list[list[tuple[Batch, float, float]]]:
+    """Per rank: (its shard of each mini-batch, global masked tokens, global sequences).
+
+    `orders` holds one permutation of the batch per epoch; each is cut into mini-batches of
+    `mini` rows and each mini-batch into `ranks` equal shards. The global counts normalise the
+    loss so that the sum over shards is the loss of the whole mini-batch (algo/masked.py).
+    Batches without a response mask (reward-model pairs) count rows for both.
+    """
+    per_rank: list[list] = [[] for _ in range(ranks)]
+    for order in orders:
+        for start in range(0, len(batch), mini):
+            rows = order[start : start + mini]
+            if "response_mask" in batch.tensors:
+                mask = batch["response_mask"][rows].bool()
+                num_tokens, num_seqs = int(mask.sum()), int(mask.any(-1).sum())
+            else:
+                num_tokens = num_seqs = len(rows)
+            for rank, shard_rows in enumerate(rows.chunk(ranks)):
+                per_rank[rank].append((batch.select(shard_rows, keys), float(num_tokens), float(num_seqs)))
+    return per_rank

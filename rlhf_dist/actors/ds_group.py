@@ -1,0 +1,70 @@
+"""Starting a group of DeepSpeed ranks (policy learner, critic, SFT, reward-model trainer).
+
+Every stage that trains a model uses this one function, so process-group set-up, batch-size
+arithmetic and deadlines are the same everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rlhf_dist.actors.group import ActorGroup
+
+
+@dataclass
+class DSGroupSpec:
+    """Plain values a DeepSpeed group needs (read once from config by the caller)."""
+
+    world_size: int
+    zero_stage: int
+    micro_batch_size: int  # per rank per forward/backward
+    mini_batch_size: int  # sequences (or pairs) per optimizer step, over all ranks
+    optim: dict[str, Any]  # OptimConfig as a dict
+    total_optimizer_steps: int
+    num_cpus: float
+    num_gpus: float
+    device: str = "cpu"
+    backend: str = "auto"  # auto | gloo | nccl
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    placement_timeout_s: float = 60.0
+    init_timeout_s: float = 600.0
+
+
+def start_ds_group(name: str, actor_cls: type, model_path: str, spec: DSGroupSpec) -> tuple[ActorGroup, list]:
+    """Create `spec.world_size` ranks of `actor_cls` and start DeepSpeed on them.
+
+    Returns the group and the init refs (wait on them with `group.wait`, so several groups can
+    load concurrently).
+    """
+    group = ActorGroup(name, actor_cls, spec.world_size, spec.num_cpus, spec.num_gpus,
+                       spec.placement_timeout_s,
+                       [dict(rank=r, world_size=spec.world_size, model_path=model_path, device=spec.device)
+                        for r in range(spec.world_size)])
+    master_addr, master_port = group.run("address", timeout_s=60)[0]
+    backend = spec.backend
+    if backend == "auto":
+        backend = "nccl" if spec.device == "cuda" else "gloo"
+    grad_accum = spec.mini_batch_size // spec.world_size // spec.micro_batch_size
+    refs = group.call("init", master_addr, master_port, backend, spec.zero_stage, spec.micro_batch_size,
+                      grad_accum, spec.optim, spec.total_optimizer_steps, spec.bf16,
+                      spec.gradient_checkpointing, spec.init_timeout_s)
+    return group, refs
+
+
+def merge_rank_metrics(results: list[dict[str, float]], additive: tuple[str, ...]) -> dict[str, float]:
+    """One dict from every rank's: keys starting with `additive` (each rank's share of a
+    global-normalised sum) are summed, `*_max` / `*_min` keep the extreme, the rest average."""
+    merged = {}
+    for key in results[0]:
+        values = [r[key] for r in results]
+        if key.endswith("_max"):
+            merged[key] = max(values)
+        elif key.endswith("_min"):
+            merged[key] = min(values)
+        elif key.startswith(additive):
+            merged[key] = sum(values)
+        else:
+            merged[key] = sum(values) / len(values)
+    return merged

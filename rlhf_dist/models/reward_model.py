@@ -1,0 +1,70 @@
+"""Scalar reward models: HF sequence-classification format with one label.
+
+The same two functions build the inputs and read the score when the reward model is trained
+(rlhf_dist.stages.reward_model) and when the reward actor serves it, so a served score is the
+offline score. Text in, not token ids: the policy and the reward model may have different
+tokenizers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from rlhf_dist.errors import ModelPathError
+from rlhf_dist.models.hf import position_ids_from_mask
+from rlhf_dist.models.tiny import check_model_dir
+
+
+def load_reward_model(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A reward model from `path`: a trained one, or a causal LM that gets a fresh scalar head.
+
+    A sequence-classification checkpoint with more than one label is refused: its score would
+    not be a scalar reward.
+    """
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging
+
+    check_model_dir(path)
+    config = json.loads((Path(path) / "config.json").read_text())
+    architectures = config.get("architectures") or []
+    labels = len(config.get("id2label") or {}) or config.get("num_labels", 1)
+    if any(a.endswith("ForSequenceClassification") for a in architectures) and labels != 1:
+        raise ModelPathError(
+            f"reward model {path!r} is a sequence classifier with {labels} labels; a reward model "
+            "needs a scalar head (num_labels=1). Fix: pass a reward model trained by the "
+            "reward-model stage, or any single-label sequence-classification checkpoint.")
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # "newly initialized: score.weight" is expected from an LM
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    finally:
+        logging.set_verbosity(verbosity)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model.to(device)
+
+
+def reward_model_inputs(tokenizer, prompts: list[str], completions: list[str],
+                        width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """prompt + completion + eos, LEFT-padded so every row ends in the last column.
+
+    Returns input_ids and attention_mask, (B, L) with L = max length (or `width`, if larger).
+    """
+    rows = [tokenizer(p + c)["input_ids"] + [tokenizer.eos_token_id] for p, c in zip(prompts, completions)]
+    length = max([len(r) for r in rows] + [width or 0])
+    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        input_ids[i, length - len(row):] = torch.tensor(row)
+        attention_mask[i, length - len(row):] = 1
+    return input_ids, attention_mask
+
+
+def sequence_rewards(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The scalar reward of each left-padded sequence, (B,) float32: the head at the last token."""
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    return outputs.logits[:, 0].float()
