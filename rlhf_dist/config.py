@@ -85,10 +85,28 @@ class RolloutConfig:
 
 
 @dataclass
+class RewardModelServeConfig:
+    path: Optional[str] = None  # a trained scalar reward model (HF sequence classification)
+    batch_size: int = 64  # sequences per forward in the reward actor
+
+
+@dataclass
 class RewardConfig:
+    """reward = fn_weight * rule + model_weight * post(reward model), post = normalise, clip.
+
+    The rule (`fn`, default the task's built-in reward) is always computed and logged as
+    reward/rule_mean: with a reward model and fn_weight=0 it is the hidden gold score beside the
+    learned reward (reward/model_mean) the policy is trained on.
+    """
+
     # "path/to/file.py:fn" or "package.module:fn"; None = the task's built-in reward.
     # Signature: fn(prompts: list[str], completions: list[str], **fields) -> list[float]
     fn: Optional[str] = None
+    model: RewardModelServeConfig = field(default_factory=RewardModelServeConfig)
+    fn_weight: float = 1.0
+    model_weight: float = 1.0
+    normalize: bool = False  # running mean/std normalisation of the reward model's score
+    clip: Optional[float] = None  # clip the (normalised) model score to +-clip; null = off
     timeout_s: float = 300.0
 
 
@@ -335,7 +353,8 @@ def _validate_algo(cfg: Any) -> None:
             f"algo.clip_ratio_c={algo.clip_ratio_c}: the dual-clip bound must be > 1 (it caps the "
             "loss of negative-advantage tokens at -A * clip_ratio_c; typical 3.0). Fix: "
             "algo.clip_ratio_c=3.0, or algo.clip_ratio_c=null to turn dual-clip off.")
-    for key in ("algo.kl_target", "algo.tis_cap", "critic.value_clip", "critic.micro_batch_size"):
+    for key in ("algo.kl_target", "algo.tis_cap", "critic.value_clip", "critic.micro_batch_size",
+                "reward.clip"):
         value = _get(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key}={value} must be > 0 (or null to turn it off).")

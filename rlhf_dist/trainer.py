@@ -74,8 +74,13 @@ class RLTrainer:
             cfg.learner.world_size, cfg.learner.zero_stage, cfg.learner.micro_batch_size,
             optim=asdict(cfg.learner.optim), num_cpus=cl.cpus_per_learner, num_gpus=cl.gpus_per_learner,
             **common))
-        self.reward = ActorGroup("reward", RewardActor, 1, cl.cpus_per_aux, 0.0,
-                                 cl.placement_timeout_s, [dict(fn_spec=self.reward_spec)])
+        rw = cfg.reward
+        self.reward = ActorGroup("reward", RewardActor, 1, cl.cpus_per_aux, cl.gpus_per_aux,
+                                 cl.placement_timeout_s, [dict(
+                                     fn_spec=self.reward_spec, model_path=rw.model.path,
+                                     fn_weight=rw.fn_weight, model_weight=rw.model_weight,
+                                     normalize=rw.normalize, clip=rw.clip,
+                                     batch_size=rw.model.batch_size, device=cl.device)])
         if self.use_reference:
             self.reference = ActorGroup(
                 "reference", ReferenceActor, 1, cl.cpus_per_aux, cl.gpus_per_aux,
@@ -154,8 +159,11 @@ class RLTrainer:
         results = iter(wait_all(refs, names, "score/reference/values", timeout))
         for key, job_refs, _ in jobs:
             parts = [next(results) for _ in job_refs]
-            if key == "rewards":
-                batch[key] = torch.tensor(parts[0], dtype=torch.float32)
+            if key == "rewards":  # {"reward", "rule", "model"} lists
+                batch[key] = torch.tensor(parts[0]["reward"], dtype=torch.float32)
+                for part in ("rule", "model"):
+                    if parts[0][part] is not None:
+                        batch.meta[f"reward/{part}_mean"] = sum(parts[0][part]) / len(parts[0][part])
             else:  # (B_i, T_i) shards trimmed to their own width: pad back to the batch's T
                 width = batch["response_mask"].shape[1]
                 batch[key] = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
@@ -277,6 +285,7 @@ class RLTrainer:
         sync_metrics = self.sync_weights()
         t4 = time.perf_counter()
         metrics = self._step_metrics(batch, samples, t0, t1, t2, t3, t4)
+        metrics.update(batch.meta)  # reward components (rule / model means)
         metrics.update(advantage_metrics)
         metrics.update(train_metrics)
         metrics.update(sync_metrics)
@@ -306,13 +315,18 @@ class RLTrainer:
         start = time.perf_counter()
         samples, records = self.generate(self.eval_records, 1, 0.0)
         texts = [s["text"] for s in samples]
-        rewards = torch.tensor(self.reward.run("score", records, texts, timeout_s=self.cfg.reward.timeout_s)[0])
+        scored = self.reward.run("score", records, texts, False, timeout_s=self.cfg.reward.timeout_s)[0]
+        rewards = torch.tensor(scored["reward"])
+        rule = torch.tensor(scored["rule"]) if scored["rule"] is not None else rewards
         metrics = {
             "eval/reward_mean": rewards.mean().item(),
-            "eval/solved_frac": (rewards >= 1.0 - 1e-6).float().mean().item(),
+            "eval/solved_frac": (rule >= 1.0 - 1e-6).float().mean().item(),  # by the rule (gold)
             "eval/length_mean": sum(len(s["token_ids"]) for s in samples) / len(samples),
             "eval/time_s": time.perf_counter() - start,
         }
+        if scored["model"] is not None:  # learned reward beside the rule (gold) score
+            metrics["eval/model_mean"] = sum(scored["model"]) / len(scored["model"])
+            metrics["eval/rule_mean"] = rule.mean().item()
         self.monitor.log_eval(step, metrics)
         return metrics
 

@@ -1,13 +1,18 @@
-"""Reward actor: scores (prompt, completion) pairs.
+"""Reward actor: scores (prompt, completion) pairs with a rule function, a reward model, or both.
 
-Today's scorer is a user/verifier function named in config (`reward.fn`). A learned
-Bradley-Terry reward model is a second scorer with the same `score` method, so the controller
-does not change when it arrives.
+    reward = fn_weight * rule(prompt, completion) + model_weight * post(RM(prompt + completion))
+
+`post` is optional running normalisation (mean 0, std 1 over every score seen so far) and
+clipping. The actor returns the components too, so a rule that is the task's hidden "gold" score
+can be logged beside the learned reward it is not trained on (fn_weight=0): reward hacking shows.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+import torch
 
 from rlhf_dist.data.reward_fn import check_reward_fn, load_reward_fn
 
@@ -23,13 +28,82 @@ class FunctionScorer:
         return check_reward_fn(self.fn, self.spec, records, completions)
 
 
+class ModelScorer:
+    """A trained scalar reward model, scoring the text (its own tokenizer), in batches."""
+
+    def __init__(self, path: str, batch_size: int = 64, device: str = "cpu") -> None:
+        from rlhf_dist.models.hf import disable_dropout, load_tokenizer
+        from rlhf_dist.models.reward_model import load_reward_model
+
+        self.model = disable_dropout(load_reward_model(path, device)).eval().requires_grad_(False)
+        self.tokenizer, self.batch_size, self.device = load_tokenizer(path), batch_size, device
+
+    @torch.inference_mode()
+    def score(self, records: list[dict[str, Any]], completions: list[str]) -> list[float]:
+        from rlhf_dist.data.records import render_prompt
+        from rlhf_dist.models.reward_model import reward_model_inputs, sequence_rewards
+
+        prompts = [render_prompt(r["prompt"], self.tokenizer) for r in records]
+        scores = []
+        for start in range(0, len(prompts), self.batch_size):
+            end = start + self.batch_size
+            ids, mask = reward_model_inputs(self.tokenizer, prompts[start:end], completions[start:end])
+            scores += sequence_rewards(self.model, ids.to(self.device), mask.to(self.device)).tolist()
+        return scores
+
+
+class RunningNorm:
+    """Running mean and variance (Welford/Chan) of every score seen."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def __call__(self, values: list[float]) -> list[float]:
+        batch = torch.tensor(values, dtype=torch.float64)
+        n, mean, var = len(values), float(batch.mean()), float(batch.var(unbiased=False))
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += var * n + delta**2 * self.count * n / total
+        self.count = total
+        std = math.sqrt(self.m2 / max(1, self.count - 1)) if self.count > 1 else 1.0
+        return [(v - self.mean) / (std + 1e-8) for v in values]
+
+
 class RewardActor:
-    def __init__(self, fn_spec: str) -> None:
-        self.scorer = FunctionScorer(fn_spec)
+    def __init__(self, fn_spec: str | None, model_path: str | None = None, fn_weight: float = 1.0,
+                 model_weight: float = 1.0, normalize: bool = False, clip: float | None = None,
+                 batch_size: int = 64, device: str = "cpu") -> None:
+        self.rule = FunctionScorer(fn_spec) if fn_spec else None
+        self.model = ModelScorer(model_path, batch_size, device) if model_path else None
+        self.fn_weight, self.model_weight, self.clip = fn_weight, model_weight, clip
+        self.norm = RunningNorm() if normalize else None
 
     def ready(self) -> bool:
         return True
 
-    def score(self, records: list[dict[str, Any]], completions: list[str]) -> list[float]:
-        """One float per completion; `records[i]` is the prompt record completion i answers."""
-        return self.scorer.score(records, completions)
+    def score(self, records: list[dict[str, Any]], completions: list[str],
+              update_stats: bool = True) -> dict[str, list[float] | None]:
+        """{"reward": the training reward, "rule": ..., "model": ...}, one float per completion.
+
+        `records[i]` is the prompt record completion i answers. Eval calls pass
+        update_stats=False so held-out scoring does not move the running normalisation.
+        """
+        rule = self.rule.score(records, completions) if self.rule else None
+        model = self.model.score(records, completions) if self.model else None
+        shaped = model
+        if model is not None and self.norm is not None:
+            shaped = self.norm(model) if update_stats else _normalized(model, self.norm)
+        if shaped is not None and self.clip is not None:
+            shaped = [max(-self.clip, min(self.clip, v)) for v in shaped]
+        reward = [0.0] * len(completions)
+        if rule is not None:
+            reward = [r + self.fn_weight * v for r, v in zip(reward, rule)]
+        if shaped is not None:
+            reward = [r + self.model_weight * v for r, v in zip(reward, shaped)]
+        return {"reward": reward, "rule": rule, "model": model}
+
+
+def _normalized(values: list[float], norm: RunningNorm) -> list[float]:
+    std = math.sqrt(norm.m2 / max(1, norm.count - 1)) if norm.count > 1 else 1.0
+    return [(v - norm.mean) / (std + 1e-8) for v in values]
