@@ -232,7 +232,49 @@ class TrainerConfig:
 
 
 @dataclass
+class SFTStageConfig:
+    """stage=sft (and the first stage of stage=full_recipe)."""
+
+    train_file: Optional[str] = None  # {prompt, completion} or {messages} records; full_recipe: built in
+    eval_frac: float = 0.1  # share of the records held out for the held-out loss
+    steps: int = 200
+    batch_size: int = 32  # sequences per optimizer step, over learner.world_size ranks
+    micro_batch_size: int = 16
+    lr: float = 3e-3  # decays linearly to 0.1 x lr
+    eval_every: int = 50
+    on_bad: str = "error"  # error | skip: what a malformed record does
+
+
+@dataclass
+class RewardModelStageConfig:
+    """stage=reward_model (and the second stage of stage=full_recipe)."""
+
+    train_files: list[str] = field(default_factory=list)  # pair and/or ranking records
+    eval_file: Optional[str] = None  # held-out pairs (accuracy, margin)
+    init_path: Optional[str] = None  # None = model.path (full_recipe: the SFT model)
+    steps: int = 300
+    batch_size: int = 64  # pairs per optimizer step, over learner.world_size ranks
+    micro_batch_size: int = 32
+    lr: float = 1e-3
+    eval_every: int = 100
+    on_bad: str = "error"
+
+
+@dataclass
+class RecipeDataConfig:
+    """The built-in preference source (rlhf_dist.data.preference_source) used by full_recipe."""
+
+    num_prompts: int = 512  # ranked demonstrations (one ranking per prompt) and SFT records
+    num_pairs: int = 2048  # noisy Bradley-Terry pairwise preferences
+    error_levels: list[int] = field(default_factory=lambda: [2, 3, 4])  # demonstrator's errors
+    beta: float = 10.0  # label noise: P(a > b) = sigmoid(beta * (gold(a) - gold(b)))
+    seed: int = 0
+    rm_init: str = "sft"  # the reward model starts from: sft (the SFT model) | base (model.path)
+
+
+@dataclass
 class RLConfig:
+    stage: str = "rl"  # rl | sft | reward_model | full_recipe (SFT -> reward model -> RL)
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
@@ -244,6 +286,9 @@ class RLConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sft: SFTStageConfig = field(default_factory=SFTStageConfig)
+    reward_model: RewardModelStageConfig = field(default_factory=RewardModelStageConfig)
+    recipe: RecipeDataConfig = field(default_factory=RecipeDataConfig)
 
 
 def register_configs() -> None:
@@ -261,6 +306,10 @@ _CHOICES = {
     "critic.optim.scheduler": ("constant", "linear", "cosine"),
     "cluster.device": ("cpu", "cuda"),
     "logger.wandb.mode": ("offline", "online", "disabled"),
+    "stage": ("rl", "sft", "reward_model", "full_recipe"),
+    "sft.on_bad": ("error", "skip"),
+    "recipe.rm_init": ("sft", "base"),
+    "reward_model.on_bad": ("error", "skip"),
     "algo.name": ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gspo", "ppo"),
 }
 
@@ -269,7 +318,10 @@ _POSITIVE = (
     "rollout.n_samples_per_prompt", "rollout.max_new_tokens", "rollout.tensor_parallel_size",
     "rollout.sync_bucket_mb", "rollout.sync_timeout_s", "learner.world_size",
     "learner.mini_batch_size", "learner.micro_batch_size", "learner.optim.lr", "algo.ppo_epochs",
-    "algo.kl_horizon", "critic.optim.lr",
+    "algo.kl_horizon", "critic.optim.lr", "sft.steps", "sft.batch_size", "sft.micro_batch_size",
+    "sft.lr", "sft.eval_every", "reward_model.steps", "reward_model.batch_size",
+    "reward_model.micro_batch_size", "reward_model.lr", "reward_model.eval_every",
+    "recipe.num_prompts", "recipe.num_pairs",
 )
 
 # (key, lowest, highest): closed ranges; None = unbounded on that side

@@ -39,8 +39,10 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
 def _train_main(cfg: DictConfig) -> None:
+    from rlhf_dist.stages.recipe import run_stage
+
     try:
-        run_rl(cfg)
+        run_rl(cfg) if cfg.stage == "rl" else run_stage(cfg)
     except RlhfDistError as err:
         print(f"\nerror: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -87,6 +89,10 @@ def prepare(cfg: RLConfig) -> dict:
         raise DatasetError(
             f"the train prompt set has {len(train_records)} prompts, fewer than "
             f"trainer.prompts_per_step={cfg.trainer.prompts_per_step}. Add prompts or lower it.")
+    if cfg.reward.model.path:
+        from rlhf_dist.models.reward_model import check_reward_model_dir
+
+        check_reward_model_dir(cfg.reward.model.path)
     reward_spec = cfg.reward.fn or task.reward_fn
     sample = train_records[:2]
     demos = [task.demonstration(r) if "target" in r else "" for r in sample]
@@ -201,7 +207,13 @@ def summarize(history: list[dict], first_eval: dict, last_eval: dict, startup: d
     tail = history[-max(1, len(history) // 10):]
     mean = lambda key, rows: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     steps = history[1:] or history  # step 1 includes warm-up of kernels
+    extra = {}
+    for key in ("eval/rule_mean", "eval/model_mean"):  # with a reward model: gold and learned
+        if key in last_eval:
+            name = key[: -len("_mean")]
+            extra.update({f"{name}_start": first_eval[key], f"{name}_end": last_eval[key]})
     return {
+        **extra,
         "steps": len(history),
         "reward/first_step": history[0]["reward/mean"],
         "reward/last_10pct": mean("reward/mean", tail),

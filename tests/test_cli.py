@@ -51,6 +51,35 @@ def test_bad_algo_values_fail_before_ray(tmp_path):
     _fails_early(["algo.clip_ratio_c=0.5"], tmp_path, "algo.clip_ratio_c=0.5")
 
 
+def test_reward_model_path_that_is_not_a_model(tmp_path):
+    err = _fails_early(["reward.model.path=/no/such/rm"], tmp_path, "reward model")
+    assert "/no/such/rm" in err and "does not exist" in err
+
+
+def test_reward_model_with_a_non_scalar_head_is_refused(tmp_path, tiny_model_dir):
+    import shutil
+
+    rm = tmp_path / "two_label_rm"
+    shutil.copytree(tiny_model_dir, rm)
+    config = json.loads((rm / "config.json").read_text())
+    config.update(architectures=["Qwen2ForSequenceClassification"], id2label={"0": "a", "1": "b"})
+    (rm / "config.json").write_text(json.dumps(config))
+    _fails_early([f"reward.model.path={rm}"], tmp_path, "sequence classifier with 2 labels")
+
+
+def test_sft_stage_without_data_says_what_to_pass(tmp_path):
+    _fails_early(["stage=sft", "warmup.steps=0"], tmp_path, "stage=sft needs sft.train_file=")
+
+
+def test_bad_preference_record_is_reported_with_file_and_line(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "rev ab=", "chosen": "ba", "rejected": "ab"}\n'
+                     '{"prompt": "rev cd=", "chosen": "dc", "rejected": "dc"}\n')
+    err = _fails_early(["stage=reward_model", "warmup.steps=0", f"reward_model.train_files=[{pairs}]"],
+                       tmp_path, f"{pairs}:2")
+    assert "on_bad" in err
+
+
 def test_reward_fn_that_cannot_be_imported(tmp_path):
     _fails_early(["reward.fn=no_such_module_xyz:score"], tmp_path, "no_such_module_xyz")
 

@@ -34,6 +34,9 @@ from rlhf_dist.errors import ConfigError
 DEFAULT_ERROR_LEVELS = (2, 3, 4)
 DEFAULT_BETA = 10.0  # one error more on a length-4 target (gold gap 0.25): P(agree) = 0.92
 EXTRA_ERROR_PROB = 0.5  # chance that a drawn comparison completion gets one error more
+# chance that a comparison completion is cut short or runs on (gold penalises both): without
+# such pairs a reward model never sees long outputs, and RL against it learned to ramble
+LENGTH_ERROR_PROB = 0.3
 RECIPE_FILES = ("sft", "rankings", "pairs", "eval_pairs")
 
 
@@ -93,7 +96,13 @@ def _sigmoid(logit: float) -> float:
 
 def _draw_completion(target: str, levels: tuple[int, ...], rng: random.Random) -> str:
     num_errors = rng.choice(levels) + (1 if rng.random() < EXTRA_ERROR_PROB else 0)
-    return corrupt(target, num_errors, rng)
+    text = corrupt(target, num_errors, rng)
+    if rng.random() < LENGTH_ERROR_PROB:  # the demonstrator sometimes rambles or stops early
+        if rng.random() < 0.5 and len(text) > 1:
+            text = text[: rng.randint(1, len(text) - 1)]
+        else:
+            text += "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(1, 2 * len(text))))
+    return text
 
 
 def make_pairwise_preferences(

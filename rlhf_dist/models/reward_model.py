@@ -18,6 +18,23 @@ from rlhf_dist.models.hf import position_ids_from_mask
 from rlhf_dist.models.tiny import check_model_dir
 
 
+def check_reward_model_dir(path: str) -> str:
+    """An HF model dir whose head, if it is a sequence classifier, is scalar (config only)."""
+    try:
+        check_model_dir(path)
+    except ModelPathError as err:
+        raise ModelPathError(f"reward model (reward.model.path or a stage's model): {err}") from None
+    config = json.loads((Path(path) / "config.json").read_text())
+    architectures = config.get("architectures") or []
+    labels = len(config.get("id2label") or {}) or config.get("num_labels", 1)
+    if any(a.endswith("ForSequenceClassification") for a in architectures) and labels != 1:
+        raise ModelPathError(
+            f"reward model {path!r} is a sequence classifier with {labels} labels; a reward model "
+            "needs a scalar head (num_labels=1). Fix: pass a reward model trained by the "
+            "reward-model stage, or any single-label sequence-classification checkpoint.")
+    return path
+
+
 def load_reward_model(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A reward model from `path`: a trained one, or a causal LM that gets a fresh scalar head.
 
@@ -27,15 +44,7 @@ def load_reward_model(path: str, device: str = "cpu", dtype: torch.dtype = torch
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging
 
-    check_model_dir(path)
-    config = json.loads((Path(path) / "config.json").read_text())
-    architectures = config.get("architectures") or []
-    labels = len(config.get("id2label") or {}) or config.get("num_labels", 1)
-    if any(a.endswith("ForSequenceClassification") for a in architectures) and labels != 1:
-        raise ModelPathError(
-            f"reward model {path!r} is a sequence classifier with {labels} labels; a reward model "
-            "needs a scalar head (num_labels=1). Fix: pass a reward model trained by the "
-            "reward-model stage, or any single-label sequence-classification checkpoint.")
+    check_reward_model_dir(path)
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # "newly initialized: score.weight" is expected from an LM
     try:
