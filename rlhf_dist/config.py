@@ -46,6 +46,10 @@ class TaskConfig:
     seed: int = 0
     # task-specific knobs passed to the built-in task, e.g. {min_len: 3, max_len: 5} for reverse
     options: dict[str, Any] = field(default_factory=dict)
+    # Prompt length budget in tokens; the engines get max_model_len = max_prompt_len +
+    # rollout.max_new_tokens, so a prompt that fits here never fails inside vLLM mid-run.
+    max_prompt_len: int = 256
+    long_prompts: str = "truncate"  # truncate (keep the last tokens) | drop | error
 
 
 @dataclass
@@ -308,6 +312,7 @@ _CHOICES = {
     "logger.wandb.mode": ("offline", "online", "disabled"),
     "stage": ("rl", "sft", "reward_model", "full_recipe"),
     "sft.on_bad": ("error", "skip"),
+    "task.long_prompts": ("truncate", "drop", "error"),
     "recipe.rm_init": ("sft", "base"),
     "reward_model.on_bad": ("error", "skip"),
     "algo.name": ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gspo", "ppo"),
@@ -318,7 +323,7 @@ _POSITIVE = (
     "rollout.n_samples_per_prompt", "rollout.max_new_tokens", "rollout.tensor_parallel_size",
     "rollout.sync_bucket_mb", "rollout.sync_timeout_s", "learner.world_size",
     "learner.mini_batch_size", "learner.micro_batch_size", "learner.optim.lr", "algo.ppo_epochs",
-    "algo.kl_horizon", "critic.optim.lr", "sft.steps", "sft.batch_size", "sft.micro_batch_size",
+    "algo.kl_horizon", "critic.optim.lr", "task.max_prompt_len", "sft.steps", "sft.batch_size", "sft.micro_batch_size",
     "sft.lr", "sft.eval_every", "reward_model.steps", "reward_model.batch_size",
     "reward_model.micro_batch_size", "reward_model.lr", "reward_model.eval_every",
     "recipe.num_prompts", "recipe.num_pairs",

@@ -83,6 +83,8 @@ def prepare(cfg: RLConfig) -> dict:
                      else task.make_records("train", cfg.task.num_train, cfg.task.seed))
     eval_records = (load_prompt_records(cfg.task.eval_file) if cfg.task.eval_file
                     else task.make_records("eval", cfg.task.num_eval, cfg.task.seed))
+    train_records = fit_prompts(cfg, train_records, model_path, "train")
+    eval_records = fit_prompts(cfg, eval_records, model_path, "eval")
     if not train_records:
         raise DatasetError("the train prompt set is empty (task.num_train or task.prompts_file).")
     if len(train_records) < cfg.trainer.prompts_per_step:
@@ -99,6 +101,25 @@ def prepare(cfg: RLConfig) -> dict:
     check_reward_fn(load_reward_fn(reward_spec), reward_spec, sample, demos)
     return {"task": task, "model_path": str(model_path), "train": train_records,
             "eval": eval_records, "reward_spec": reward_spec}
+
+
+def fit_prompts(cfg: RLConfig, records: list[dict], model_path, split: str) -> list[dict]:
+    """Hold every prompt to task.max_prompt_len tokens (the engines' budget), before Ray starts."""
+    from rlhf_dist.data.records import fit_prompt_length
+    from rlhf_dist.models.hf import load_tokenizer
+
+    tokenizer = load_tokenizer(str(model_path))
+    policy = "drop" if cfg.task.long_prompts == "error" else cfg.task.long_prompts
+    kept, dropped, truncated = fit_prompt_length(records, tokenizer, cfg.task.max_prompt_len, policy)
+    if dropped and cfg.task.long_prompts == "error":
+        raise DatasetError(
+            f"{dropped} of {len(records)} {split} prompts are longer than task.max_prompt_len="
+            f"{cfg.task.max_prompt_len} tokens. Fix: raise task.max_prompt_len (the engines then "
+            "reserve more), or task.long_prompts=truncate|drop.")
+    if dropped or truncated:
+        print(f"[data] {split}: {truncated} prompts truncated and {dropped} dropped to fit "
+              f"task.max_prompt_len={cfg.task.max_prompt_len}", flush=True)
+    return kept
 
 
 def run_rl(dict_cfg: DictConfig) -> dict:

@@ -113,7 +113,7 @@ class RLTrainer:
         bind = "auto" if num_engines == 1 or cl.device != "cpu" else "nobind"
         engine_kwargs = dict(
             model_path=self.model_path, dtype=cfg.rollout.dtype,
-            max_model_len=cfg.rollout.max_new_tokens + 256,
+            max_model_len=cfg.rollout.max_new_tokens + cfg.task.max_prompt_len,
             tensor_parallel_size=cfg.rollout.tensor_parallel_size,
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
             kv_cache_gb=cfg.rollout.kv_cache_gb, enforce_eager=cfg.rollout.enforce_eager,

@@ -80,6 +80,15 @@ def test_bad_preference_record_is_reported_with_file_and_line(tmp_path):
     assert "on_bad" in err
 
 
+def test_prompt_longer_than_the_engine_budget_is_caught_before_ray(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": "rev " + "ab" * n + "="}) + "\n" for n in (2, 40)) * 8)
+    _fails_early([f"task.prompts_file={prompts}", "task.max_prompt_len=16", "task.long_prompts=error",
+                  "experiment=smoke", "warmup.steps=0",
+                  f"reward.fn={REPO / 'examples' / 'my_rewards.py'}:score"],
+                 tmp_path, "8 of 16 train prompts are longer than task.max_prompt_len=16")
+
+
 def test_reward_fn_that_cannot_be_imported(tmp_path):
     _fails_early(["reward.fn=no_such_module_xyz:score"], tmp_path, "no_such_module_xyz")
 
