@@ -9,20 +9,18 @@
 
 from __future__ import annotations
 
-import random
-import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from rlhf_dist.actors.ds_group import DSGroupSpec, merge_rank_metrics, start_ds_group
+from rlhf_dist.actors.ds_group import DSGroupSpec
 from rlhf_dist.actors.reward_model import RewardModelTrainerActor
-from rlhf_dist.data.batch import Batch, shard_minibatches
+from rlhf_dist.data.batch import Batch
 from rlhf_dist.data.records import render_prompt
 from rlhf_dist.errors import DatasetError
 from rlhf_dist.models.hf import load_tokenizer
 from rlhf_dist.models.reward_model import reward_model_inputs
+from rlhf_dist.stages.loop import run_supervised
 
 KEYS = ["chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask", "margin"]
 
@@ -48,33 +46,17 @@ def run_reward_model(model_path: str, out_dir: str, train: list, held_out: list,
     if not train:
         raise DatasetError("the reward-model stage got no preference pairs.")
     tokenizer = load_tokenizer(model_path)
-    group, init_refs = start_ds_group("reward_model", RewardModelTrainerActor, model_path, spec)
-    try:
-        group.wait(init_refs, "reward-model start-up (DeepSpeed init)", spec.init_timeout_s)
-        held_out = held_out[: len(held_out) - len(held_out) % spec.world_size]
-        eval_batch = pair_batch(tokenizer, held_out) if held_out else None
-        rng, start = random.Random(seed), time.perf_counter()
-        history = {f"{k}_start": v for k, v in _evaluate(group, eval_batch, spec).items()}
-        log(f"[reward_model] step    0/{steps} | held-out accuracy {history['rm/eval_accuracy_start']:.3f}")
-        for step in range(1, steps + 1):
-            rows = rng.sample(range(len(train)), spec.mini_batch_size)
-            batch = pair_batch(tokenizer, [train[i] for i in rows])
-            parts = shard_minibatches(batch, KEYS, [torch.arange(len(batch))], len(batch), spec.world_size)
-            results = group.wait(group.call_each("train_step", [(part, step) for part in parts]),
-                                 "reward-model train_step", 600)
-            metrics = merge_rank_metrics(results, ("rm/loss",))
-            if step % eval_every == 0 or step == steps:
-                evaluation = _evaluate(group, eval_batch, spec)
-                log(f"[reward_model] step {step:>4}/{steps} | train loss {metrics['rm/loss']:.4f} | "
-                    f"held-out accuracy {evaluation['rm/eval_accuracy']:.3f} | margin "
-                    f"{evaluation['rm/eval_margin']:+.3f} | {time.perf_counter() - start:.1f}s")
-        history.update({f"{k}_end": v for k, v in evaluation.items()})
-        history["rm/train_loss_end"] = metrics["rm/loss"]
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        group.run("save_pretrained", str(out_dir), timeout_s=600)
-        return history
-    finally:
-        group.kill()
+    held_out = held_out[: len(held_out) - len(held_out) % spec.world_size]
+    eval_batch = pair_batch(tokenizer, held_out) if held_out else None
+
+    def make_batch(rows: list[int]) -> Batch:
+        return pair_batch(tokenizer, [train[i] for i in rows])
+
+    def evaluate(group) -> dict[str, float]:
+        return _evaluate(group, eval_batch, spec)
+
+    return run_supervised("reward_model", RewardModelTrainerActor, model_path, out_dir, spec, steps,
+                          eval_every, len(train), make_batch, KEYS, evaluate, "rm/loss", seed, log)
 
 
 def _evaluate(group, batch: Batch | None, spec: DSGroupSpec) -> dict[str, float]:

@@ -10,18 +10,14 @@ The default RL job's warm-up is this stage run on the built-in task's demonstrat
 
 from __future__ import annotations
 
-import random
-import time
-from pathlib import Path
 from typing import Callable
 
-import torch
-
-from rlhf_dist.actors.ds_group import DSGroupSpec, merge_rank_metrics, start_ds_group
+from rlhf_dist.actors.ds_group import DSGroupSpec
 from rlhf_dist.actors.sft import SFTActor
-from rlhf_dist.data.batch import Batch, collate_rollouts, shard_minibatches
+from rlhf_dist.data.batch import Batch, collate_rollouts
 from rlhf_dist.errors import DatasetError
 from rlhf_dist.models.hf import load_tokenizer
+from rlhf_dist.stages.loop import run_supervised
 
 KEYS = ["input_ids", "attention_mask", "response_mask"]
 
@@ -42,33 +38,17 @@ def run_sft(model_path: str, out_dir: str, train: list[tuple[str, str]], held_ou
     if not train:
         raise DatasetError("the SFT stage got no training demonstrations.")
     tokenizer = load_tokenizer(model_path)
-    group, init_refs = start_ds_group("sft", SFTActor, model_path, spec)
-    try:
-        group.wait(init_refs, "sft start-up (DeepSpeed init)", spec.init_timeout_s)
-        held_out = held_out[: len(held_out) - len(held_out) % spec.world_size]  # equal shards
-        eval_batch = sft_batch(tokenizer, *zip(*held_out)) if held_out else None
-        rng, start = random.Random(seed), time.perf_counter()
-        history = {"sft/eval_loss_start": _held_out_loss(group, eval_batch, spec)}
-        log(f"[sft] step    0/{steps} | held-out loss {history['sft/eval_loss_start']:.4f}")
-        for step in range(1, steps + 1):
-            rows = rng.sample(range(len(train)), min(spec.mini_batch_size, len(train)))
-            batch = sft_batch(tokenizer, [train[i][0] for i in rows], [train[i][1] for i in rows])
-            order = [torch.arange(len(batch))]
-            parts = shard_minibatches(batch, KEYS, order, len(batch), spec.world_size)
-            results = group.wait(group.call_each("train_step", [(part, step) for part in parts]),
-                                 "sft train_step", 600)
-            metrics = merge_rank_metrics(results, ("sft/loss",))
-            if step % eval_every == 0 or step == steps:
-                loss = _held_out_loss(group, eval_batch, spec)
-                log(f"[sft] step {step:>4}/{steps} | train loss {metrics['sft/loss']:.4f} | "
-                    f"held-out loss {loss:.4f} | {time.perf_counter() - start:.1f}s")
-        history["sft/eval_loss_end"] = loss
-        history["sft/train_loss_end"] = metrics["sft/loss"]
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        group.run("save_pretrained", str(out_dir), timeout_s=600)
-        return history
-    finally:
-        group.kill()
+    held_out = held_out[: len(held_out) - len(held_out) % spec.world_size]  # equal shards
+    eval_batch = sft_batch(tokenizer, *zip(*held_out)) if held_out else None
+
+    def make_batch(rows: list[int]) -> Batch:
+        return sft_batch(tokenizer, [train[i][0] for i in rows], [train[i][1] for i in rows])
+
+    def evaluate(group) -> dict[str, float]:
+        return {"sft/eval_loss": _held_out_loss(group, eval_batch, spec)}
+
+    return run_supervised("sft", SFTActor, model_path, out_dir, spec, steps, eval_every, len(train),
+                          make_batch, KEYS, evaluate, "sft/loss", seed, log)
 
 
 def _held_out_loss(group, batch: Batch | None, spec: DSGroupSpec) -> float:

@@ -1,0 +1,57 @@
+"""The supervised training loop that the SFT and reward-model stages share.
+
+    start the DeepSpeed group -> evaluate -> [sample a mini-batch, shard it over the ranks,
+    train_step; every eval_every steps evaluate] -> save in HF format -> stop the group
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rlhf_dist.actors.ds_group import DSGroupSpec, merge_rank_metrics, start_ds_group
+from rlhf_dist.actors.group import ActorGroup
+from rlhf_dist.data.batch import Batch, shard_minibatches
+
+
+def run_supervised(name: str, actor_cls: type, model_path: str, out_dir: str, spec: DSGroupSpec,
+                   steps: int, eval_every: int, num_train: int, make_batch: Callable[[list[int]], Batch],
+                   keys: list[str], evaluate: Callable[[ActorGroup], dict[str, float]],
+                   loss_key: str, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, float]:
+    """Train `steps` optimizer steps of `spec.mini_batch_size` examples drawn from `num_train`.
+
+    `make_batch(rows)` builds the Batch of those training rows; `evaluate(group)` returns held-out
+    metrics. Returns them at the start (`*_start`) and the end (`*_end`) plus the last train loss.
+    """
+    group, init_refs = start_ds_group(name, actor_cls, model_path, spec)
+    try:
+        group.wait(init_refs, f"{name} start-up (DeepSpeed init)", spec.init_timeout_s)
+        rng, start = random.Random(seed), time.perf_counter()
+        evaluation = evaluate(group)
+        history = {f"{k}_start": v for k, v in evaluation.items()}
+        log(f"[{name}] step    0/{steps} | " + _fmt(evaluation))
+        for step in range(1, steps + 1):
+            batch = make_batch(rng.sample(range(num_train), min(spec.mini_batch_size, num_train)))
+            parts = shard_minibatches(batch, keys, [torch.arange(len(batch))], len(batch), spec.world_size)
+            results = group.wait(group.call_each("train_step", [(part, step) for part in parts]),
+                                 f"{name} train_step", 600)
+            metrics = merge_rank_metrics(results, (loss_key,))
+            if step % eval_every == 0 or step == steps:
+                evaluation = evaluate(group)
+                log(f"[{name}] step {step:>4}/{steps} | train loss {metrics[loss_key]:.4f} | "
+                    f"{_fmt(evaluation)} | {time.perf_counter() - start:.1f}s")
+        history.update({f"{k}_end": v for k, v in evaluation.items()})
+        history[f"{loss_key.split('/')[0]}/train_loss_end"] = metrics[loss_key]
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        group.run("save_pretrained", str(out_dir), timeout_s=600)
+        return history
+    finally:
+        group.kill()
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return " | ".join(f"{k.split('/')[-1].replace('_', ' ')} {v:.4f}" for k, v in metrics.items())
