@@ -42,3 +42,16 @@ def test_dropout_is_off_even_in_train_mode(tiny_model_dir):
     ids = torch.randint(3, 98, (2, 8))
     first, second = critic(input_ids=ids).logits, critic(input_ids=ids).logits
     assert torch.equal(first, second)
+
+
+def test_critic_starts_from_a_reward_model_with_its_head(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from rlhf_dist.models.reward_model import load_reward_model
+
+    reward_model = load_reward_model(str(tiny_model_dir))
+    reward_model.save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(tmp_path / "rm")
+    critic = dict(load_value_model(str(tmp_path / "rm")).named_parameters())
+    for name, param in reward_model.named_parameters():
+        assert torch.equal(critic[name], param), name  # body and `score.weight` both carried over

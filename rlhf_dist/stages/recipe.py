@@ -117,10 +117,12 @@ def run_full_recipe(cfg, dict_cfg, run_dir: Path) -> dict:
         rm_init = str(run_dir / "sft_model") if rc.rm_init == "sft" else inputs["model_path"]
         rm = reward_model_stage(cfg, rm_init, [str(data["rankings"]), str(data["pairs"])],
                                 str(data["eval_pairs"]), run_dir / "reward_model")
+        rm_dir = str(run_dir / "reward_model")
         rl_cfg = dataclasses.replace(
             cfg, model=dataclasses.replace(cfg.model, path=str(run_dir / "sft_model")),
-            reward=dataclasses.replace(cfg.reward, model=dataclasses.replace(
-                cfg.reward.model, path=str(run_dir / "reward_model"))))
+            reward=dataclasses.replace(cfg.reward, model=dataclasses.replace(cfg.reward.model, path=rm_dir)),
+            # PPO's critic starts from the reward model (its body and scalar head), as in InstructGPT
+            critic=dataclasses.replace(cfg.critic, model_path=cfg.critic.model_path or rm_dir))
         monitor = RunMonitor(
             str(run_dir), cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.entity,
             cfg.logger.wandb.name, cfg.logger.wandb.tags, OmegaConf.to_container(dict_cfg, resolve=True),
