@@ -37,25 +37,29 @@ def _spec(cfg, batch_size: int, micro_batch_size: int, lr: float, steps: int, sc
                        init_timeout_s=cfg.learner.init_timeout_s)
 
 
-def sft_stage(cfg, model_path: str, train_file: str, out_dir: Path) -> dict[str, float]:
+def sft_data(cfg, model_path: str, train_file: str) -> tuple[list, list]:
+    """(train, held-out) (prompt, completion) pairs; bad records fail here, before Ray starts."""
     from rlhf_dist.models.hf import load_tokenizer
+
+    records, report = load_sft_records(train_file, cfg.sft.on_bad)
+    tokenizer = load_tokenizer(model_path)
+    pairs = [(render_prompt(r["prompt"], tokenizer), r["completion"]) for r in records]
+    held = max(cfg.learner.world_size, int(len(pairs) * cfg.sft.eval_frac))
+    print(f"[sft] {len(pairs)} demonstrations from {train_file} ({report['skipped']} skipped), "
+          f"{held} held out", flush=True)
+    return pairs[held:], pairs[:held]
+
+
+def sft_stage(cfg, model_path: str, data: tuple[list, list], out_dir: Path) -> dict[str, float]:
     from rlhf_dist.stages.sft import run_sft
 
     sft = cfg.sft
-    records, report = load_sft_records(train_file, sft.on_bad)
-    tokenizer = load_tokenizer(model_path)
-    pairs = [(render_prompt(r["prompt"], tokenizer), r["completion"]) for r in records]
-    held = max(cfg.learner.world_size, int(len(pairs) * sft.eval_frac))
-    print(f"[sft] {len(pairs)} demonstrations from {train_file} ({report['skipped']} skipped), "
-          f"{held} held out", flush=True)
     spec = _spec(cfg, sft.batch_size, sft.micro_batch_size, sft.lr, sft.steps, "linear")
-    return run_sft(model_path, str(out_dir), pairs[held:], pairs[:held], spec, sft.steps, sft.eval_every)
+    return run_sft(model_path, str(out_dir), data[0], data[1], spec, sft.steps, sft.eval_every)
 
 
-def reward_model_stage(cfg, init_path: str, train_files: list[str], eval_file: str | None,
-                       out_dir: Path) -> dict[str, float]:
-    from rlhf_dist.stages.reward_model import run_reward_model
-
+def reward_model_data(cfg, train_files: list[str], eval_file: str | None) -> tuple[list, list]:
+    """(train, held-out) preference pairs; bad records fail here, before Ray starts."""
     rm = cfg.reward_model
     if not train_files:
         raise DatasetError("stage=reward_model needs reward_model.train_files=[pairs.jsonl, ...] "
@@ -69,8 +73,15 @@ def reward_model_stage(cfg, init_path: str, train_files: list[str], eval_file: s
     if len(train) < rm.batch_size:
         raise DatasetError(f"the reward-model stage has {len(train)} pairs, fewer than "
                            f"reward_model.batch_size={rm.batch_size}. Add pairs or lower the batch size.")
+    return train, held_out
+
+
+def reward_model_stage(cfg, init_path: str, data: tuple[list, list], out_dir: Path) -> dict[str, float]:
+    from rlhf_dist.stages.reward_model import run_reward_model
+
+    rm = cfg.reward_model
     spec = _spec(cfg, rm.batch_size, rm.micro_batch_size, rm.lr, rm.steps, "constant")
-    return run_reward_model(init_path, str(out_dir), train, held_out, spec, rm.steps, rm.eval_every)
+    return run_reward_model(init_path, str(out_dir), data[0], data[1], spec, rm.steps, rm.eval_every)
 
 
 def run_stage(dict_cfg) -> dict:
@@ -86,15 +97,18 @@ def run_stage(dict_cfg) -> dict:
     if cfg.stage == "full_recipe":
         return run_full_recipe(cfg, dict_cfg, run_dir)
     inputs = prepare(cfg)
+    if cfg.stage == "sft":
+        if not cfg.sft.train_file:
+            raise DatasetError("stage=sft needs sft.train_file=<records.jsonl|.parquet|...>.")
+        data = sft_data(cfg, inputs["model_path"], cfg.sft.train_file)
+    else:
+        data = reward_model_data(cfg, cfg.reward_model.train_files, cfg.reward_model.eval_file)
     with ray_session(cfg):
         if cfg.stage == "sft":
-            if not cfg.sft.train_file:
-                raise DatasetError("stage=sft needs sft.train_file=<records.jsonl|.parquet|...>.")
-            summary = sft_stage(cfg, inputs["model_path"], cfg.sft.train_file, run_dir / "sft_model")
+            summary = sft_stage(cfg, inputs["model_path"], data, run_dir / "sft_model")
         else:
             init = cfg.reward_model.init_path or inputs["model_path"]
-            summary = reward_model_stage(cfg, init, cfg.reward_model.train_files,
-                                         cfg.reward_model.eval_file, run_dir / "reward_model")
+            summary = reward_model_stage(cfg, init, data, run_dir / "reward_model")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return summary
@@ -112,11 +126,12 @@ def run_full_recipe(cfg, dict_cfg, run_dir: Path) -> dict:
     data = build_recipe_data(inputs["task"], run_dir / "data", rc.num_prompts, rc.num_pairs,
                              tuple(rc.error_levels), rc.beta, rc.seed)
     print(f"[recipe] data: {json.dumps(data['stats'])}", flush=True)
+    sft_records = sft_data(cfg, inputs["model_path"], str(data["sft"]))
+    pairs = reward_model_data(cfg, [str(data["rankings"]), str(data["pairs"])], str(data["eval_pairs"]))
     with ray_session(cfg):
-        sft = sft_stage(cfg, inputs["model_path"], str(data["sft"]), run_dir / "sft_model")
+        sft = sft_stage(cfg, inputs["model_path"], sft_records, run_dir / "sft_model")
         rm_init = str(run_dir / "sft_model") if rc.rm_init == "sft" else inputs["model_path"]
-        rm = reward_model_stage(cfg, rm_init, [str(data["rankings"]), str(data["pairs"])],
-                                str(data["eval_pairs"]), run_dir / "reward_model")
+        rm = reward_model_stage(cfg, rm_init, pairs, run_dir / "reward_model")
         rm_dir = str(run_dir / "reward_model")
         rl_cfg = dataclasses.replace(
             cfg, model=dataclasses.replace(cfg.model, path=str(run_dir / "sft_model")),
