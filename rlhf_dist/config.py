@@ -1,8 +1,8 @@
-"""Config schema: dataclasses registered in Hydra's ConfigStore, plus validation.
+"""Config schema: dataclasses registered in Hydra's ConfigStore.
 
 The dataclasses are the schema (types, defaults, one comment per field); YAML files under conf/
-only pick group options and override values. `validate(cfg)` runs once, before any actor starts,
-and raises `ConfigError` that says what was given, what was expected and how to fix it.
+only pick group options and override values. `rlhf_dist.validation.validate(cfg)` checks values
+and their consistency once, before any actor starts.
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
 
-from rlhf_dist.errors import ConfigError
 
 
 @dataclass
@@ -301,82 +299,6 @@ def register_configs() -> None:
     cs.store(name="rl_schema", node=RLConfig)
 
 
-_CHOICES = {
-    "model.dtype": ("float32", "bfloat16"),
-    "rollout.dtype": ("float32", "bfloat16"),
-    "rollout.sync_transport": ("object_store",),
-    "learner.backend": ("auto", "gloo", "nccl"),
-    "learner.optim.scheduler": ("constant", "linear", "cosine"),
-    "critic.optim.scheduler": ("constant", "linear", "cosine"),
-    "cluster.device": ("cpu", "cuda"),
-    "logger.wandb.mode": ("offline", "online", "disabled"),
-    "stage": ("rl", "sft", "reward_model", "full_recipe"),
-    "sft.on_bad": ("error", "skip"),
-    "task.long_prompts": ("truncate", "drop", "error"),
-    "recipe.rm_init": ("sft", "base"),
-    "reward_model.on_bad": ("error", "skip"),
-    "algo.name": ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gspo", "ppo"),
-}
-
-_POSITIVE = (
-    "trainer.total_steps", "trainer.prompts_per_step", "rollout.num_engines",
-    "rollout.n_samples_per_prompt", "rollout.max_new_tokens", "rollout.tensor_parallel_size",
-    "rollout.sync_bucket_mb", "rollout.sync_timeout_s", "learner.world_size",
-    "learner.mini_batch_size", "learner.micro_batch_size", "learner.optim.lr", "algo.ppo_epochs",
-    "algo.kl_horizon", "critic.optim.lr", "task.max_prompt_len", "sft.steps", "sft.batch_size", "sft.micro_batch_size",
-    "sft.lr", "sft.eval_every", "reward_model.steps", "reward_model.batch_size",
-    "reward_model.micro_batch_size", "reward_model.lr", "reward_model.eval_every",
-    "recipe.num_prompts", "recipe.num_pairs",
-)
-
-# (key, lowest, highest): closed ranges; None = unbounded on that side
-_RANGES = (
-    ("algo.gamma", 0.0, 1.0), ("algo.lam", 0.0, 1.0), ("algo.clip_low", 0.0, 1.0),
-    ("algo.clip_high", 0.0, None), ("algo.kl_coef", 0.0, None), ("algo.entropy_coef", 0.0, None),
-    ("critic.value_loss_coef", 0.0, None),
-)
-
-
-def _get(cfg: Any, dotted: str) -> Any:
-    node = cfg
-    for part in dotted.split("."):
-        node = getattr(node, part)
-    return node
-
-
-def validate(cfg: Any) -> None:
-    """Check values and their consistency; raise ConfigError naming the key and the fix."""
-    for key, choices in _CHOICES.items():
-        value = _get(cfg, key)
-        if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not one of {list(choices)}. "
-                              f"Fix: pass {key}=<one of those> on the command line.")
-    for key in _POSITIVE:
-        if not _get(cfg, key) > 0:
-            raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0.")
-    for key, low, high in _RANGES:
-        value = _get(cfg, key)
-        if (low is not None and value < low) or (high is not None and value > high):
-            bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
-            raise ConfigError(f"{key}={value!r} is out of range: expected {bounds}.")
-    for key in ("learner.zero_stage", "critic.zero_stage"):
-        if not 0 <= _get(cfg, key) <= 3:
-            raise ConfigError(f"{key}={_get(cfg, key)} must be 0, 1, 2 or 3.")
-    if not 0.0 < cfg.rollout.temperature:
-        raise ConfigError(f"rollout.temperature={cfg.rollout.temperature} must be > 0 for RL "
-                          "sampling (greedy decoding gives every sample of a group the same reward).")
-    if cfg.rollout.top_p != 1.0:
-        raise ConfigError(
-            f"rollout.top_p={cfg.rollout.top_p}: the engine's logprobs would then be taken over the "
-            "top-p truncated distribution while the learner's are over the full softmax, so the "
-            "importance ratio would compare different distributions. Expected rollout.top_p=1.0 "
-            "(tune exploration with rollout.temperature instead).")
-    _validate_algo(cfg)
-    _validate_batches(cfg)
-    _validate_rollout(cfg)
-    _validate_cluster(cfg)
-
-
 def uses_critic(cfg: Any) -> bool:
     """PPO-style estimators need state values, hence a critic."""
     return cfg.algo.advantage == "gae"
@@ -388,141 +310,3 @@ def critic_micro_batch_size(cfg: Any) -> int:
 
 def uses_reference(cfg: Any) -> bool:
     return cfg.algo.kl_coef > 0 and (cfg.algo.kl_in_reward or cfg.algo.kl_in_loss)
-
-
-def _check_registered(key: str, value: str, registry: dict) -> None:
-    if value not in registry:
-        raise ConfigError(f"{key}={value!r} is not registered; valid: {sorted(registry)}. "
-                          f"Fix: pass {key}=<one of those>.")
-
-
-def _validate_algo(cfg: Any) -> None:
-    from rlhf_dist.algo import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES
-
-    algo = cfg.algo
-    _check_registered("algo.advantage", algo.advantage, ADVANTAGE_ESTIMATORS)
-    _check_registered("algo.policy_loss", algo.policy_loss, POLICY_LOSSES)
-    _check_registered("algo.loss_agg", algo.loss_agg, LOSS_AGG_MODES)
-    _check_registered("algo.kl_reward_estimator", algo.kl_reward_estimator, KL_ESTIMATORS)
-    _check_registered("algo.kl_loss_estimator", algo.kl_loss_estimator, KL_ESTIMATORS)
-    if algo.clip_ratio_c is not None and algo.clip_ratio_c <= 1.0:
-        raise ConfigError(
-            f"algo.clip_ratio_c={algo.clip_ratio_c}: the dual-clip bound must be > 1 (it caps the "
-            "loss of negative-advantage tokens at -A * clip_ratio_c; typical 3.0). Fix: "
-            "algo.clip_ratio_c=3.0, or algo.clip_ratio_c=null to turn dual-clip off.")
-    for key in ("algo.kl_target", "algo.tis_cap", "critic.value_clip", "critic.micro_batch_size",
-                "reward.clip"):
-        value = _get(cfg, key)
-        if value is not None and value <= 0:
-            raise ConfigError(f"{key}={value} must be > 0 (or null to turn it off).")
-    group_based = algo.advantage in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
-    if group_based and cfg.rollout.n_samples_per_prompt < 2:
-        raise ConfigError(
-            f"algo.advantage={algo.advantage} compares samples within a group, but "
-            f"rollout.n_samples_per_prompt={cfg.rollout.n_samples_per_prompt}. Expected >= 2 "
-            "(typical: 4-16). Fix: rollout.n_samples_per_prompt=8.")
-    if uses_critic(cfg) and cfg.critic.world_size < 1:
-        raise ConfigError(
-            f"algo.advantage=gae (algo={algo.name}) needs a critic, but critic.world_size="
-            f"{cfg.critic.world_size}. Fix: critic.world_size=2 (and CPUs/GPUs for it: "
-            "cluster.cpus_per_critic / cluster.gpus_per_critic).")
-    if algo.kl_coef > 0 and not (algo.kl_in_reward or algo.kl_in_loss):
-        raise ConfigError(
-            f"algo.kl_coef={algo.kl_coef} but both algo.kl_in_reward and algo.kl_in_loss are "
-            "false, so the KL would go nowhere. Fix: set one of them true, or algo.kl_coef=0.")
-    if algo.kl_target is not None and not algo.kl_coef > 0:
-        raise ConfigError("algo.kl_target (adaptive KL) needs algo.kl_coef > 0 as its start value.")
-
-
-def _validate_batches(cfg: Any) -> None:
-    rollout_seqs = cfg.trainer.prompts_per_step * cfg.rollout.n_samples_per_prompt
-    ranks = cfg.learner.world_size
-    mini, micro = cfg.learner.mini_batch_size, cfg.learner.micro_batch_size
-    if rollout_seqs % mini:
-        raise ConfigError(
-            f"One rollout batch has trainer.prompts_per_step x rollout.n_samples_per_prompt = "
-            f"{cfg.trainer.prompts_per_step} x {cfg.rollout.n_samples_per_prompt} = {rollout_seqs} "
-            f"sequences, which is not a multiple of learner.mini_batch_size={mini}. "
-            f"Fix: pick a mini_batch_size that divides {rollout_seqs}.")
-    groups = [("learner", ranks, micro)]
-    if uses_critic(cfg):
-        groups.append(("critic", cfg.critic.world_size, critic_micro_batch_size(cfg)))
-    for section, ranks, micro in groups:  # the critic trains on the policy's mini-batches
-        if mini % ranks:
-            raise ConfigError(
-                f"learner.mini_batch_size={mini} does not split evenly over {section}.world_size="
-                f"{ranks} ranks. Fix: make mini_batch_size a multiple of {ranks}.")
-        per_rank = mini // ranks
-        if per_rank % micro:
-            raise ConfigError(
-                f"Each {section} rank gets learner.mini_batch_size / {section}.world_size = "
-                f"{mini}/{ranks} = {per_rank} sequences per optimizer step, which is not a "
-                f"multiple of {section}.micro_batch_size={micro}. Fix: "
-                f"{section}.micro_batch_size={_divisor(per_rank, micro)}.")
-    if cfg.warmup.steps and cfg.warmup.batch_size % cfg.learner.world_size:
-        raise ConfigError(
-            f"warmup.batch_size={cfg.warmup.batch_size} does not split over learner.world_size="
-            f"{cfg.learner.world_size} ranks. Fix: make it a multiple of {cfg.learner.world_size}.")
-    if cfg.trainer.prompts_per_step < cfg.rollout.num_engines:
-        raise ConfigError(
-            f"trainer.prompts_per_step={cfg.trainer.prompts_per_step} is smaller than "
-            f"rollout.num_engines={cfg.rollout.num_engines}: some engines would get no prompts.")
-
-
-def _divisor(total: int, at_most: int) -> int:
-    """Largest divisor of `total` not above `at_most` (for suggestions in messages)."""
-    return max(d for d in range(1, min(total, at_most) + 1) if total % d == 0)
-
-
-def _validate_rollout(cfg: Any) -> None:
-    if cfg.rollout.verify_sync and cfg.rollout.tensor_parallel_size > 1:
-        raise ConfigError(
-            f"rollout.verify_sync=true compares whole (unsharded) tensors, but "
-            f"rollout.tensor_parallel_size={cfg.rollout.tensor_parallel_size} shards them inside "
-            "each engine. Fix: add rollout.verify_sync=false (the per-step "
-            "sync/rollout_logprob_gap_max metric still checks the sync).")
-
-
-def _validate_cluster(cfg: Any) -> None:
-    if cfg.cluster.device == "cuda":
-        if cfg.cluster.gpus_per_learner <= 0 or cfg.cluster.gpus_per_engine <= 0:
-            raise ConfigError(
-                "cluster.device=cuda but cluster.gpus_per_learner / gpus_per_engine is 0. "
-                "Fix: use cluster=gpu8 (or set both to 1).")
-    if cfg.learner.backend == "nccl" and cfg.cluster.device != "cuda":
-        raise ConfigError("learner.backend=nccl needs cluster.device=cuda; on CPU use gloo or auto.")
-
-
-def check_override_keys(overrides: list[str]) -> None:
-    """Reject CLI overrides of keys the schema does not have, suggesting the closest valid key.
-
-    Hydra would also refuse them, but suggests `+key=value`, which a typed schema rejects too.
-    Group choices (`algo=grpo`), Hydra's own keys and `+`/`~` overrides are left to Hydra.
-    """
-    import dataclasses
-    import difflib
-
-    for override in overrides:
-        if "=" not in override or override[0] in "+~" or override.startswith("hydra"):
-            continue
-        key = override.split("=", 1)[0].split("@", 1)[0]
-        if key in ("experiment",):
-            continue
-        node: Any = RLConfig
-        parts = key.split(".")
-        for depth, part in enumerate(parts):
-            fields = {f.name: f for f in dataclasses.fields(node)}
-            if part not in fields:
-                where = ".".join(parts[:depth]) or "the top level"
-                close = difflib.get_close_matches(part, fields, n=1)
-                hint = f" Did you mean '{'.'.join(parts[:depth] + close)}'?" if close else ""
-                raise ConfigError(
-                    f"unknown config key '{key}'.{hint} Valid keys under {where}: "
-                    f"{', '.join(sorted(fields))}.")
-            factory = fields[part].default_factory  # sections are field(default_factory=Section)
-            if factory is dict:  # free-form mapping (e.g. task.options): any sub-key is allowed
-                break
-            if depth < len(parts) - 1:
-                if not dataclasses.is_dataclass(factory):
-                    raise ConfigError(f"config key '{key}': '{part}' is a value, not a section.")
-                node = factory

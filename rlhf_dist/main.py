@@ -24,7 +24,8 @@ if os.environ.get("RLHF_DIST_VERBOSE") != "1":
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_dist.config import RLConfig, check_override_keys, register_configs, validate
+from rlhf_dist.config import RLConfig, register_configs
+from rlhf_dist.validation import check_override_keys, validate
 from rlhf_dist.errors import DatasetError, RlhfDistError
 
 

@@ -6,7 +6,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from rlhf_dist.config import RLConfig, check_override_keys, validate
+from rlhf_dist.config import RLConfig
+from rlhf_dist.validation import check_override_keys, validate
 from rlhf_dist.errors import ConfigError
 from rlhf_dist.main import conf_dir
 
