@@ -67,6 +67,7 @@ def prepare(cfg: RLConfig) -> dict:
     from rlhf_dist.data.prompts import load_prompt_records
     from rlhf_dist.data.reward_fn import check_reward_fn, load_reward_fn
     from rlhf_dist.data.tasks import get_task
+    from rlhf_dist.models.hf import load_tokenizer
     from rlhf_dist.models.tiny import check_model_dir, ensure_tiny_model
 
     validate(cfg)
@@ -84,8 +85,9 @@ def prepare(cfg: RLConfig) -> dict:
                      else task.make_records("train", cfg.task.num_train, cfg.task.seed))
     eval_records = (load_prompt_records(cfg.task.eval_file) if cfg.task.eval_file
                     else task.make_records("eval", cfg.task.num_eval, cfg.task.seed))
-    train_records = fit_prompts(cfg, train_records, model_path, "train")
-    eval_records = fit_prompts(cfg, eval_records, model_path, "eval")
+    tokenizer = load_tokenizer(str(model_path))
+    train_records = fit_prompts(cfg, train_records, tokenizer, "train")
+    eval_records = fit_prompts(cfg, eval_records, tokenizer, "eval")
     if not train_records:
         raise DatasetError("the train prompt set is empty (task.num_train or task.prompts_file).")
     if len(train_records) < cfg.trainer.prompts_per_step:
@@ -104,12 +106,10 @@ def prepare(cfg: RLConfig) -> dict:
             "eval": eval_records, "reward_spec": reward_spec}
 
 
-def fit_prompts(cfg: RLConfig, records: list[dict], model_path, split: str) -> list[dict]:
+def fit_prompts(cfg: RLConfig, records: list[dict], tokenizer, split: str) -> list[dict]:
     """Hold every prompt to task.max_prompt_len tokens (the engines' budget), before Ray starts."""
     from rlhf_dist.data.records import fit_prompt_length
-    from rlhf_dist.models.hf import load_tokenizer
 
-    tokenizer = load_tokenizer(str(model_path))
     policy = "drop" if cfg.task.long_prompts == "error" else cfg.task.long_prompts
     kept, dropped, truncated = fit_prompt_length(records, tokenizer, cfg.task.max_prompt_len, policy)
     if dropped and cfg.task.long_prompts == "error":
@@ -162,20 +162,14 @@ def ray_session(cfg: RLConfig):
 
 def run_warmup(cfg: RLConfig, inputs: dict, run_dir: Path) -> str:
     """The SFT stage on the task's own demonstrations, on the policy's learner ranks."""
-    from rlhf_dist.actors.ds_group import DSGroupSpec
+    from rlhf_dist.stages.recipe import stage_spec
     from rlhf_dist.stages.sft import run_sft
 
     task, records, warm = inputs["task"], inputs["train"], cfg.warmup
     print(f"[warmup] SFT stage: {warm.steps} steps on {len(records)} '{task.name}' demonstrations, "
           f"{cfg.learner.world_size} DeepSpeed rank(s)", flush=True)
-    ranks = cfg.learner.world_size
-    optim = dict(lr=warm.lr, weight_decay=0.0, betas=[0.9, 0.999], eps=1e-8, grad_clip=1.0,
-                 scheduler="linear", warmup_steps=0, min_lr_ratio=0.1)
-    spec = DSGroupSpec(ranks, cfg.learner.zero_stage, warm.batch_size // ranks, warm.batch_size, optim,
-                       warm.steps, cfg.cluster.cpus_per_learner, cfg.cluster.gpus_per_learner,
-                       device=cfg.cluster.device, backend=cfg.learner.backend,
-                       placement_timeout_s=cfg.cluster.placement_timeout_s,
-                       init_timeout_s=cfg.learner.init_timeout_s)
+    spec = stage_spec(cfg, warm.batch_size, warm.batch_size // cfg.learner.world_size, warm.lr,
+                      warm.steps, "linear")
     out = run_dir / "warmup_model"
     demos = [(r["prompt"], task.demonstration(r)) for r in records]
     held_out = [(r["prompt"], task.demonstration(r)) for r in inputs["eval"] if "target" in r]

@@ -58,7 +58,7 @@ class RunningNorm:
     def __init__(self) -> None:
         self.count, self.mean, self.m2 = 0, 0.0, 0.0
 
-    def __call__(self, values: list[float]) -> list[float]:
+    def update(self, values: list[float]) -> None:
         batch = torch.tensor(values, dtype=torch.float64)
         n, mean, var = len(values), float(batch.mean()), float(batch.var(unbiased=False))
         total = self.count + n
@@ -66,6 +66,9 @@ class RunningNorm:
         self.mean += delta * n / total
         self.m2 += var * n + delta**2 * self.count * n / total
         self.count = total
+
+    def normalize(self, values: list[float]) -> list[float]:
+        """(v - mean) / std with the statistics so far (std 1 before two scores are seen)."""
         std = math.sqrt(self.m2 / max(1, self.count - 1)) if self.count > 1 else 1.0
         return [(v - self.mean) / (std + 1e-8) for v in values]
 
@@ -93,7 +96,9 @@ class RewardActor:
         model = self.model.score(records, completions) if self.model else None
         shaped = model
         if model is not None and self.norm is not None:
-            shaped = self.norm(model) if update_stats else _normalized(model, self.norm)
+            if update_stats:
+                self.norm.update(model)
+            shaped = self.norm.normalize(model)
         if shaped is not None and self.clip is not None:
             shaped = [max(-self.clip, min(self.clip, v)) for v in shaped]
         reward = [0.0] * len(completions)
@@ -103,7 +108,3 @@ class RewardActor:
             reward = [r + self.model_weight * v for r, v in zip(reward, shaped)]
         return {"reward": reward, "rule": rule, "model": model}
 
-
-def _normalized(values: list[float], norm: RunningNorm) -> list[float]:
-    std = math.sqrt(norm.m2 / max(1, norm.count - 1)) if norm.count > 1 else 1.0
-    return [(v - norm.mean) / (std + 1e-8) for v in values]

@@ -26,7 +26,7 @@ from rlhf_dist.data.records import render_prompt
 from rlhf_dist.errors import DatasetError
 
 
-def _spec(cfg, batch_size: int, micro_batch_size: int, lr: float, steps: int, scheduler: str) -> DSGroupSpec:
+def stage_spec(cfg, batch_size: int, micro_batch_size: int, lr: float, steps: int, scheduler: str) -> DSGroupSpec:
     """A stage's DeepSpeed group: the policy learner's ranks, ZeRO stage and resources."""
     optim = dict(lr=lr, weight_decay=0.0, betas=[0.9, 0.999], eps=1e-8, grad_clip=1.0,
                  scheduler=scheduler, warmup_steps=0, min_lr_ratio=0.1)
@@ -54,7 +54,7 @@ def sft_stage(cfg, model_path: str, data: tuple[list, list], out_dir: Path) -> d
     from rlhf_dist.stages.sft import run_sft
 
     sft = cfg.sft
-    spec = _spec(cfg, sft.batch_size, sft.micro_batch_size, sft.lr, sft.steps, "linear")
+    spec = stage_spec(cfg, sft.batch_size, sft.micro_batch_size, sft.lr, sft.steps, "linear")
     return run_sft(model_path, str(out_dir), data[0], data[1], spec, sft.steps, sft.eval_every)
 
 
@@ -80,7 +80,7 @@ def reward_model_stage(cfg, init_path: str, data: tuple[list, list], out_dir: Pa
     from rlhf_dist.stages.reward_model import run_reward_model
 
     rm = cfg.reward_model
-    spec = _spec(cfg, rm.batch_size, rm.micro_batch_size, rm.lr, rm.steps, "constant")
+    spec = stage_spec(cfg, rm.batch_size, rm.micro_batch_size, rm.lr, rm.steps, "constant")
     return run_reward_model(init_path, str(out_dir), data[0], data[1], spec, rm.steps, rm.eval_every)
 
 
