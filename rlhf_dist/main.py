@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import time
@@ -25,7 +26,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_dist.config import RLConfig, register_configs
-from rlhf_dist.validation import check_override_keys, validate
+from rlhf_dist.validation import check_override_keys, check_tensor_parallel, validate
 from rlhf_dist.errors import DatasetError, RlhfDistError
 
 
@@ -81,6 +82,8 @@ def prepare(cfg: RLConfig) -> dict:
             seed=tiny.seed)
     else:
         model_path = check_model_dir(cfg.model.path)
+    check_tensor_parallel(json.loads((Path(model_path) / "config.json").read_text()),
+                          cfg.rollout.tensor_parallel_size, str(model_path))
     train_records = (load_prompt_records(cfg.task.prompts_file) if cfg.task.prompts_file
                      else task.make_records("train", cfg.task.num_train, cfg.task.seed))
     eval_records = (load_prompt_records(cfg.task.eval_file) if cfg.task.eval_file

@@ -101,8 +101,8 @@ class RLTrainer:
                                           cfg.learner.init_timeout_s)
         if self.critics is not None:
             self.critics.wait(critic_refs, "critic start-up (DeepSpeed init)", cfg.critic.init_timeout_s)
-        self.packed_modules = self.engines.run("packed_modules", timeout_s=60)[0]
         self.num_params = learner_info[0]["num_params"]
+        self._prepare_sync()
         return {"startup/total_s": time.perf_counter() - start,
                 "startup/engine_init_s": max(e["init_s"] for e in engine_info),
                 "startup/learner_init_s": max(l["init_s"] for l in learner_info)}
@@ -110,7 +110,9 @@ class RLTrainer:
     def _start_engines(self) -> ActorGroup:
         cfg, cl = self.cfg, self.cfg.cluster
         num_engines = cfg.rollout.num_engines
-        bind = "auto" if num_engines == 1 or cl.device != "cpu" else "nobind"
+        # vLLM's auto-binding gives each CPU worker its own NUMA node: one engine worker only
+        alone = num_engines == 1 and cfg.rollout.tensor_parallel_size == 1
+        bind = "auto" if alone or cl.device != "cpu" else "nobind"
         engine_kwargs = dict(
             model_path=self.model_path, dtype=cfg.rollout.dtype,
             max_model_len=cfg.rollout.max_new_tokens + cfg.task.max_prompt_len,
@@ -211,8 +213,9 @@ class RLTrainer:
         keys = ["input_ids", "attention_mask", "response_mask", "rollout_logprobs", "advantages"]
         keys += [k for k in ("ref_logprobs", "old_logprobs") if k in batch.tensors]
         orders = [torch.randperm(len(batch), generator=self.generator) for _ in range(algo.ppo_epochs)]
+        budget = cfg.learner.max_tokens_per_micro_batch
         refs = self.learners.call_each("train_step", [
-            (part, loss_cfg, step) for part in shard_minibatches(batch, keys, orders, cfg.learner.mini_batch_size,
+            (part, loss_cfg, step, budget) for part in shard_minibatches(batch, keys, orders, cfg.learner.mini_batch_size,
                                                                  len(self.learners))])
         groups = [self.learners]
         if self.critics is not None:
@@ -220,7 +223,7 @@ class RLTrainer:
                              horizon=cfg.rollout.max_new_tokens, value_loss_coef=cfg.critic.value_loss_coef)
             critic_keys = ["input_ids", "attention_mask", "response_mask", "values", "returns"]
             refs += self.critics.call_each("train_step", [
-                (part, value_cfg, step) for part in shard_minibatches(
+                (part, value_cfg, step, budget) for part in shard_minibatches(
                     batch, critic_keys, orders, cfg.learner.mini_batch_size, len(self.critics))])
             groups.append(self.critics)
         names = [name for group in groups for name in group.names]
@@ -230,36 +233,71 @@ class RLTrainer:
             merged.update(merge_rank_metrics(results[len(self.learners):], _ADDITIVE))
         return merged
 
+    def _prepare_sync(self) -> None:
+        """Once: the bucket plan, the engines' fusion map and shard layout, the weight group."""
+        ro = self.cfg.rollout
+        self.sync_plan = self.learners.run("weight_plan", ro.sync_bucket_mb, ro.dtype, timeout_s=60)[0]
+        self.packed_modules = self.engines.run("packed_modules", timeout_s=60)[0]
+        self.weight_layouts = self.engines.run("weight_layout", timeout_s=60)[0]  # one per TP worker
+        if ro.sync_transport == "collective":
+            self.open_weight_group()
+
+    def open_weight_group(self) -> None:
+        """(Re)build the collective transport's group: learner rank 0 + every engine worker.
+
+        Also the way back after a failed collective sync, whose group is left in an unknown state.
+        """
+        ro = self.cfg.rollout
+        host, port = self.learners.run("weight_group_address", timeout_s=60)[0]
+        tp, backend = ro.tensor_parallel_size, "gloo" if self.cfg.cluster.device == "cpu" else "nccl"
+        world = 1 + len(self.engines) * tp
+        refs = [self.learners.actors[0].open_weight_group.remote(host, port, world, backend, ro.sync_timeout_s)]
+        refs += self.engines.call_each("open_weight_group", [
+            (host, port, 1 + i * tp, world, backend, ro.sync_timeout_s, self.sync_plan, ro.dtype)
+            for i in range(len(self.engines))])
+        wait_all(refs, self.learners.names[:1] + self.engines.names, "opening the weight group",
+                 ro.sync_timeout_s + 30)
+
     def sync_weights(self) -> dict[str, float]:
-        """Phase 5: learner -> object store buckets -> every engine's in-place reload.
+        """Phase 5: learner -> every engine's in-place reload, by object store or collective.
 
         With verification, the learner hashes its weights while the engines load them, and each
-        engine hashes what it holds afterwards; any difference stops the run.
+        engine worker hashes what it holds afterwards (its shard, under tensor parallelism); any
+        difference stops the run. The controller receives summaries and checksums, never weights.
         """
         ro = self.cfg.rollout
         # ZeRO-3 gathers are collective, so every rank joins; otherwise rank 0 holds everything
         ranks = self.learners.actors if self.cfg.learner.zero_stage == 3 else self.learners.actors[:1]
         names = self.learners.names[: len(ranks)]
-        refs = [r.publish_weights.remote(ro.sync_bucket_mb, ro.dtype, self.packed_modules) for r in ranks]
-        # engines get the publish ref itself (in a list, so Ray does not resolve it here) and
-        # start loading as soon as it resolves; the learner hashes its weights meanwhile
-        loads = self.engines.call("load_published", [refs[0]], ro.sync_timeout_s, ro.verify_sync)
-        if ro.verify_sync:
-            sum_refs = [r.weight_checksums.remote(ro.dtype, self.packed_modules) for r in ranks]
-        published = wait_all(refs, names, "weight publish", ro.sync_timeout_s)[0]
-        results = self.engines.wait(loads, "weight sync", ro.sync_timeout_s)
-        metrics = {"sync/buckets": float(published["buckets"]), "sync/mb": published["bytes"] / 2**20,
-                   "sync/engine_load_s": max(r["load_s"] for r in results),
-                   "sync/engine_verify_s": max(r.get("verify_s", 0.0) for r in results)}
+        if ro.sync_transport == "collective":
+            sends = [r.broadcast_weights.remote(self.sync_plan, ro.dtype, ro.sync_timeout_s) for r in ranks]
+            loads = self.engines.call("receive_weights", ro.sync_timeout_s, ro.verify_sync)
+        else:
+            pairs = [r.publish_weights.options(num_returns=2).remote(self.sync_plan, ro.dtype) for r in ranks]
+            sends = [summary for _, summary in pairs]
+            # engines get the manifest ref itself (in a list, so Ray does not resolve it here) and
+            # start loading as soon as it resolves
+            loads = self.engines.call("load_published", [pairs[0][0]], ro.sync_timeout_s, ro.verify_sync)
+        if ro.verify_sync:  # the learner hashes its weights while the engines load them
+            sum_refs = [r.weight_checksums.remote(self.sync_plan, ro.dtype, self.packed_modules,
+                                                  self.weight_layouts) for r in ranks]
+        results = wait_all(sends + loads, names + self.engines.names, "weight sync", ro.sync_timeout_s + 30)
+        sent, loaded = results[0], results[len(sends):]
+        metrics = {"sync/buckets": float(sent["buckets"]), "sync/mb": sent["bytes"] / 2**20,
+                   "sync/send_s": sent["publish_s"],
+                   "sync/engine_load_s": max(r["load_s"] for r in loaded),
+                   "sync/engine_verify_s": max(r.get("verify_s", 0.0) for r in loaded)}
         if ro.verify_sync:
             expected = wait_all(sum_refs, names, "weight checksums", ro.sync_timeout_s)[0]
-            for name, result in zip(self.engines.names, results):
-                problems = diff_checksums(expected, result["checksums"])
-                if problems:
-                    raise WeightSyncError(
-                        f"{name} holds different weights than the learner after sync "
-                        f"({len(problems)} tensors differ): " + "; ".join(problems[:5]))
-            metrics["sync/verified_tensors"] = float(len(expected))
+            for name, result in zip(self.engines.names, loaded):
+                for tp_rank, (want, held) in enumerate(zip(expected, result["checksums"])):
+                    problems = diff_checksums(want, held)
+                    if problems:
+                        shard = f" (tensor-parallel shard {tp_rank})" if len(expected) > 1 else ""
+                        raise WeightSyncError(
+                            f"{name}{shard} holds different weights than the learner after sync "
+                            f"({len(problems)} tensors differ): " + "; ".join(problems[:5]))
+            metrics["sync/verified_tensors"] = float(sum(len(e) for e in expected))
         return metrics
 
     # ------------------------------------------------------------------ one step

@@ -13,7 +13,7 @@ from rlhf_dist.errors import ConfigError
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "rollout.dtype": ("float32", "bfloat16"),
-    "rollout.sync_transport": ("object_store",),
+    "rollout.sync_transport": ("object_store", "collective"),
     "learner.backend": ("auto", "gloo", "nccl"),
     "learner.optim.scheduler": ("constant", "linear", "cosine"),
     "critic.optim.scheduler": ("constant", "linear", "cosine"),
@@ -155,6 +155,15 @@ def _validate_batches(cfg: Any) -> None:
                 f"{mini}/{ranks} = {per_rank} sequences per optimizer step, which is not a "
                 f"multiple of {section}.micro_batch_size={micro}. Fix: "
                 f"{section}.micro_batch_size={_divisor(per_rank, micro)}.")
+    budget = cfg.learner.max_tokens_per_micro_batch
+    longest = cfg.task.max_prompt_len + cfg.rollout.max_new_tokens
+    if budget and not budget >= longest:
+        raise ConfigError(
+            f"learner.max_tokens_per_micro_batch={budget} is smaller than one sequence of maximum "
+            f"length: task.max_prompt_len + rollout.max_new_tokens = {cfg.task.max_prompt_len} + "
+            f"{cfg.rollout.max_new_tokens} = {longest} tokens. Fix: learner.max_tokens_per_micro_batch"
+            f"={longest} or more (a multiple of it fits that many long sequences), or 0 to use "
+            "learner.micro_batch_size rows.")
     if cfg.warmup.steps and cfg.warmup.batch_size % cfg.learner.world_size:
         raise ConfigError(
             f"warmup.batch_size={cfg.warmup.batch_size} does not split over learner.world_size="
@@ -171,12 +180,38 @@ def _divisor(total: int, at_most: int) -> int:
 
 
 def _validate_rollout(cfg: Any) -> None:
-    if cfg.rollout.verify_sync and cfg.rollout.tensor_parallel_size > 1:
+    ro, device = cfg.rollout, cfg.cluster.device
+    tp = ro.tensor_parallel_size
+    if ro.sync_transport == "object_store" and tp > 1:
         raise ConfigError(
-            f"rollout.verify_sync=true compares whole (unsharded) tensors, but "
-            f"rollout.tensor_parallel_size={cfg.rollout.tensor_parallel_size} shards them inside "
-            "each engine. Fix: add rollout.verify_sync=false (the per-step "
-            "sync/rollout_logprob_gap_max metric still checks the sync).")
+            f"rollout.sync_transport=object_store with rollout.tensor_parallel_size={tp}: the object "
+            "store feeds one in-process engine worker, and a tensor-parallel engine has one process "
+            "per shard. Fix: add rollout.sync_transport=collective (every shard receives the "
+            "broadcast).")
+    if device == "cpu":
+        import os
+
+        cores = os.cpu_count() or 1
+        if tp > cores:
+            raise ConfigError(
+                f"rollout.tensor_parallel_size={tp} but this machine has {cores} CPU cores; each "
+                f"shard is a process that needs at least one. Fix: rollout.tensor_parallel_size<={cores}.")
+    elif tp > 1 and cfg.cluster.gpus_per_engine != tp:
+        raise ConfigError(
+            f"rollout.tensor_parallel_size={tp} needs {tp} GPUs per engine, but "
+            f"cluster.gpus_per_engine={cfg.cluster.gpus_per_engine}. Fix: add cluster.gpus_per_engine={tp}.")
+
+
+def check_tensor_parallel(model_config: dict, tp: int, model_path: str) -> None:
+    """A tensor-parallel size must divide the attention (and key/value) head counts."""
+    heads = model_config.get("num_attention_heads")
+    kv_heads = model_config.get("num_key_value_heads") or heads
+    if tp > 1 and heads and (heads % tp or kv_heads % tp):
+        raise ConfigError(
+            f"rollout.tensor_parallel_size={tp} does not divide the model's attention heads "
+            f"({heads} query, {kv_heads} key/value heads, {model_path}); vLLM splits heads across "
+            f"shards. Fix: use a tensor_parallel_size that divides {kv_heads}, e.g. "
+            f"{_divisor(kv_heads, tp)}.")
 
 
 def _validate_cluster(cfg: Any) -> None:

@@ -83,11 +83,44 @@ def test_response_logprobs_ignore_padding(tiny_model_dir):
 
 
 def test_engine_checksums_compare_only_the_unpadded_block():
-    from rlhf_dist.distributed.checksum import engine_checksums, narrow_to
+    from rlhf_dist.distributed.checksum import expected_checksums, held_checksums, narrow_to
 
     learner = torch.randn(98, 16)
     engine = torch.cat([learner, torch.zeros(30, 16)])  # vLLM pads vocab rows to 128
     assert torch.equal(narrow_to(engine, learner.shape), learner)
     assert narrow_to(torch.zeros(50, 16), learner.shape) is None
-    sums = engine_checksums({"embed": engine, "extra": torch.ones(3)}, {"embed": [98, 16]})
-    assert sums["embed"] == tensor_checksum(learner) and "extra" in sums
+    layout = {"embed": [(0, 0, 0, 98)], "norm": [(0, 0, 0, 3)]}
+    held = held_checksums({"embed": engine, "norm": torch.ones(3)}, layout)
+    want = expected_checksums({"embed": learner, "norm": torch.ones(3), "extra": torch.ones(2)}, layout)
+    assert held["embed"] == want["embed"] == [tensor_checksum(learner)]
+    assert diff_checksums(want, held) == ["extra: sent by the learner, absent in the engine"]
+
+
+def test_tensor_parallel_shards_are_checked_against_the_matching_slices():
+    """Shards cut the way vLLM cuts them (per fused part for qkv, by columns for row-parallel)."""
+    from rlhf_dist.distributed.checksum import expected_checksums, held_checksums
+
+    q, k, v = torch.randn(8, 4), torch.randn(4, 4), torch.randn(4, 4)
+    down = torch.randn(4, 6)
+    learner = {"qkv": torch.cat([q, k, v]), "down": down}
+    for rank in range(2):
+        shard = {"qkv": torch.cat([q[4 * rank:4 * rank + 4], k[2 * rank:2 * rank + 2], v[2 * rank:2 * rank + 2]]),
+                 "down": down[:, 3 * rank:3 * rank + 3]}
+        # (dim, local start, global start, length), as rlhf_dist.actors.vllm_worker.shard_layout makes them
+        layout = {"qkv": [(0, 0, 4 * rank, 4), (0, 4, 8 + 2 * rank, 2), (0, 6, 12 + 2 * rank, 2)],
+                  "down": [(1, 0, 3 * rank, 3)]}
+        assert diff_checksums(expected_checksums(learner, layout), held_checksums(shard, layout)) == []
+        swapped = dict(shard, qkv=torch.cat([shard["qkv"][:4], shard["qkv"][6:], shard["qkv"][4:6]]))
+        problems = diff_checksums(expected_checksums(learner, layout), held_checksums(swapped, layout))
+        assert len(problems) == 1 and problems[0].startswith("qkv")
+
+
+def test_checksum_in_chunks_equals_the_one_shot_sum(monkeypatch):
+    from rlhf_dist.distributed import checksum
+
+    weights = torch.randn(300, 7)
+    bits = weights.view(-1).view(torch.int32).to(torch.int64)
+    one_shot = int((bits * (torch.arange(bits.numel()) % 65521 + 1)).sum())
+    monkeypatch.setattr(checksum, "_CHUNK", 64)  # 33 chunks, the last one partial
+    assert checksum.tensor_checksum(weights) == one_shot
+    assert checksum.tensor_checksum(weights.t()) != one_shot  # a non-contiguous view is hashed in its own order

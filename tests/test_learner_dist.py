@@ -47,11 +47,13 @@ def minibatch(tiny_model_dir):
     return make_minibatch(tiny_model_dir)
 
 
-def make_minibatch(tiny_model_dir):
+def make_minibatch(tiny_model_dir, prompt_lens=None, response_lens=None):
     """8 sequences of different lengths whose rollout logprobs are the model's own (ratio = 1)."""
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 98, (int(n),), generator=gen).tolist() for n in torch.randint(3, 7, (MINI,), generator=gen)]
-    responses = [torch.randint(3, 98, (int(n),), generator=gen).tolist() for n in torch.randint(1, 6, (MINI,), generator=gen)]
+    prompt_lens = prompt_lens or torch.randint(3, 7, (MINI,), generator=gen).tolist()
+    prompts = [torch.randint(3, 98, (n,), generator=gen).tolist() for n in prompt_lens]
+    response_lens = response_lens or torch.randint(1, 6, (MINI,), generator=gen).tolist()
+    responses = [torch.randint(3, 98, (n,), generator=gen).tolist() for n in response_lens]
     batch = collate_rollouts(prompts, responses, [[0.0] * len(r) for r in responses], pad_id=0)
     model = disable_dropout(load_causal_lm(str(tiny_model_dir)))
     with torch.no_grad():
@@ -63,12 +65,12 @@ def make_minibatch(tiny_model_dir):
     return batch
 
 
-def _torch_reference_step(model_dir, batch):
+def _torch_reference_step(model_dir, batch, loss_cfg=LOSS_CFG):
     """Plain torch: loss of the whole mini-batch, one AdamW step."""
     model = disable_dropout(load_causal_lm(str(model_dir)))
     logprobs, entropy = response_logprobs(model, batch["input_ids"], batch["attention_mask"],
                                           batch.prompt_width, with_entropy=True)
-    cfg = {k: v for k, v in LOSS_CFG.items() if k not in ("temperature", "tis_cap")}
+    cfg = {k: v for k, v in loss_cfg.items() if k not in ("temperature", "tis_cap")}
     loss, _, _ = policy_objective(logprobs, batch["rollout_logprobs"], batch["advantages"],
                                   batch["response_mask"], ref_logprobs=batch["ref_logprobs"],
                                   entropy=entropy, **cfg)
@@ -78,30 +80,39 @@ def _torch_reference_step(model_dir, batch):
     return {n: p.detach() for n, p in model.named_parameters()}
 
 
-def _ds_step(model_dir, batch, ranks, micro, zero_stage):
+def _ds_step(model_dir, batch, ranks, micro, zero_stage, max_tokens=0, loss_cfg=LOSS_CFG):
+    """One optimizer step on `ranks` learner ranks; returns (group, train metrics, init info)."""
     group = ActorGroup("learner", LearnerActor, ranks, 0.4, 0.0, 60,
                        [dict(rank=r, world_size=ranks, model_path=str(model_dir)) for r in range(ranks)])
     addr, port = group.run("address", timeout_s=60)[0]
     grad_accum = MINI // ranks // micro
-    group.wait(group.call("init", addr, port, "gloo", zero_stage, micro, grad_accum, OPTIM, 1,
-                          False, False, 300), "init", 600)
+    info = group.wait(group.call("init", addr, port, "gloo", zero_stage, micro, grad_accum, OPTIM, 1,
+                                 False, False, 300), "init", 600)
     num_tokens, num_seqs = count_normalizers(batch["response_mask"])
     shards = batch.chunk(ranks)
-    metrics = group.wait(group.call_each("train_step", [([(shard, float(num_tokens), float(num_seqs))], LOSS_CFG, 1)
-                                                        for shard in shards]), "train_step", 300)
-    return group, metrics
+    metrics = group.wait(group.call_each("train_step", [
+        ([(shard, float(num_tokens), float(num_seqs))], loss_cfg, 1, max_tokens) for shard in shards]),
+        "train_step", 300)
+    return group, metrics, info
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_two_ranks_two_accum_steps_equal_one_rank_and_torch(ray_local, tiny_model_dir, minibatch, zero_stage, kept):
     initial = {n: p.detach() for n, p in load_causal_lm(str(tiny_model_dir)).named_parameters()}
     expected = _torch_reference_step(tiny_model_dir, minibatch)
-    one, _ = _ds_step(tiny_model_dir, minibatch, ranks=1, micro=MINI, zero_stage=zero_stage)
+    one, _, _ = _ds_step(tiny_model_dir, minibatch, ranks=1, micro=MINI, zero_stage=zero_stage)
     single = one.run("get_weights", timeout_s=60)[0]
     one.kill()
-    two, metrics = _ds_step(tiny_model_dir, minibatch, ranks=2, micro=2, zero_stage=zero_stage)
+    two, metrics, info = _ds_step(tiny_model_dir, minibatch, ranks=2, micro=2, zero_stage=zero_stage)
     split = two.run("get_weights", timeout_s=60)
     assert all(m["optim/grad_norm"] > 0 for m in metrics)
+    num_params = sum(w.numel() for w in initial.values())
+    for rank_info in info:  # ZeRO-3 loads partitioned (zero.Init): no rank ever held the whole model
+        assert rank_info["num_params"] == num_params
+        if zero_stage == 3:
+            assert rank_info["local_params"] <= num_params // 2 + len(initial), rank_info
+        else:
+            assert rank_info["local_params"] == num_params
     moved = 0
     for name, want in expected.items():
         torch.testing.assert_close(single[name], want, rtol=1e-4, atol=1e-6, msg=f"1 rank vs torch: {name}")
@@ -126,9 +137,11 @@ def test_zero3_publish_from_two_ranks_reaches_the_engine_bit_exact(ray_local, ti
     engines = ActorGroup("rollout", RolloutActor, 1, 0.3, 0.0, 60, [dict(model_path=str(tiny_model_dir))])
     engines.wait(engines.call("ready"), "engine start", 600)
     packed = engines.run("packed_modules", timeout_s=60)[0]
-    refs = [a.publish_weights.remote(0.05, "float32", packed) for a in learners.actors]
-    result = engines.wait(engines.call("load_published", [refs[0]], 60.0, True), "load", 120)[0]
-    assert ray.get(refs[1]) is None  # rank 1 gathers with rank 0 but publishes nothing
+    plan = learners.run("weight_plan", 0.05, "float32", timeout_s=60)[0]
+    refs = [a.publish_weights.options(num_returns=2).remote(plan, "float32") for a in learners.actors]
+    result = engines.wait(engines.call("load_published", [refs[0][0]], 60.0, True), "load", 120)[0]
+    assert ray.get(refs[1][1]) is None  # rank 1 gathers with rank 0 but publishes nothing
+    assert ray.get(refs[0][1])["buckets"] == len(plan) > 1
     expected = fuse_like_engine(learners.run("get_weights", timeout_s=60)[0], packed)
     held = engines.run("get_weights", timeout_s=60)[0]
     initial = fuse_like_engine(dict(load_causal_lm(str(tiny_model_dir)).named_parameters()), packed)
@@ -139,3 +152,32 @@ def test_zero3_publish_from_two_ranks_reaches_the_engine_bit_exact(ray_local, ti
     assert result["buckets"] > 1
     engines.kill()
     learners.kill()
+
+
+# Responses of 1..12 tokens, long and short mixed within each rank's fixed-size micro-batches.
+# With a 31-token budget (P = 6) rank 0 packs [12] [11] [1, 1] and rank 1 [12] [11] [10] [9]; the
+# ranks agree on 4 forwards, so rank 0 halves its largest part.
+MIXED_PROMPTS, MIXED_RESPONSES, BUDGET = [3, 6, 4, 5, 6, 3, 5, 4], [1, 12, 1, 11, 12, 11, 10, 9], 31
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
+def test_token_budget_micro_batches_give_the_fixed_size_update_with_less_padding(ray_local, tiny_model_dir, zero_stage):
+    batch = make_minibatch(tiny_model_dir, MIXED_PROMPTS, MIXED_RESPONSES)
+    loss_cfg = dict(LOSS_CFG, entropy_coef=0.0)  # entropy computed as a metric only, no graph
+    expected = _torch_reference_step(tiny_model_dir, batch, loss_cfg)
+    runs = {}
+    for max_tokens in (0, BUDGET):
+        group, metrics, _ = _ds_step(tiny_model_dir, batch, ranks=2, micro=2, zero_stage=zero_stage,
+                                     max_tokens=max_tokens, loss_cfg=loss_cfg)
+        runs[max_tokens] = metrics, group.run("get_weights", timeout_s=60)
+        group.kill()
+    (fixed, fixed_weights), (budget, budget_weights) = runs[0], runs[BUDGET]
+    for name, want in expected.items():
+        for weights in fixed_weights + budget_weights:
+            torch.testing.assert_close(weights[name], want, rtol=1e-4, atol=1e-6, msg=name)
+    assert [m["perf/forwards"] for m in fixed] == [2.0, 2.0]
+    assert [m["perf/forwards"] for m in budget] == [4.0, 4.0]
+    padded = {k: sum(m["perf/padded_tokens"] for m in runs[k][0]) for k in runs}
+    assert padded == {0: 2 * 18 + 2 * 17 + 2 * 18 + 2 * 16, BUDGET: (18 + 17 + 7 + 7) + (18 + 17 + 16 + 15)}
+    assert budget[0]["perf/padded_token_frac"] < fixed[0]["perf/padded_token_frac"]
+    assert all(m["entropy/mean"] > 0 for m in budget)

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from rlhf_dist.actors.cluster import check_resources, init_ray
-from rlhf_dist.distributed.checksum import checksums, diff_checksums, fuse_like_engine, narrow_to
+from rlhf_dist.distributed.checksum import diff_checksums, expected_checksums, fuse_like_engine, narrow_to
 from rlhf_dist.errors import ActorDiedError, ClusterResourceError, RlhfDistError, WeightSyncError
 from rlhf_dist.main import conf_dir, prepare
 from rlhf_dist.models.hf import load_tokenizer
@@ -93,15 +93,14 @@ def test_engine_samples_from_the_synced_weights(trainer, tiny_model_dir):
 
 
 def test_verification_catches_a_corrupted_bucket(trainer):
-    _, expected = _learner_weights_as_engine_sees_them(trainer)
     weights = trainer.learners.run("get_weights", timeout_s=60)[0]
+    expected = expected_checksums(fuse_like_engine(weights, trainer.packed_modules), trainer.weight_layouts[0])
     name = "model.layers.1.mlp.down_proj.weight"
     weights[name] = weights[name].clone()
     weights[name][0, 0] += 1e-3
     ref = ray.put(list(weights.items()))
-    shapes = {n: list(t.shape) for n, t in expected.items()}
-    result = trainer.engines.run("load_weights", [ref], 30.0, shapes, timeout_s=60)[0]
-    problems = diff_checksums(checksums(expected), result["checksums"])
+    result = trainer.engines.run("load_weights", [ref], 30.0, True, timeout_s=60)[0]
+    problems = diff_checksums(expected, result["checksums"][0])
     assert len(problems) == 1 and problems[0].startswith(name)
     trainer.sync_weights()  # put the right weights back
 
@@ -113,7 +112,7 @@ def test_sync_with_a_bucket_that_never_arrives_times_out(trainer):
         time.sleep(600)
 
     with pytest.raises(WeightSyncError, match="did not arrive within 2 s"):
-        trainer.engines.run("load_weights", [never.remote()], 2.0, None, timeout_s=60)
+        trainer.engines.run("load_weights", [never.remote()], 2.0, timeout_s=60)
 
 
 def test_too_many_actors_for_the_cluster_is_a_clear_error(trainer):

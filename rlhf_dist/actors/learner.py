@@ -40,8 +40,11 @@ class LearnerActor(DeepSpeedRank):
         return self.forward_batch(batch, micro_batch_size, forward)
 
     def train_step(self, minibatches: list[tuple[Batch, float, float]], loss_cfg: dict[str, Any],
-                   step: int) -> dict[str, float]:
-        """ppo_epochs x mini-batches of policy updates on this rank's shards."""
+                   step: int, max_tokens: int = 0) -> dict[str, float]:
+        """ppo_epochs x mini-batches of policy updates on this rank's shards.
+
+        `max_tokens` > 0: micro-batches by padded-token budget instead of fixed size
+        (`DeepSpeedRank.run_minibatches`)."""
         loss_cfg = dict(loss_cfg)
         temperature, tis_cap = loss_cfg.pop("temperature"), loss_cfg.pop("tis_cap")
         first = [True]
@@ -51,7 +54,8 @@ class LearnerActor(DeepSpeedRank):
             mask = tensors["response_mask"]
             logprobs, entropy = response_logprobs(  # through the engine: ZeRO-3 counts micro-steps there
                 self.ds_engine, tensors["input_ids"], tensors["attention_mask"],
-                micro.prompt_width, temperature, with_entropy=True)
+                micro.prompt_width, temperature, with_entropy=True,
+                entropy_grad=loss_cfg["entropy_coef"] > 0)  # else a metric only: no (B, T, V) graph
             # old_logprobs: the learner's own (recomputed) when present, else the engine's
             old_logprobs = tensors.get("old_logprobs", tensors["rollout_logprobs"])
             is_weights, is_stats = None, {}
@@ -72,11 +76,29 @@ class LearnerActor(DeepSpeedRank):
                 first[0] = False
             return loss, metrics, stats
 
-        return self.run_minibatches(minibatches, micro_loss, step)
+        return self.run_minibatches(minibatches, micro_loss, step, max_tokens=max_tokens)
 
-    def publish_weights(self, bucket_mb: float, dtype: str,
-                        packed_modules: dict[str, list[str]]) -> dict[str, Any] | None:
-        return self.publisher.publish(bucket_mb, dtype, packed_modules)
+    # ------------------------------------------------------------------ weights -> engines
+    def weight_plan(self, bucket_mb: float, dtype: str) -> list:
+        return self.publisher.plan(bucket_mb, dtype)
 
-    def weight_checksums(self, dtype: str, packed_modules: dict[str, list[str]]) -> dict[str, int] | None:
-        return self.publisher.checksums(dtype, packed_modules)
+    def publish_weights(self, plan: list, dtype: str):
+        """Object-store transport; called with num_returns=2 -> (manifest, summary)."""
+        return self.publisher.publish(plan, dtype)
+
+    def weight_group_address(self) -> tuple[str, int]:
+        return self.address()
+
+    def open_weight_group(self, host: str, port: int, world_size: int, backend: str, timeout_s: float) -> None:
+        """Rank 0 joins (and hosts) the collective weight group as its rank 0."""
+        from rlhf_dist.distributed.transport import WeightGroup
+
+        self.weight_group = WeightGroup.open(host, port, 0, world_size, backend, timeout_s)
+
+    def broadcast_weights(self, plan: list, dtype: str, timeout_s: float) -> dict[str, Any] | None:
+        """Collective transport (every rank under ZeRO-3; rank 0 sends)."""
+        return self.publisher.broadcast(getattr(self, "weight_group", None), plan, dtype, timeout_s)
+
+    def weight_checksums(self, plan: list, dtype: str, packed_modules: dict[str, list[str]],
+                         layouts: list[dict]) -> list[dict[str, list[int]]] | None:
+        return self.publisher.checksums(plan, dtype, packed_modules, layouts)

@@ -1,9 +1,14 @@
 """Rollout actor: one long-lived vLLM engine that samples responses and takes new weights.
 
-The engine runs inside this actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so
-`collective_rpc` reaches the worker directly and weight tensors are passed by reference.
-New weights arrive as a list of Ray object refs (buckets of whole decoder layers) and are streamed
-into vLLM's own in-place loader, `model_runner.reload_weights`, one bucket at a time.
+The engine core runs inside this actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0). With
+tensor_parallel_size 1 its single worker is in-process too, so `collective_rpc` passes a
+generator and tensors by reference; with more, vLLM's multiprocessing executor starts one worker
+process per shard, reached only through the methods of rlhf_dist.actors.vllm_worker.
+
+New weights arrive by one of two transports (rollout.sync_transport), both streamed into vLLM's
+own in-place loader, `model_runner.reload_weights`, one bucket at a time:
+- object_store: a list of Ray object refs, fetched here (tensor_parallel_size 1);
+- collective: broadcast from the learner's rank 0 straight into every worker process.
 """
 
 from __future__ import annotations
@@ -14,42 +19,8 @@ from typing import Any
 
 import torch
 
+from rlhf_dist.actors.vllm_worker import keep_cpu_linear_weights, refresh_cpu_gemm_handles
 from rlhf_dist.errors import WeightSyncError
-
-
-def _keep_cpu_linear_weights() -> None:
-    """On CPU, vLLM packs linear weights into oneDNN/SGL handles and frees `layer.weight`.
-
-    An in-place reload does not rebuild those handles (measured with vLLM 0.32: after
-    `reload_weights` the engine kept computing with the old packed weights while generating),
-    so we keep `layer.weight` and rebuild the handles from it after every reload
-    (`_refresh_cpu_gemm_handles`). This also lets the checksum read the weights the engine uses.
-    Costs one extra copy of the linear weights in RAM; GPU engines are unaffected.
-    """
-    from vllm.model_executor.layers import utils as layer_utils
-
-    original = layer_utils.dispatch_cpu_unquantized_gemm
-    if getattr(original, "_rlhf_keeps_weights", False):
-        return
-
-    def dispatch_keeping_weight(layer, remove_weight):
-        return original(layer, remove_weight=False)
-
-    dispatch_keeping_weight._rlhf_keeps_weights = True
-    layer_utils.dispatch_cpu_unquantized_gemm = dispatch_keeping_weight
-
-
-def _refresh_cpu_gemm_handles(model) -> int:
-    """Re-create every packed CPU GEMM handle from the layer's current weight."""
-    from vllm.model_executor.layers import utils as layer_utils
-
-    refreshed = 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if hasattr(module, "cpu_linear") and weight is not None and weight.dim() == 2 and weight.numel():
-            layer_utils.dispatch_cpu_unquantized_gemm(module, remove_weight=False)
-            refreshed += 1
-    return refreshed
 
 
 class RolloutActor:
@@ -71,8 +42,8 @@ class RolloutActor:
             if kv_cache_gb is not None:
                 os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_threads_bind
-            _keep_cpu_linear_weights()
-        self.device = device
+            keep_cpu_linear_weights()
+        self.device, self.tensor_parallel_size = device, tensor_parallel_size
         from vllm import LLM
 
         start = time.perf_counter()
@@ -86,6 +57,10 @@ class RolloutActor:
             enforce_eager=enforce_eager,
             logprobs_mode="processed_logprobs",  # logprobs of the temperature-scaled distribution
             enable_prefix_caching=False,
+            worker_extension_cls="rlhf_dist.actors.vllm_worker.WorkerExtension",
+            # one process per shard; vLLM's own choice inside a Ray actor is its Ray executor,
+            # which the CPU platform refuses
+            distributed_executor_backend="mp" if tensor_parallel_size > 1 else None,
         )
         self.init_s = time.perf_counter() - start
 
@@ -129,17 +104,19 @@ class RolloutActor:
                 })
         return samples
 
-    def load_weights(self, bucket_refs: list, timeout_s: float,
-                     verify_shapes: dict[str, list[int]] | None = None,
+    def load_weights(self, bucket_refs: list, timeout_s: float, verify: bool = False,
                      first_bucket: list | None = None) -> dict[str, Any]:
         """Stream weight buckets from the object store into the live engine, in place.
 
         `bucket_refs` is a list (so Ray does not resolve it on call): each bucket is fetched with
-        its own deadline while vLLM consumes the previous one. With `verify_shapes` (the
-        learner's tensor shapes under engine names) the result carries the engine's checksums.
+        its own deadline while vLLM consumes the previous one. With `verify` the result carries
+        the engine's checksums.
         """
         import ray
 
+        if self.tensor_parallel_size > 1:
+            raise WeightSyncError("the object-store transport feeds one in-process worker; with "
+                                  "rollout.tensor_parallel_size > 1 use rollout.sync_transport=collective")
         start = time.perf_counter()
         received = {"buckets": 0, "tensors": 0, "bytes": 0}
 
@@ -165,18 +142,13 @@ class RolloutActor:
         def reload(worker, weights, on_cpu):
             worker.model_runner.reload_weights(weights_iterator=weights)
             if on_cpu:
-                _refresh_cpu_gemm_handles(worker.model_runner.model)
+                refresh_cpu_gemm_handles(worker.model_runner.model)
 
         self.llm.collective_rpc(reload, args=(stream(), self.device == "cpu"))
-        result = {"load_s": time.perf_counter() - start, **received}
-        if verify_shapes is not None:
-            start = time.perf_counter()
-            result["checksums"] = self.weight_checksums(verify_shapes)
-            result["verify_s"] = time.perf_counter() - start
-        return result
+        return self._loaded({"load_s": time.perf_counter() - start, **received}, verify)
 
-    def load_published(self, published_ref: list, timeout_s: float, verify: bool) -> dict[str, Any]:
-        """`load_weights` from a learner's `publish_weights` result, given as [ObjectRef].
+    def load_published(self, manifest_ref: list, timeout_s: float, verify: bool) -> dict[str, Any]:
+        """`load_weights` from a learner's `publish_weights` manifest, given as [ObjectRef].
 
         The controller hands the engine the publish call's ref before that call finishes, so the
         engine starts loading the moment the buckets exist: no controller round trip between.
@@ -184,31 +156,48 @@ class RolloutActor:
         import ray
 
         try:
-            published = ray.get(published_ref[0], timeout=timeout_s)
+            manifest = ray.get(manifest_ref[0], timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
             raise WeightSyncError(f"the learner did not publish weights within {timeout_s:.0f} s "
                                   "(rollout.sync_timeout_s)") from None
-        return self.load_weights(published["refs"], timeout_s, published["shapes"] if verify else None,
-                                 first_bucket=published["first_bucket"])
+        return self.load_weights(manifest["refs"], timeout_s, verify, first_bucket=manifest["first_bucket"])
 
-    def weight_checksums(self, shapes: dict[str, list[int]]) -> dict[str, int]:
-        from rlhf_dist.distributed.checksum import engine_checksums
+    # ------------------------------------------------------------------ collective transport
+    def open_weight_group(self, host: str, port: int, first_rank: int, world_size: int, backend: str,
+                          timeout_s: float, plan: list, dtype: str) -> list[int]:
+        """Every worker of this engine joins the learner's weight group (ranks first_rank + tp rank)."""
+        return self.llm.collective_rpc("rlhf_open_weight_group",
+                                       args=(host, port, first_rank, world_size, backend, timeout_s, plan, dtype))
 
-        def compute(worker):
-            return engine_checksums(dict(worker.model_runner.model.named_parameters()), shapes)
+    def receive_weights(self, timeout_s: float, verify: bool) -> dict[str, Any]:
+        """Receive one broadcast of every bucket into every worker (runs while the learner sends)."""
+        results = self.llm.collective_rpc("rlhf_receive_weights", args=(timeout_s,))
+        merged = {"load_s": max(r["load_s"] for r in results),
+                  **{k: results[0][k] for k in ("buckets", "tensors", "bytes")}}
+        return self._loaded(merged, verify)
 
-        return self.llm.collective_rpc(compute)[0]
+    # ------------------------------------------------------------------ verification
+    def _loaded(self, result: dict[str, Any], verify: bool) -> dict[str, Any]:
+        if verify:
+            start = time.perf_counter()
+            result["checksums"] = self.weight_checksums()
+            result["verify_s"] = time.perf_counter() - start
+        return result
+
+    def weight_layout(self) -> list[dict[str, list]]:
+        """Per tensor-parallel worker: which rows of the learner's tensors it holds."""
+        return self.llm.collective_rpc("rlhf_weight_layout")
+
+    def weight_checksums(self) -> list[dict[str, list[int]]]:
+        """Per tensor-parallel worker: checksums of the pieces `weight_layout` names."""
+        return self.llm.collective_rpc("rlhf_weight_checksums")
 
     def packed_modules(self) -> dict[str, list[str]]:
         """The engine model's fusion map (e.g. qkv_proj <- q/k/v), for the learner's checksums."""
-
-        def read(worker):
-            return dict(getattr(worker.model_runner.model, "packed_modules_mapping", {}) or {})
-
-        return self.llm.collective_rpc(read)[0]
+        return self.llm.collective_rpc("rlhf_packed_modules")[0]
 
     def get_weights(self) -> dict[str, torch.Tensor]:
-        """A CPU copy of every parameter the engine holds (tests and debugging)."""
+        """A CPU copy of every parameter the engine holds (tests and debugging; one worker)."""
 
         def read(worker):
             return {n: p.detach().cpu().clone() for n, p in worker.model_runner.model.named_parameters()}

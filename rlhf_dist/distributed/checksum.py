@@ -15,6 +15,9 @@ import torch
 _MODULUS = 65521  # largest prime below 2**16: position weights stay small
 
 
+_CHUNK = 1 << 20  # elements hashed at a time: the int64 temporaries stay ~16 MB for any tensor
+
+
 def tensor_checksum(tensor: torch.Tensor) -> int:
     """A position-weighted integer sum of the float32 bit patterns.
 
@@ -22,20 +25,19 @@ def tensor_checksum(tensor: torch.Tensor) -> int:
     sensitive (a permutation changes it), computed on the tensor's device, and independent of the
     storage dtype as long as both sides up-cast to float32 (bf16 -> fp32 is exact).
     Integer overflow wraps identically on every device, so the result is deterministic.
+    Memory is bounded: the tensor is hashed in chunks of `_CHUNK` elements and nothing is cached
+    (inside an engine that has reserved its memory, a full int64 copy of a 1 GB embedding would
+    not fit).
     """
-    bits = tensor.detach().float().contiguous().view(-1).view(torch.int32).to(torch.int64)
-    return int((bits * _position_weights(bits.numel(), bits.device)).sum().item())
-
-
-_WEIGHTS_CACHE: dict[tuple[int, str], torch.Tensor] = {}
-
-
-def _position_weights(numel: int, device: torch.device) -> torch.Tensor:
-    """1, 2, ..., 65521, 1, 2, ... (cached: the same shapes are hashed after every sync)."""
-    key = (numel, str(device))
-    if key not in _WEIGHTS_CACHE:
-        _WEIGHTS_CACHE[key] = torch.arange(numel, device=device, dtype=torch.int64) % _MODULUS + 1
-    return _WEIGHTS_CACHE[key]
+    flat = tensor.detach().reshape(-1)  # a copy only when the tensor is a non-contiguous slice
+    total = torch.zeros((), dtype=torch.int64, device=flat.device)
+    for start in range(0, flat.numel(), _CHUNK):
+        chunk = flat[start : start + _CHUNK]
+        bits = chunk.float().view(torch.int32).to(torch.int64)
+        weights = (torch.arange(start, start + chunk.numel(), device=flat.device, dtype=torch.int64)
+                   % _MODULUS + 1)
+        total += (bits * weights).sum()
+    return int(total.item())
 
 
 def fuse_like_engine(
@@ -79,14 +81,35 @@ def narrow_to(tensor: torch.Tensor, shape: tuple[int, ...] | list[int]) -> torch
     return tensor
 
 
-def engine_checksums(named: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> dict[str, int]:
-    """Checksums of the engine's tensors, each narrowed to the shape the learner sent."""
+# How an engine tensor maps onto the learner's: a list of pieces (dim, local_start, global_start,
+# length), each saying that `length` rows along `dim` starting at `local_start` in the engine's
+# tensor hold the learner's rows starting at `global_start`. An unsharded tensor is one piece
+# covering the learner's rows (an engine may pad beyond them: vLLM rounds vocab rows up to a
+# multiple of 64). A tensor-parallel shard has one piece per fused part (q, k, v of qkv_proj).
+Piece = tuple[int, int, int, int]
+
+
+def held_checksums(named: dict[str, torch.Tensor], layout: dict[str, list[Piece]]) -> dict[str, list[int]]:
+    """The engine side: checksums of each piece of each tensor the engine holds."""
+    return {name: [tensor_checksum(named[name].narrow(dim, local, length)) for dim, local, _, length in pieces]
+            for name, pieces in layout.items() if name in named}
+
+
+def expected_checksums(named: dict[str, torch.Tensor], layout: dict[str, list[Piece]]) -> dict[str, list[int]]:
+    """The learner side: checksums of the rows of its full tensors that each engine piece holds.
+
+    Names the learner has but the layout lacks get an empty list: `diff_checksums` then reports
+    them as absent in the engine.
+    """
     result = {}
     for name, tensor in named.items():
         if tensor.numel() == 0:
             continue
-        block = narrow_to(tensor, shapes[name]) if name in shapes else tensor
-        result[name] = tensor_checksum(block) if block is not None else -1
+        sums = []
+        for dim, _, start, length in layout.get(name, []):
+            fits = dim < tensor.dim() and start + length <= tensor.shape[dim]
+            sums.append(tensor_checksum(tensor.narrow(dim, start, length)) if fits else -1)
+        result[name] = sums
     return result
 
 

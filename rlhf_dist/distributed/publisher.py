@@ -1,20 +1,31 @@
-"""Weight publishing: a DeepSpeed rank's weights -> Ray object store buckets, and their checksums.
+"""Weight publishing: a DeepSpeed rank's weights -> every rollout engine, and their checksums.
 
-Any actor that trains a model the engines serve uses this (today the policy learner). Buckets
-hold whole decoder layers, so the tensors vLLM fuses (q/k/v -> qkv_proj, gate/up -> gate_up_proj)
-always arrive together. Under ZeRO-3 every rank must call `publish` and `checksums` (the per-layer
-gathers are collective); below ZeRO-3 rank 0 holds full weights and is called alone.
+Any actor that trains a model the engines serve uses this (today the policy learner). Weights
+travel in buckets of whole decoder layers (so the tensors vLLM fuses, q/k/v -> qkv_proj and
+gate/up -> gate_up_proj, always arrive together), planned once (`plan`) and sent each sync by one
+of two transports:
+
+- object store (`publish`): each bucket is `ray.put`; engines fetch and load them while later
+  buckets are still being gathered. Works anywhere Ray does, tensor-parallel engines excepted.
+- collective (`broadcast`): each bucket is broadcast over a process group spanning the sender and
+  every engine worker (rlhf_dist.distributed.transport): gloo on CPU, NCCL on GPU.
+
+Under ZeRO-3 every rank must call `publish`, `broadcast` and `checksums` (the per-bucket gathers
+are collective); below ZeRO-3 rank 0 holds full weights and is called alone. Only rank 0 sends.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
 
-from rlhf_dist.distributed.checksum import checksums, fuse_like_engine, layer_key
+from rlhf_dist.distributed.checksum import Piece, expected_checksums, fuse_like_engine, layer_key
+from rlhf_dist.distributed.transport import BucketPlan, WeightGroup, plan_buckets
+from rlhf_dist.errors import WeightSyncError
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def gathered(params: list, zero_stage: int):
@@ -24,62 +35,90 @@ def gathered(params: list, zero_stage: int):
     return deepspeed.zero.GatheredParameters(params, enabled=zero_stage == 3)
 
 
+def full_shape(param: torch.nn.Parameter) -> list[int]:
+    """The parameter's shape, also when ZeRO-3 has partitioned it away (`ds_shape`)."""
+    return list(getattr(param, "ds_shape", param.shape))
+
+
 class WeightPublisher:
     def __init__(self, module: torch.nn.Module, rank: int, zero_stage: int) -> None:
         self.module, self.rank, self.zero_stage = module, rank, zero_stage
+        self.params = dict(module.named_parameters())
 
-    def layer_groups(self) -> list[list[tuple[str, torch.nn.Parameter]]]:
-        groups: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
-        for name, param in self.module.named_parameters():
-            groups.setdefault(layer_key(name), []).append((name, param))
-        return list(groups.values())
+    def plan(self, bucket_mb: float, dtype: str) -> BucketPlan:
+        """Buckets of [name, shape] of at most `bucket_mb` (plus one layer), in module order."""
+        groups: dict[str, list[tuple[str, list[int]]]] = {}
+        for name, param in self.params.items():
+            groups.setdefault(layer_key(name), []).append((name, full_shape(param)))
+        return plan_buckets(list(groups.values()), bucket_mb, DTYPES[dtype].itemsize)
 
-    def publish(self, bucket_mb: float, dtype: str, packed_modules: dict[str, list[str]]) -> dict[str, Any] | None:
-        """Put the current weights into the object store as buckets of whole layers.
+    def _buckets(self, plan: BucketPlan):
+        """Yield each bucket's parameters, gathered for the duration of the yield under ZeRO-3."""
+        for bucket in plan:
+            params = [(name, self.params[name]) for name, _ in bucket]
+            with gathered([p for _, p in params], self.zero_stage):
+                yield params
 
-        Rank 0 returns {"first_bucket": [(name, tensor), ...], "refs": [ObjectRef of each further
-        bucket], "shapes": {engine name: shape}, "bytes": int, "buckets": int}; other ranks None.
+    def publish(self, plan: BucketPlan, dtype: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """Put the current weights into the object store, one object per bucket.
+
+        Rank 0 returns (manifest for the engines: {"first_bucket": [(name, tensor), ...], "refs":
+        [ObjectRef of each further bucket]}, summary for the controller: {"bytes", "buckets",
+        "publish_s"}); other ranks (None, None). The controller only ever fetches the summary.
         """
         import ray
 
-        limit = bucket_mb * 2**20
-        refs, shapes, pending, pending_bytes, total, inline = [], {}, [], 0, 0, None
+        start, refs, first, total = time.perf_counter(), [], None, 0
+        for params in self._buckets(plan):
+            if self.rank != 0:
+                continue
+            # clone: ZeRO flattens params into one buffer, and pickling a view would ship the
+            # whole buffer once per tensor (measured: 3x slower sync)
+            bucket = [(name, p.detach().to(DTYPES[dtype]).cpu().clone()) for name, p in params]
+            total += sum(t.numel() * t.element_size() for _, t in bucket)
+            if first is None:
+                first = bucket  # travels inside the manifest: one fetch fewer
+            else:
+                refs.append(ray.put(bucket))  # ray.put copies: the bucket is a snapshot
+        if self.rank != 0:
+            return None, None
+        summary = {"bytes": total, "buckets": len(plan), "publish_s": time.perf_counter() - start}
+        return {"first_bucket": first or [], "refs": refs}, summary
 
-        def flush():
-            nonlocal pending, pending_bytes, inline
-            if pending and self.rank == 0:
-                meta = {name: tensor.to("meta") for name, tensor in pending}
-                shapes.update({n: list(t.shape) for n, t in fuse_like_engine(meta, packed_modules).items()})
-                if inline is None:
-                    inline = pending  # travels inside the publish result: one fetch fewer
-                else:
-                    refs.append(ray.put(pending))  # ray.put copies: the bucket is a snapshot
-            pending, pending_bytes = [], 0
+    def broadcast(self, group: WeightGroup | None, plan: BucketPlan, dtype: str, timeout_s: float) -> dict[str, Any] | None:
+        """Broadcast every bucket over the weight group (rank 0), then wait for every engine's ack.
 
-        for params in self.layer_groups():
-            with gathered([p for _, p in params], self.zero_stage):
-                if self.rank == 0:
-                    for name, param in params:
-                        # clone: ZeRO flattens params into one buffer, and pickling a view
-                        # would ship the whole buffer once per tensor (measured: 3x slower sync)
-                        tensor = param.detach().to(_DTYPES[dtype]).cpu().clone()
-                        pending.append((name, tensor))
-                        pending_bytes += tensor.numel() * tensor.element_size()
-                        total += tensor.numel() * tensor.element_size()
-            if pending_bytes >= limit:
-                flush()
-        flush()
+        If a broadcast fails, rank 0 stops sending but still joins the remaining ZeRO-3 gathers,
+        so the other learner ranks are not left waiting in a collective; it raises at the end.
+        """
+        start, total, failure = time.perf_counter(), 0, None
+        for index, params in enumerate(self._buckets(plan)):
+            if self.rank != 0 or failure is not None:
+                continue
+            flat = torch.cat([p.detach().reshape(-1).to(device=group.device, dtype=DTYPES[dtype])
+                              for _, p in params])
+            try:
+                group.broadcast(flat, f"sending bucket {index + 1}/{len(plan)}", timeout_s)
+            except WeightSyncError as exc:
+                failure = exc
+            total += flat.numel() * flat.element_size()
         if self.rank != 0:
             return None
-        return {"first_bucket": inline or [], "refs": refs, "shapes": shapes, "bytes": total,
-                "buckets": len(refs) + (inline is not None)}
+        if failure is not None:
+            raise failure
+        group.barrier("waiting for every engine to acknowledge the new weights", timeout_s)
+        return {"bytes": total, "buckets": len(plan), "publish_s": time.perf_counter() - start}
 
-    def checksums(self, dtype: str, packed_modules: dict[str, list[str]]) -> dict[str, int] | None:
-        """Checksums of the current weights as the engine names them (rank 0; see `publish`)."""
-        sums = {}
-        for params in self.layer_groups():
-            with gathered([p for _, p in params], self.zero_stage):
-                if self.rank == 0:
-                    named = {n: p.detach().to(_DTYPES[dtype]) for n, p in params}
-                    sums.update(checksums(fuse_like_engine(named, packed_modules)))
+    def checksums(self, plan: BucketPlan, dtype: str, packed_modules: dict[str, list[str]],
+                  layouts: list[dict[str, list[Piece]]]) -> list[dict[str, list[int]]] | None:
+        """What each engine worker (one layout per tensor-parallel rank) must hold (rank 0)."""
+        sums: list[dict[str, list[int]]] = [{} for _ in layouts]
+        for params in self._buckets(plan):
+            if self.rank != 0:
+                continue
+            named = {n: p.detach().to(DTYPES[dtype]) for n, p in params}
+            fused = fuse_like_engine(named, packed_modules)
+            for rank_sums, layout in zip(sums, layouts):
+                rank_sums.update(expected_checksums(fused, layout))
         return sums if self.rank == 0 else None
+

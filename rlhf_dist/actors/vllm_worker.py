@@ -1,0 +1,162 @@
+"""What rlhf_dist adds to every vLLM worker process (`worker_extension_cls`).
+
+A rollout engine with `tensor_parallel_size > 1` runs its workers in their own processes, where
+only `collective_rpc("<method name>", args=...)` reaches them: no generators, no object refs, and
+tensors in arguments do not survive the trip. So everything a worker does for weight sync lives
+here, as methods that vLLM mixes into its worker class:
+
+- `rlhf_open_weight_group` / `rlhf_receive_weights`: the collective transport. Every worker joins
+  one process group with the learner's rank 0 and receives each bucket by broadcast straight
+  into its own process; vLLM's weight loaders then cut the full tensors into this worker's shard.
+- `rlhf_weight_layout` / `rlhf_weight_checksums`: which rows of the learner's tensors this
+  worker's shard holds, and their checksums, so verification compares shard with slice.
+
+Importing this module on CPU also keeps vLLM's linear weights (see `keep_cpu_linear_weights`):
+vLLM imports the extension before it loads the model, in every worker process.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from rlhf_dist.distributed.checksum import Piece, held_checksums
+from rlhf_dist.distributed.transport import WeightGroup, unflatten_bucket
+from rlhf_dist.errors import WeightSyncError
+
+
+def keep_cpu_linear_weights() -> None:
+    """On CPU, vLLM packs linear weights into oneDNN/SGL handles and frees `layer.weight`.
+
+    An in-place reload does not rebuild those handles (measured with vLLM 0.32: after
+    `reload_weights` the engine kept computing with the old packed weights while generating),
+    so we keep `layer.weight` and rebuild the handles from it after every reload
+    (`refresh_cpu_gemm_handles`). This also lets the checksum read the weights the engine uses.
+    Costs one extra copy of the linear weights in RAM; GPU engines are unaffected.
+    """
+    try:
+        from vllm.model_executor.layers import utils as layer_utils
+    except ImportError:  # imported outside a vLLM install (tests of the pure parts)
+        return
+    original = layer_utils.dispatch_cpu_unquantized_gemm
+    if getattr(original, "_rlhf_keeps_weights", False):
+        return
+
+    def dispatch_keeping_weight(layer, remove_weight):
+        return original(layer, remove_weight=False)
+
+    dispatch_keeping_weight._rlhf_keeps_weights = True
+    layer_utils.dispatch_cpu_unquantized_gemm = dispatch_keeping_weight
+
+
+def refresh_cpu_gemm_handles(model) -> int:
+    """Re-create every packed CPU GEMM handle from the layer's current weight."""
+    from vllm.model_executor.layers import utils as layer_utils
+
+    refreshed = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if hasattr(module, "cpu_linear") and weight is not None and weight.dim() == 2 and weight.numel():
+            layer_utils.dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+            refreshed += 1
+    return refreshed
+
+
+def shard_layout(model: torch.nn.Module) -> dict[str, list[Piece]]:
+    """For each parameter, the pieces of the learner's (engine-named, fused) tensor it holds.
+
+    Column-parallel layers (qkv_proj, gate_up_proj, ...) hold, per fused part, rows
+    [part offset + tp_rank * local, + local); row-parallel layers hold columns
+    [tp_rank * local, + local) of their weight and a full bias; vocab-parallel embeddings hold the
+    vocab rows of `shard_indices`. Everything else is replicated (one piece, all rows).
+    """
+    from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    layout: dict[str, list[Piece]] = {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            if param.dim() == 0 or param.numel() == 0:
+                continue
+            if isinstance(module, VocabParallelEmbedding):
+                indices = module.shard_indices
+                pieces = [(0, 0, indices.org_vocab_start_index, indices.num_org_elements)]
+            elif isinstance(module, ColumnParallelLinear):
+                local_sizes = list(module.output_partition_sizes)
+                full_sizes = list(getattr(module, "output_sizes", None) or [s * module.tp_size for s in local_sizes])
+                pieces, local_start = [], 0
+                for part, (local, full) in enumerate(zip(local_sizes, full_sizes)):
+                    pieces.append((0, local_start, sum(full_sizes[:part]) + module.tp_rank * local, local))
+                    local_start += local
+            elif isinstance(module, RowParallelLinear) and param.dim() == 2:
+                local = module.input_size_per_partition
+                pieces = [(1, 0, module.tp_rank * local, local)]
+            else:
+                pieces = [(0, 0, 0, param.shape[0])]
+            layout.setdefault(name, pieces)  # tied weights: the first module that holds it
+    return layout
+
+
+class WorkerExtension:
+    """Mixed into vLLM's worker class; `self` is the worker (self.model_runner, self.device)."""
+
+    def rlhf_tp_rank(self) -> int:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank()
+
+    def rlhf_weight_layout(self) -> dict[str, list[Piece]]:
+        return shard_layout(self.model_runner.model)
+
+    def rlhf_weight_checksums(self) -> dict[str, list[int]]:
+        model = self.model_runner.model
+        return held_checksums(dict(model.named_parameters()), shard_layout(model))
+
+    def rlhf_packed_modules(self) -> dict[str, list[str]]:
+        return dict(getattr(self.model_runner.model, "packed_modules_mapping", {}) or {})
+
+    def rlhf_open_weight_group(self, host: str, port: int, first_rank: int, world_size: int,
+                               backend: str, timeout_s: float, plan: list[list[list]], dtype: str) -> int:
+        """Join the learner's weight group as rank first_rank + tp_rank; keep the bucket plan."""
+        rank = first_rank + self.rlhf_tp_rank()
+        self._rlhf_group = WeightGroup.open(host, port, rank, world_size, backend, timeout_s)
+        self._rlhf_plan, self._rlhf_dtype = plan, dtype
+        return rank
+
+    def rlhf_receive_weights(self, timeout_s: float) -> dict[str, Any]:
+        """Receive every bucket by broadcast and stream it into vLLM's in-place loader."""
+        group = getattr(self, "_rlhf_group", None)
+        if group is None:
+            raise WeightSyncError("this engine never joined the weight group (rlhf_open_weight_group)")
+        start, received = time.perf_counter(), {"buckets": 0, "tensors": 0, "bytes": 0}
+        device = group.device if group.backend == "nccl" else torch.device("cpu")
+
+        def stream():
+            for index, bucket in enumerate(self._rlhf_plan):
+                numel = sum(math.prod(shape) for _, shape in bucket)
+                flat = torch.empty(numel, dtype=getattr(torch, self._rlhf_dtype), device=device)
+                group.broadcast(flat, f"bucket {index + 1}/{len(self._rlhf_plan)}", timeout_s)
+                received["buckets"] += 1
+                received["bytes"] += flat.numel() * flat.element_size()
+                for name, tensor in unflatten_bucket(flat, bucket):
+                    received["tensors"] += 1
+                    yield name, tensor
+
+        self.model_runner.reload_weights(weights_iterator=stream())
+        if self.device.type == "cpu":
+            refresh_cpu_gemm_handles(self.model_runner.model)
+        group.barrier("acknowledging the new weights", timeout_s)
+        return {"load_s": time.perf_counter() - start, **received}
+
+    def rlhf_close_weight_group(self) -> None:
+        group = getattr(self, "_rlhf_group", None)
+        if group is not None:
+            group.close()
+            self._rlhf_group = None
+
+
+keep_cpu_linear_weights()  # on import: vLLM imports the extension before it loads the model
