@@ -26,6 +26,7 @@ from rlhf_dist.actors.learner import LearnerActor
 from rlhf_dist.actors.reference import ReferenceActor
 from rlhf_dist.actors.reward import RewardActor
 from rlhf_dist.actors.rollout import RolloutActor
+from rlhf_dist.actors.weight_sync import WeightSync
 from rlhf_dist.algo import (
     compute_advantages,
     explained_variance,
@@ -38,8 +39,6 @@ from rlhf_dist.algo import (
 from rlhf_dist.config import critic_micro_batch_size, uses_critic, uses_reference
 from rlhf_dist.data.batch import Batch, collate_rollouts, shard_minibatches, split_evenly
 from rlhf_dist.data.prompts import PromptSampler
-from rlhf_dist.distributed.checksum import diff_checksums
-from rlhf_dist.errors import WeightSyncError
 from rlhf_dist.monitor import RunMonitor
 
 # metrics that each rank computes as its share of a global-normalised sum: summed over ranks
@@ -102,7 +101,8 @@ class RLTrainer:
         if self.critics is not None:
             self.critics.wait(critic_refs, "critic start-up (DeepSpeed init)", cfg.critic.init_timeout_s)
         self.num_params = learner_info[0]["num_params"]
-        self._prepare_sync()
+        self.weights = WeightSync(self.learners, self.engines, cfg.rollout, cl.device, cfg.learner.zero_stage)
+        self.weights.prepare()
         return {"startup/total_s": time.perf_counter() - start,
                 "startup/engine_init_s": max(e["init_s"] for e in engine_info),
                 "startup/learner_init_s": max(l["init_s"] for l in learner_info)}
@@ -233,72 +233,9 @@ class RLTrainer:
             merged.update(merge_rank_metrics(results[len(self.learners):], _ADDITIVE))
         return merged
 
-    def _prepare_sync(self) -> None:
-        """Once: the bucket plan, the engines' fusion map and shard layout, the weight group."""
-        ro = self.cfg.rollout
-        self.sync_plan = self.learners.run("weight_plan", ro.sync_bucket_mb, ro.dtype, timeout_s=60)[0]
-        self.packed_modules = self.engines.run("packed_modules", timeout_s=60)[0]
-        self.weight_layouts = self.engines.run("weight_layout", timeout_s=60)[0]  # one per TP worker
-        if ro.sync_transport == "collective":
-            self.open_weight_group()
-
-    def open_weight_group(self) -> None:
-        """(Re)build the collective transport's group: learner rank 0 + every engine worker.
-
-        Also the way back after a failed collective sync, whose group is left in an unknown state.
-        """
-        ro = self.cfg.rollout
-        host, port = self.learners.run("weight_group_address", timeout_s=60)[0]
-        tp, backend = ro.tensor_parallel_size, "gloo" if self.cfg.cluster.device == "cpu" else "nccl"
-        world = 1 + len(self.engines) * tp
-        refs = [self.learners.actors[0].open_weight_group.remote(host, port, world, backend, ro.sync_timeout_s)]
-        refs += self.engines.call_each("open_weight_group", [
-            (host, port, 1 + i * tp, world, backend, ro.sync_timeout_s, self.sync_plan, ro.dtype)
-            for i in range(len(self.engines))])
-        wait_all(refs, self.learners.names[:1] + self.engines.names, "opening the weight group",
-                 ro.sync_timeout_s + 30)
-
     def sync_weights(self) -> dict[str, float]:
-        """Phase 5: learner -> every engine's in-place reload, by object store or collective.
-
-        With verification, the learner hashes its weights while the engines load them, and each
-        engine worker hashes what it holds afterwards (its shard, under tensor parallelism); any
-        difference stops the run. The controller receives summaries and checksums, never weights.
-        """
-        ro = self.cfg.rollout
-        # ZeRO-3 gathers are collective, so every rank joins; otherwise rank 0 holds everything
-        ranks = self.learners.actors if self.cfg.learner.zero_stage == 3 else self.learners.actors[:1]
-        names = self.learners.names[: len(ranks)]
-        if ro.sync_transport == "collective":
-            sends = [r.broadcast_weights.remote(self.sync_plan, ro.dtype, ro.sync_timeout_s) for r in ranks]
-            loads = self.engines.call("receive_weights", ro.sync_timeout_s, ro.verify_sync)
-        else:
-            pairs = [r.publish_weights.options(num_returns=2).remote(self.sync_plan, ro.dtype) for r in ranks]
-            sends = [summary for _, summary in pairs]
-            # engines get the manifest ref itself (in a list, so Ray does not resolve it here) and
-            # start loading as soon as it resolves
-            loads = self.engines.call("load_published", [pairs[0][0]], ro.sync_timeout_s, ro.verify_sync)
-        if ro.verify_sync:  # the learner hashes its weights while the engines load them
-            sum_refs = [r.weight_checksums.remote(self.sync_plan, ro.dtype, self.packed_modules,
-                                                  self.weight_layouts) for r in ranks]
-        results = wait_all(sends + loads, names + self.engines.names, "weight sync", ro.sync_timeout_s + 30)
-        sent, loaded = results[0], results[len(sends):]
-        metrics = {"sync/buckets": float(sent["buckets"]), "sync/mb": sent["bytes"] / 2**20,
-                   "sync/send_s": sent["publish_s"],
-                   "sync/engine_load_s": max(r["load_s"] for r in loaded),
-                   "sync/engine_verify_s": max(r.get("verify_s", 0.0) for r in loaded)}
-        if ro.verify_sync:
-            expected = wait_all(sum_refs, names, "weight checksums", ro.sync_timeout_s)[0]
-            for name, result in zip(self.engines.names, loaded):
-                for tp_rank, (want, held) in enumerate(zip(expected, result["checksums"])):
-                    problems = diff_checksums(want, held)
-                    if problems:
-                        shard = f" (tensor-parallel shard {tp_rank})" if len(expected) > 1 else ""
-                        raise WeightSyncError(
-                            f"{name}{shard} holds different weights than the learner after sync "
-                            f"({len(problems)} tensors differ): " + "; ".join(problems[:5]))
-            metrics["sync/verified_tensors"] = float(sum(len(e) for e in expected))
-        return metrics
+        """Phase 5: new policy weights into every engine, verified (rlhf_dist.actors.weight_sync)."""
+        return self.weights.sync()
 
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> dict[str, float]:

@@ -47,7 +47,7 @@ def trainer(tiny_model_dir, tmp_path_factory):
 
 def _learner_weights_as_engine_sees_them(trainer):
     weights = trainer.learners.run("get_weights", timeout_s=60)
-    return weights, fuse_like_engine(weights[0], trainer.packed_modules)
+    return weights, fuse_like_engine(weights[0], trainer.weights.packed_modules)
 
 
 def test_one_step_then_engine_weights_equal_learner_bit_for_bit(trainer):
@@ -94,7 +94,7 @@ def test_engine_samples_from_the_synced_weights(trainer, tiny_model_dir):
 
 def test_verification_catches_a_corrupted_bucket(trainer):
     weights = trainer.learners.run("get_weights", timeout_s=60)[0]
-    expected = expected_checksums(fuse_like_engine(weights, trainer.packed_modules), trainer.weight_layouts[0])
+    expected = expected_checksums(fuse_like_engine(weights, trainer.weights.packed_modules), trainer.weights.layouts[0])
     name = "model.layers.1.mlp.down_proj.weight"
     weights[name] = weights[name].clone()
     weights[name][0, 0] += 1e-3

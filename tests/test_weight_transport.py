@@ -56,7 +56,7 @@ class TestCollectiveZero3TwoEngines:
         before = trainer.engines.run("get_weights", timeout_s=60)[0]
         metrics = trainer.step(1)
         assert metrics["sync/buckets"] > 1 and metrics["sync/verified_tensors"] > 0
-        expected = fuse_like_engine(trainer.learners.run("get_weights", timeout_s=60)[0], trainer.packed_modules)
+        expected = fuse_like_engine(trainer.learners.run("get_weights", timeout_s=60)[0], trainer.weights.packed_modules)
         held_by = trainer.engines.run("get_weights", timeout_s=60)
         assert len(held_by) == 2
         for held in held_by:
@@ -73,8 +73,8 @@ class TestCollectiveZero3TwoEngines:
         trainer, ro = zero3_two_engines, zero3_two_engines.cfg.rollout
         deadline = 3.0
         start = time.perf_counter()
-        sends = [r.broadcast_weights.remote(trainer.sync_plan, ro.dtype, deadline) for r in trainer.learners.actors]
-        receive = trainer.engines.actors[0].receive_weights.remote(deadline, False)
+        sends = [r.broadcast_weights.remote(trainer.weights.plan, ro.dtype, deadline) for r in trainer.learners.actors]
+        receive = trainer.engines.actors[0].receive_weights.remote(trainer.weights.plan, ro.dtype, deadline, False)
         with pytest.raises(ray.exceptions.RayTaskError) as sender:
             ray.get(sends[0], timeout=60)
         with pytest.raises(ray.exceptions.RayTaskError) as receiver:
@@ -84,7 +84,7 @@ class TestCollectiveZero3TwoEngines:
         assert elapsed < 10 * deadline, f"took {elapsed:.1f} s"
         assert isinstance(sender.value.cause, WeightSyncError) and "learner rank 0" in str(sender.value)
         assert isinstance(receiver.value.cause, WeightSyncError) and "engine worker rank 1" in str(receiver.value)
-        trainer.open_weight_group()
+        trainer.weights.open_group()
         assert trainer.sync_weights()["sync/verified_tensors"] > 0
 
 
@@ -99,8 +99,8 @@ def tensor_parallel(tiny_model_dir, tmp_path_factory):
 class TestTensorParallelEngine:
     def test_tensor_parallel_engine_syncs_and_verifies_every_shard(self, tensor_parallel):
         trainer = tensor_parallel
-        assert len(trainer.weight_layouts) == 2
-        layout = trainer.weight_layouts[1]
+        assert len(trainer.weights.layouts) == 2
+        layout = trainer.weights.layouts[1]
         assert layout["model.layers.0.self_attn.o_proj.weight"][0][0] == 1  # row-parallel: columns
         assert len(layout["model.layers.0.self_attn.qkv_proj.weight"]) == 3  # q, k, v slices
         trainer.step(1)
@@ -123,9 +123,9 @@ class TestTensorParallelEngine:
 
         ray.get(trainer.engines.actors[0].__ray_call__.remote(corrupt, name))
         learner = trainer.learners.run("get_weights", timeout_s=60)[0]
-        fused = fuse_like_engine(learner, trainer.packed_modules)
+        fused = fuse_like_engine(learner, trainer.weights.packed_modules)
         held = trainer.engines.run("weight_checksums", timeout_s=60)[0]
-        assert diff_checksums(expected_checksums(fused, trainer.weight_layouts[0]), held[0]) == []
-        problems = diff_checksums(expected_checksums(fused, trainer.weight_layouts[1]), held[1])
+        assert diff_checksums(expected_checksums(fused, trainer.weights.layouts[0]), held[0]) == []
+        problems = diff_checksums(expected_checksums(fused, trainer.weights.layouts[1]), held[1])
         assert len(problems) == 1 and problems[0].startswith(name)
         trainer.sync_weights()  # a full sync repairs it

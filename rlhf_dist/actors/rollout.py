@@ -164,14 +164,14 @@ class RolloutActor:
 
     # ------------------------------------------------------------------ collective transport
     def open_weight_group(self, host: str, port: int, first_rank: int, world_size: int, backend: str,
-                          timeout_s: float, plan: list, dtype: str) -> list[int]:
+                          timeout_s: float) -> list[int]:
         """Every worker of this engine joins the learner's weight group (ranks first_rank + tp rank)."""
         return self.llm.collective_rpc("rlhf_open_weight_group",
-                                       args=(host, port, first_rank, world_size, backend, timeout_s, plan, dtype))
+                                       args=(host, port, first_rank, world_size, backend, timeout_s))
 
-    def receive_weights(self, timeout_s: float, verify: bool) -> dict[str, Any]:
-        """Receive one broadcast of every bucket into every worker (runs while the learner sends)."""
-        results = self.llm.collective_rpc("rlhf_receive_weights", args=(timeout_s,))
+    def receive_weights(self, plan: list, dtype: str, timeout_s: float, verify: bool) -> dict[str, Any]:
+        """Receive one broadcast of every bucket of `plan` into every worker (while the learner sends)."""
+        results = self.llm.collective_rpc("rlhf_receive_weights", args=(plan, dtype, timeout_s))
         merged = {"load_s": max(r["load_s"] for r in results),
                   **{k: results[0][k] for k in ("buckets", "tensors", "bytes")}}
         return self._loaded(merged, verify)

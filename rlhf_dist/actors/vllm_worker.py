@@ -120,26 +120,24 @@ class WorkerExtension:
         return dict(getattr(self.model_runner.model, "packed_modules_mapping", {}) or {})
 
     def rlhf_open_weight_group(self, host: str, port: int, first_rank: int, world_size: int,
-                               backend: str, timeout_s: float, plan: list[list[list]], dtype: str) -> int:
-        """Join the learner's weight group as rank first_rank + tp_rank; keep the bucket plan."""
+                               backend: str, timeout_s: float) -> int:
+        """Join the learner's weight group as rank first_rank + tp_rank."""
         rank = first_rank + self.rlhf_tp_rank()
         self._rlhf_group = WeightGroup.open(host, port, rank, world_size, backend, timeout_s)
-        self._rlhf_plan, self._rlhf_dtype = plan, dtype
         return rank
 
-    def rlhf_receive_weights(self, timeout_s: float) -> dict[str, Any]:
-        """Receive every bucket by broadcast and stream it into vLLM's in-place loader."""
+    def rlhf_receive_weights(self, plan: list[list[list]], dtype: str, timeout_s: float) -> dict[str, Any]:
+        """Receive every bucket of `plan` by broadcast and stream it into vLLM's in-place loader."""
         group = getattr(self, "_rlhf_group", None)
         if group is None:
             raise WeightSyncError("this engine never joined the weight group (rlhf_open_weight_group)")
         start, received = time.perf_counter(), {"buckets": 0, "tensors": 0, "bytes": 0}
-        device = group.device if group.backend == "nccl" else torch.device("cpu")
 
         def stream():
-            for index, bucket in enumerate(self._rlhf_plan):
+            for index, bucket in enumerate(plan):
                 numel = sum(math.prod(shape) for _, shape in bucket)
-                flat = torch.empty(numel, dtype=getattr(torch, self._rlhf_dtype), device=device)
-                group.broadcast(flat, f"bucket {index + 1}/{len(self._rlhf_plan)}", timeout_s)
+                flat = torch.empty(numel, dtype=getattr(torch, dtype), device=group.device)
+                group.broadcast(flat, f"receiving bucket {index + 1}/{len(plan)}", timeout_s)
                 received["buckets"] += 1
                 received["bytes"] += flat.numel() * flat.element_size()
                 for name, tensor in unflatten_bucket(flat, bucket):

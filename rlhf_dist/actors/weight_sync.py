@@ -1,0 +1,88 @@
+"""Moving a learner group's weights into a group of rollout engines: plan, transport, verification.
+
+Used by the RL trainer (phase 5) and by benchmarks/weight_sync.py. Set-up (`prepare`) runs once:
+the bucket plan from the learner, the engines' fusion map and per-shard layout, and for the
+collective transport the process group. `sync` then moves the weights under the deadline
+`rollout.sync_timeout_s` and, with `verify`, compares every engine worker's checksums with the
+learner's. The controller receives summaries and checksums, never weight data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rlhf_dist.actors.group import ActorGroup, wait_all
+from rlhf_dist.distributed.checksum import diff_checksums
+from rlhf_dist.errors import WeightSyncError
+
+
+class WeightSync:
+    def __init__(self, learners: ActorGroup, engines: ActorGroup, rollout_cfg: Any, device: str,
+                 zero_stage: int) -> None:
+        self.learners, self.engines, self.cfg = learners, engines, rollout_cfg
+        self.device, self.zero_stage = device, zero_stage
+        # ZeRO-3 gathers are collective, so every rank joins; otherwise rank 0 holds everything
+        self.ranks = learners.actors if zero_stage == 3 else learners.actors[:1]
+        self.rank_names = learners.names[: len(self.ranks)]
+
+    def prepare(self, bucket_mb: float | None = None) -> None:
+        ro = self.cfg
+        self.plan = self.learners.run("weight_plan", bucket_mb or ro.sync_bucket_mb, ro.dtype, timeout_s=60)[0]
+        self.packed_modules = self.engines.run("packed_modules", timeout_s=60)[0]
+        self.layouts = self.engines.run("weight_layout", timeout_s=60)[0]  # one per TP worker
+        if ro.sync_transport == "collective":
+            self.open_group()
+
+    def open_group(self) -> None:
+        """(Re)build the collective transport's group: learner rank 0 + every engine worker.
+
+        Also the way back after a failed collective sync, whose group is left in an unknown state.
+        """
+        ro = self.cfg
+        host, port = self.learners.run("weight_group_address", timeout_s=60)[0]
+        tp, backend = ro.tensor_parallel_size, "gloo" if self.device == "cpu" else "nccl"
+        world = 1 + len(self.engines) * tp
+        refs = [self.learners.actors[0].open_weight_group.remote(host, port, world, backend, ro.sync_timeout_s)]
+        refs += self.engines.call_each("open_weight_group", [
+            (host, port, 1 + i * tp, world, backend, ro.sync_timeout_s) for i in range(len(self.engines))])
+        wait_all(refs, self.learners.names[:1] + self.engines.names, "opening the weight group",
+                 ro.sync_timeout_s + 30)
+
+    def sync(self, transport: str | None = None, verify: bool | None = None) -> dict[str, float]:
+        ro = self.cfg
+        transport = transport or ro.sync_transport
+        verify = ro.verify_sync if verify is None else verify
+        if transport == "collective":
+            sends = [r.broadcast_weights.remote(self.plan, ro.dtype, ro.sync_timeout_s) for r in self.ranks]
+            loads = self.engines.call("receive_weights", self.plan, ro.dtype, ro.sync_timeout_s, verify)
+        else:
+            pairs = [r.publish_weights.options(num_returns=2).remote(self.plan, ro.dtype) for r in self.ranks]
+            sends = [summary for _, summary in pairs]
+            # engines get the manifest ref itself (in a list, so Ray does not resolve it here) and
+            # start loading as soon as it resolves
+            loads = self.engines.call("load_published", [pairs[0][0]], ro.sync_timeout_s, verify)
+        if verify:  # the learner hashes its weights while the engines load them
+            sum_refs = [r.weight_checksums.remote(self.plan, ro.dtype, self.packed_modules, self.layouts)
+                        for r in self.ranks]
+        results = wait_all(sends + loads, self.rank_names + self.engines.names, "weight sync",
+                           ro.sync_timeout_s + 30)
+        sent, loaded = results[0], results[len(sends):]
+        metrics = {"sync/buckets": float(sent["buckets"]), "sync/mb": sent["bytes"] / 2**20,
+                   "sync/send_s": sent["publish_s"],
+                   "sync/engine_load_s": max(r["load_s"] for r in loaded),
+                   "sync/engine_verify_s": max(r.get("verify_s", 0.0) for r in loaded)}
+        if verify:
+            expected = wait_all(sum_refs, self.rank_names, "weight checksums", ro.sync_timeout_s)[0]
+            self._compare(expected, loaded)
+            metrics["sync/verified_tensors"] = float(sum(len(e) for e in expected))
+        return metrics
+
+    def _compare(self, expected: list[dict], loaded: list[dict[str, Any]]) -> None:
+        for name, result in zip(self.engines.names, loaded):
+            for tp_rank, (want, held) in enumerate(zip(expected, result["checksums"])):
+                problems = diff_checksums(want, held)
+                if problems:
+                    shard = f" (tensor-parallel shard {tp_rank})" if len(expected) > 1 else ""
+                    raise WeightSyncError(
+                        f"{name}{shard} holds different weights than the learner after sync "
+                        f"({len(problems)} tensors differ): " + "; ".join(problems[:5]))
