@@ -78,12 +78,20 @@ class RolloutConfig:
     kv_cache_gb: Optional[int] = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE (GiB); None = vLLM default
     enforce_eager: bool = True
     seed: int = 0
-    # weight broadcast learner -> engines
-    sync_transport: str = "object_store"  # Ray object store buckets (CPU and GPU)
+    # weight broadcast learner -> engines:
+    #   object_store  Ray object store buckets (CPU and GPU; tensor_parallel_size 1)
+    #   collective    broadcast over a process group of learner rank 0 + every engine worker
+    #                 (gloo on CPU, NCCL on GPU; any tensor_parallel_size)
+    #   ipc           CUDA IPC handles, no copy: engines on the learner's GPU (cluster=gpu1)
+    sync_transport: str = "object_store"
     sync_bucket_mb: float = 64.0  # max bucket size; buckets hold whole layers
     sync_timeout_s: float = 120.0  # per-bucket and per-engine deadline: a stuck sync fails loudly
     verify_sync: bool = True  # compare a checksum of engine weights with the learner's after sync
     init_timeout_s: float = 600.0  # engine start-up (model load + warm-up) deadline
+    # GPU: free the engine's memory while the learner trains (vLLM sleep mode): 0 = never,
+    # 1 = weights to CPU and KV cache dropped, 2 = both dropped (the sync rewrites the weights).
+    # vLLM's CPU worker has no sleep mode: refused on CPU.
+    sleep_level: int = 0
 
 
 @dataclass
@@ -182,6 +190,10 @@ class LearnerConfig:
     zero_stage: int = 2  # 0-3
     mini_batch_size: int = 128  # sequences per optimizer step (global, over all ranks)
     micro_batch_size: int = 64  # sequences per forward/backward on one rank
+    # > 0: training micro-batches by padded tokens (rows x trimmed width) per rank instead of
+    # micro_batch_size rows; rows grouped by length, so short responses do not pad to the longest.
+    # Applies to the critic too. 0 = off.
+    max_tokens_per_micro_batch: int = 0
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     optim: OptimConfig = field(default_factory=OptimConfig)
     init_timeout_s: float = 600.0

@@ -119,7 +119,8 @@ class RLTrainer:
             tensor_parallel_size=cfg.rollout.tensor_parallel_size,
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
             kv_cache_gb=cfg.rollout.kv_cache_gb, enforce_eager=cfg.rollout.enforce_eager,
-            device=cl.device, cpu_threads_bind=bind)
+            device=cl.device, cpu_threads_bind=bind, sync_transport=cfg.rollout.sync_transport,
+            sleep_level=cfg.rollout.sleep_level)
         return ActorGroup(
             "rollout", RolloutActor, num_engines, cl.cpus_per_engine, cl.gpus_per_engine,
             cl.placement_timeout_s,
@@ -246,6 +247,7 @@ class RLTrainer:
                                                 cfg.rollout.temperature)
         batch = collate_rollouts([s["prompt_ids"] for s in samples], [s["token_ids"] for s in samples],
                                  [s["logprobs"] for s in samples], self.tokenizer.pad_token_id)
+        self.weights.sleep_engines()  # rollout.sleep_level > 0 (GPU): free engine memory until the sync
         t1 = time.perf_counter()
         # 2. score (+ reference logprobs, critic values, old logprobs)
         texts = [s["text"] for s in samples]

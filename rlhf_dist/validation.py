@@ -13,7 +13,8 @@ from rlhf_dist.errors import ConfigError
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "rollout.dtype": ("float32", "bfloat16"),
-    "rollout.sync_transport": ("object_store", "collective"),
+    "rollout.sync_transport": ("object_store", "collective", "ipc"),
+    "rollout.sleep_level": (0, 1, 2),
     "learner.backend": ("auto", "gloo", "nccl"),
     "learner.optim.scheduler": ("constant", "linear", "cosine"),
     "critic.optim.scheduler": ("constant", "linear", "cosine"),
@@ -188,6 +189,22 @@ def _validate_rollout(cfg: Any) -> None:
             "store feeds one in-process engine worker, and a tensor-parallel engine has one process "
             "per shard. Fix: add rollout.sync_transport=collective (every shard receives the "
             "broadcast).")
+    if device == "cpu" and ro.sync_transport == "ipc":
+        raise ConfigError(
+            "rollout.sync_transport=ipc hands CUDA memory from the learner to an engine on the same "
+            "GPU, and cluster.device=cpu has none. Options that work on CPU: "
+            "rollout.sync_transport=collective (gloo broadcast) or object_store.")
+    if device == "cpu" and ro.sleep_level:
+        raise ConfigError(
+            f"rollout.sleep_level={ro.sleep_level}: vLLM's CPU worker has no sleep mode (it logs "
+            "'sleep mode is not supported on CPU' and keeps its weights and KV cache), so on CPU "
+            "nothing would be freed. Fix: rollout.sleep_level=0 (on CPU the KV cache is bounded "
+            "by rollout.kv_cache_gb instead).")
+    if ro.sync_transport == "ipc" and (tp > 1 or ro.num_engines > 1):
+        raise ConfigError(
+            f"rollout.sync_transport=ipc needs one engine with one shard on the learner's GPU; got "
+            f"rollout.num_engines={ro.num_engines}, rollout.tensor_parallel_size={tp}. Fix: "
+            "rollout.sync_transport=collective (NCCL) for several engines or shards.")
     if device == "cpu":
         import os
 

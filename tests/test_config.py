@@ -114,6 +114,10 @@ def test_wrong_type_is_rejected():
         (["learner.mini_batch_size=100"], "not a multiple of learner.mini_batch_size=100"),
         (["learner.world_size=3"], "does not split evenly"),
         (["learner.micro_batch_size=24"], "learner.micro_batch_size=16"),
+        (["learner.max_tokens_per_micro_batch=100", "task.max_prompt_len=64", "rollout.max_new_tokens=48"],
+         "learner.max_tokens_per_micro_batch=100 is smaller than one sequence of maximum length: "
+         "task.max_prompt_len + rollout.max_new_tokens = 64 + 48 = 112 tokens. "
+         "Fix: learner.max_tokens_per_micro_batch=112 or more"),
         (["algo.kl_loss_estimator=k9"], "algo.kl_loss_estimator='k9' is not registered; valid: ['k1', 'k2', 'k3', 'k3_st']"),
         (["algo.kl_reward_estimator=k7"], "algo.kl_reward_estimator='k7' is not registered"),
         (["algo.loss_agg=sum"], "algo.loss_agg='sum' is not registered; valid:"),
@@ -136,7 +140,15 @@ def test_wrong_type_is_rejected():
         (["learner.zero_stage=4"], "zero_stage=4"),
         (["rollout.temperature=0"], "temperature"),
         (["logger.wandb.mode=cloud"], "logger.wandb.mode"),
-        (["rollout.tensor_parallel_size=2"], "rollout.verify_sync=false"),
+        (["rollout.tensor_parallel_size=2"], "Fix: add rollout.sync_transport=collective"),
+        (["rollout.tensor_parallel_size=64", "rollout.sync_transport=collective"], "CPU cores"),
+        (["rollout.sync_transport=ipc"], "Options that work on CPU: rollout.sync_transport=collective"),
+        (["rollout.sync_transport=nccl"], "rollout.sync_transport='nccl' is not one of ['object_store', 'collective', 'ipc']"),
+        (["rollout.sleep_level=1"], "vLLM's CPU worker has no sleep mode"),
+        (["rollout.sleep_level=3"], "rollout.sleep_level=3 is not one of [0, 1, 2]"),
+        (["cluster=gpu8", "rollout.tensor_parallel_size=2", "rollout.sync_transport=collective"],
+         "Fix: add cluster.gpus_per_engine=2"),
+        (["cluster=gpu1", "rollout.num_engines=2"], "needs one engine with one shard on the learner's GPU"),
     ],
 )
 def test_bad_values_raise_config_error_with_fix(overrides, needle):
@@ -144,3 +156,18 @@ def test_bad_values_raise_config_error_with_fix(overrides, needle):
     with pytest.raises(ConfigError, match=None) as info:
         validate(cfg)
     assert needle in str(info.value)
+
+
+def test_tensor_parallel_size_must_divide_the_heads():
+    from rlhf_dist.validation import check_tensor_parallel
+
+    check_tensor_parallel({"num_attention_heads": 4, "num_key_value_heads": 2}, 2, "m")
+    with pytest.raises(ConfigError, match=r"does not divide the model's attention heads \(4 query, "
+                                          r"2 key/value heads, m\).*e.g. 2"):
+        check_tensor_parallel({"num_attention_heads": 4, "num_key_value_heads": 2}, 4, "m")
+
+
+def test_gpu1_colocates_with_ipc_and_sleep():
+    cfg = _compose(["cluster=gpu1"])
+    validate(cfg)
+    assert (cfg.rollout.sync_transport, cfg.rollout.sleep_level, cfg.cluster.device) == ("ipc", 1, "cuda")

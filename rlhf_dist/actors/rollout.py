@@ -8,7 +8,9 @@ process per shard, reached only through the methods of rlhf_dist.actors.vllm_wor
 New weights arrive by one of two transports (rollout.sync_transport), both streamed into vLLM's
 own in-place loader, `model_runner.reload_weights`, one bucket at a time:
 - object_store: a list of Ray object refs, fetched here (tensor_parallel_size 1);
-- collective: broadcast from the learner's rank 0 straight into every worker process.
+- collective: broadcast from the learner's rank 0 straight into every worker process;
+- ipc (GPU, engine on the learner's GPU): CUDA IPC handles through vLLM's weight-transfer engine.
+With `sleep_level` > 0 (GPU) the engine sleeps while the learner trains (`sleep` / `wake_up`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class RolloutActor:
         enforce_eager: bool = True,
         device: str = "cpu",
         cpu_threads_bind: str = "auto",
+        sync_transport: str = "object_store",
+        sleep_level: int = 0,
     ) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if device == "cpu":
@@ -61,6 +65,9 @@ class RolloutActor:
             # one process per shard; vLLM's own choice inside a Ray actor is its Ray executor,
             # which the CPU platform refuses
             distributed_executor_backend="mp" if tensor_parallel_size > 1 else None,
+            enable_sleep_mode=sleep_level > 0,
+            # vLLM's own CUDA-IPC receiver (GPU worker only), driven by the learner's sender
+            weight_transfer_config={"backend": "ipc"} if sync_transport == "ipc" else None,
         )
         self.init_s = time.perf_counter() - start
 
@@ -176,7 +183,38 @@ class RolloutActor:
                   **{k: results[0][k] for k in ("buckets", "tensors", "bytes")}}
         return self._loaded(merged, verify)
 
+    # ------------------------------------------------------------------ CUDA IPC transport
+    # The learner drives these through vLLM's RayVLLMWeightSyncClient (IPCTrainerWeightTransferEngine).
+    def init_weight_transfer_engine(self, request) -> None:
+        self.llm.init_weight_transfer_engine(request)
+
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
+
+    def update_weights(self, request) -> None:
+        self.llm.update_weights(request)
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self.llm.finish_weight_update(weight_version)
+
+    # ------------------------------------------------------------------ colocation (GPU)
+    def sleep(self, level: int) -> dict[str, Any]:
+        """Free GPU memory while the learner trains: level 1 offloads weights, 2 drops them."""
+        start = time.perf_counter()
+        self.llm.sleep(level=level)
+        return {"sleep_s": time.perf_counter() - start}
+
+    def wake_up(self, tags: list[str] | None = None) -> dict[str, Any]:
+        """Re-allocate `tags` ("weights" before a sync, "kv_cache" before generating; None = all)."""
+        start = time.perf_counter()
+        self.llm.wake_up(tags=tags)
+        return {"wake_s": time.perf_counter() - start}
+
     # ------------------------------------------------------------------ verification
+    def loaded(self, verify: bool) -> dict[str, Any]:
+        """After a sync another party drove (CUDA IPC): the checksums, if asked."""
+        return self._loaded({"load_s": 0.0}, verify)
+
     def _loaded(self, result: dict[str, Any], verify: bool) -> dict[str, Any]:
         if verify:
             start = time.perf_counter()

@@ -52,9 +52,15 @@ class WeightSync:
         ro = self.cfg
         transport = transport or ro.sync_transport
         verify = ro.verify_sync if verify is None else verify
+        if ro.sleep_level:  # asleep since generation: weights back first, KV cache after the sync
+            self.engines.wait(self.engines.call("wake_up", ["weights"]), "engine wake-up", ro.sync_timeout_s)
         if transport == "collective":
             sends = [r.broadcast_weights.remote(self.plan, ro.dtype, ro.sync_timeout_s) for r in self.ranks]
             loads = self.engines.call("receive_weights", self.plan, ro.dtype, ro.sync_timeout_s, verify)
+        elif transport == "ipc":  # the learner drives the engines itself (vLLM's IPC engine)
+            sends = [r.send_weights_ipc.remote(self.engines.actors, self.plan, ro.dtype) for r in self.ranks]
+            wait_all(sends, self.rank_names, "weight sync (CUDA IPC)", ro.sync_timeout_s)
+            loads = self.engines.call("loaded", verify)
         else:
             pairs = [r.publish_weights.options(num_returns=2).remote(self.plan, ro.dtype) for r in self.ranks]
             sends = [summary for _, summary in pairs]
@@ -71,11 +77,19 @@ class WeightSync:
                    "sync/send_s": sent["publish_s"],
                    "sync/engine_load_s": max(r["load_s"] for r in loaded),
                    "sync/engine_verify_s": max(r.get("verify_s", 0.0) for r in loaded)}
+        if ro.sleep_level:
+            self.engines.wait(self.engines.call("wake_up", ["kv_cache"]), "engine wake-up", ro.sync_timeout_s)
         if verify:
             expected = wait_all(sum_refs, self.rank_names, "weight checksums", ro.sync_timeout_s)[0]
             self._compare(expected, loaded)
             metrics["sync/verified_tensors"] = float(sum(len(e) for e in expected))
         return metrics
+
+    def sleep_engines(self) -> None:
+        """After generation (rollout.sleep_level > 0): engines free their GPU memory for training."""
+        if self.cfg.sleep_level:
+            self.engines.wait(self.engines.call("sleep", self.cfg.sleep_level), "engine sleep",
+                              self.cfg.sync_timeout_s)
 
     def _compare(self, expected: list[dict], loaded: list[dict[str, Any]]) -> None:
         for name, result in zip(self.engines.names, loaded):

@@ -16,6 +16,7 @@ are collective); below ZeRO-3 rank 0 holds full weights and is called alone. Onl
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -109,6 +110,26 @@ class WeightPublisher:
         group.barrier("waiting for every engine to acknowledge the new weights", timeout_s)
         return {"bytes": total, "buckets": len(plan), "publish_s": time.perf_counter() - start}
 
+    def send_ipc(self, engine_handles: list, plan: BucketPlan, dtype: str) -> dict[str, Any]:
+        """CUDA IPC transport (GPU; engines on this rank's GPU): vLLM's own IPC sender and receiver.
+
+        vLLM's `IPCTrainerWeightTransferEngine` packs the tensors this source yields into a
+        bounded GPU buffer, shares it by IPC handle and drives the engines' start / update /
+        finish calls through `RayVLLMWeightSyncClient`; no byte passes through the CPU.
+        """
+        from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
+        from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo, IPCTrainerWeightTransferEngine
+
+        start = time.perf_counter()
+        if getattr(self, "_ipc", None) is None:
+            self._ipc = IPCTrainerWeightTransferEngine.trainer_init(
+                IPCTrainerInitInfo(rank=self.rank, packed=True),
+                client=RayVLLMWeightSyncClient(list(engine_handles)), source=plan_source(self, plan, dtype))
+        self._ipc.source.plan = plan
+        self._ipc.send_weights()
+        total = sum(math.prod(shape) for bucket in plan for _, shape in bucket) * DTYPES[dtype].itemsize
+        return {"bytes": total, "buckets": len(plan), "publish_s": time.perf_counter() - start}
+
     def checksums(self, plan: BucketPlan, dtype: str, packed_modules: dict[str, list[str]],
                   layouts: list[dict[str, list[Piece]]]) -> list[dict[str, list[int]]] | None:
         """What each engine worker (one layout per tensor-parallel rank) must hold (rank 0)."""
@@ -122,3 +143,22 @@ class WeightPublisher:
                 rank_sums.update(expected_checksums(fused, layout))
         return sums if self.rank == 0 else None
 
+
+
+def plan_source(publisher: WeightPublisher, plan: BucketPlan, dtype: str):
+    """A vLLM `WeightSource` over the publisher's buckets (gathered per bucket under ZeRO-3)."""
+    from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
+
+    class PlanSource(WeightSource):
+        def __init__(self) -> None:
+            self.plan = plan
+
+        def metadata(self) -> list:
+            return [ParamMeta(name, DTYPES[dtype], tuple(shape)) for bucket in self.plan for name, shape in bucket]
+
+        def __iter__(self):
+            for params in publisher._buckets(self.plan):
+                for name, param in params:
+                    yield name, param.detach().to(DTYPES[dtype])
+
+    return PlanSource()
