@@ -99,9 +99,9 @@ class LearnerActor(DeepSpeedRank):
         """Collective transport (every rank under ZeRO-3; rank 0 sends)."""
         return self.publisher.broadcast(getattr(self, "weight_group", None), plan, dtype, timeout_s)
 
-    def send_weights_ipc(self, engine_handles: list, plan: list, dtype: str) -> dict[str, Any]:
+    def send_weights_ipc(self, engine_handles: list, plan: list, dtype: str, buffer_mb: float) -> dict[str, Any]:
         """CUDA IPC transport (engines on this rank's GPU; every rank under ZeRO-3)."""
-        return self.publisher.send_ipc(engine_handles, plan, dtype)
+        return self.publisher.send_ipc(engine_handles, plan, dtype, buffer_mb)
 
     def weight_checksums(self, plan: list, dtype: str, packed_modules: dict[str, list[str]],
                          layouts: list[dict]) -> list[dict[str, list[int]]] | None:

@@ -58,7 +58,8 @@ class WeightSync:
             sends = [r.broadcast_weights.remote(self.plan, ro.dtype, ro.sync_timeout_s) for r in self.ranks]
             loads = self.engines.call("receive_weights", self.plan, ro.dtype, ro.sync_timeout_s, verify)
         elif transport == "ipc":  # the learner drives the engines itself (vLLM's IPC engine)
-            sends = [r.send_weights_ipc.remote(self.engines.actors, self.plan, ro.dtype) for r in self.ranks]
+            sends = [r.send_weights_ipc.remote(self.engines.actors, self.plan, ro.dtype, ro.sync_bucket_mb)
+                     for r in self.ranks]
             wait_all(sends, self.rank_names, "weight sync (CUDA IPC)", ro.sync_timeout_s)
             loads = self.engines.call("loaded", verify)
         else:

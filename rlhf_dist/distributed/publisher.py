@@ -110,11 +110,11 @@ class WeightPublisher:
         group.barrier("waiting for every engine to acknowledge the new weights", timeout_s)
         return {"bytes": total, "buckets": len(plan), "publish_s": time.perf_counter() - start}
 
-    def send_ipc(self, engine_handles: list, plan: BucketPlan, dtype: str) -> dict[str, Any]:
+    def send_ipc(self, engine_handles: list, plan: BucketPlan, dtype: str, buffer_mb: float) -> dict[str, Any]:
         """CUDA IPC transport (GPU; engines on this rank's GPU): vLLM's own IPC sender and receiver.
 
         vLLM's `IPCTrainerWeightTransferEngine` packs the tensors this source yields into a
-        bounded GPU buffer, shares it by IPC handle and drives the engines' start / update /
+        GPU buffer of `buffer_mb` (rollout.sync_bucket_mb), shares it by IPC handle and drives the engines' start / update /
         finish calls through `RayVLLMWeightSyncClient`; no byte passes through the CPU.
         """
         from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
@@ -123,7 +123,7 @@ class WeightPublisher:
         start = time.perf_counter()
         if getattr(self, "_ipc", None) is None:
             self._ipc = IPCTrainerWeightTransferEngine.trainer_init(
-                IPCTrainerInitInfo(rank=self.rank, packed=True),
+                IPCTrainerInitInfo(rank=self.rank, packed=True, packed_buffer_size_bytes=int(buffer_mb * 2**20)),
                 client=RayVLLMWeightSyncClient(list(engine_handles)), source=plan_source(self, plan, dtype))
         self._ipc.source.plan = plan
         self._ipc.send_weights()
