@@ -90,7 +90,7 @@ class RolloutConfig:
     init_timeout_s: float = 600.0  # engine start-up (model load + warm-up) deadline
     # GPU: free the engine's memory while the learner trains (vLLM sleep mode): 0 = never,
     # 1 = weights to CPU and KV cache dropped, 2 = both dropped (the sync rewrites the weights).
-    # vLLM's CPU worker has no sleep mode: refused on CPU.
+    # vLLM's CPU platform has no sleep mode (measured: vLLM 0.32 refuses it): refused on CPU.
     sleep_level: int = 0
 
 

@@ -196,10 +196,10 @@ def _validate_rollout(cfg: Any) -> None:
             "rollout.sync_transport=collective (gloo broadcast) or object_store.")
     if device == "cpu" and ro.sleep_level:
         raise ConfigError(
-            f"rollout.sleep_level={ro.sleep_level}: vLLM's CPU worker has no sleep mode (it logs "
-            "'sleep mode is not supported on CPU' and keeps its weights and KV cache), so on CPU "
-            "nothing would be freed. Fix: rollout.sleep_level=0 (on CPU the KV cache is bounded "
-            "by rollout.kv_cache_gb instead).")
+            f"rollout.sleep_level={ro.sleep_level}: vLLM's CPU platform has no sleep mode (vLLM "
+            "0.32 refuses enable_sleep_mode there: 'Sleep mode is not supported on current "
+            "platform'), so an engine on CPU keeps its weights and KV cache between rollouts. "
+            "Fix: rollout.sleep_level=0 (on CPU the KV cache is bounded by rollout.kv_cache_gb).")
     if ro.sync_transport == "ipc" and (tp > 1 or ro.num_engines > 1):
         raise ConfigError(
             f"rollout.sync_transport=ipc needs one engine with one shard on the learner's GPU; got "

@@ -144,7 +144,7 @@ def test_wrong_type_is_rejected():
         (["rollout.tensor_parallel_size=64", "rollout.sync_transport=collective"], "CPU cores"),
         (["rollout.sync_transport=ipc"], "Options that work on CPU: rollout.sync_transport=collective"),
         (["rollout.sync_transport=nccl"], "rollout.sync_transport='nccl' is not one of ['object_store', 'collective', 'ipc']"),
-        (["rollout.sleep_level=1"], "vLLM's CPU worker has no sleep mode"),
+        (["rollout.sleep_level=1"], "vLLM's CPU platform has no sleep mode"),
         (["rollout.sleep_level=3"], "rollout.sleep_level=3 is not one of [0, 1, 2]"),
         (["cluster=gpu8", "rollout.tensor_parallel_size=2", "rollout.sync_transport=collective"],
          "Fix: add cluster.gpus_per_engine=2"),

@@ -148,10 +148,12 @@ class RolloutActor:
 
         def reload(worker, weights, on_cpu):
             worker.model_runner.reload_weights(weights_iterator=weights)
+            refresh_start = time.perf_counter()
             if on_cpu:
                 refresh_cpu_gemm_handles(worker.model_runner.model)
+            return time.perf_counter() - refresh_start
 
-        self.llm.collective_rpc(reload, args=(stream(), self.device == "cpu"))
+        received["refresh_s"] = self.llm.collective_rpc(reload, args=(stream(), self.device == "cpu"))[0]
         return self._loaded({"load_s": time.perf_counter() - start, **received}, verify)
 
     def load_published(self, manifest_ref: list, timeout_s: float, verify: bool) -> dict[str, Any]:
@@ -179,7 +181,7 @@ class RolloutActor:
     def receive_weights(self, plan: list, dtype: str, timeout_s: float, verify: bool) -> dict[str, Any]:
         """Receive one broadcast of every bucket of `plan` into every worker (while the learner sends)."""
         results = self.llm.collective_rpc("rlhf_receive_weights", args=(plan, dtype, timeout_s))
-        merged = {"load_s": max(r["load_s"] for r in results),
+        merged = {"load_s": max(r["load_s"] for r in results), "refresh_s": max(r["refresh_s"] for r in results),
                   **{k: results[0][k] for k in ("buckets", "tensors", "bytes")}}
         return self._loaded(merged, verify)
 

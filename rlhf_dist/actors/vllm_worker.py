@@ -145,8 +145,10 @@ class WorkerExtension:
                     yield name, tensor
 
         self.model_runner.reload_weights(weights_iterator=stream())
+        refresh_start = time.perf_counter()
         if self.device.type == "cpu":
             refresh_cpu_gemm_handles(self.model_runner.model)
+        received["refresh_s"] = time.perf_counter() - refresh_start
         group.barrier("acknowledging the new weights", timeout_s)
         return {"load_s": time.perf_counter() - start, **received}
 

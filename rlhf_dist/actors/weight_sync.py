@@ -77,6 +77,8 @@ class WeightSync:
         metrics = {"sync/buckets": float(sent["buckets"]), "sync/mb": sent["bytes"] / 2**20,
                    "sync/send_s": sent["publish_s"],
                    "sync/engine_load_s": max(r["load_s"] for r in loaded),
+                   # CPU: re-packing vLLM's oneDNN linear weights after the reload (part of load_s)
+                   "sync/engine_repack_s": max(r.get("refresh_s", 0.0) for r in loaded),
                    "sync/engine_verify_s": max(r.get("verify_s", 0.0) for r in loaded)}
         if ro.sleep_level:
             self.engines.wait(self.engines.call("wake_up", ["kv_cache"]), "engine wake-up", ro.sync_timeout_s)
