@@ -291,3 +291,64 @@ def test_prompt_sampler_errors():
         PromptSampler([], batch_size=1, seed=0)
     with pytest.raises(DatasetError, match="batch_size=4 is larger than the 3 prompt records"):
         PromptSampler([{"prompt": "a"}] * 3, batch_size=4, seed=0)
+
+
+# --------------------------------------------------------------------------- logprobs, micro-batches
+
+
+def _full_vocab_logprobs(model, batch, temperature):
+    """The obvious computation: fp32 logits of every position, sliced to the response."""
+    from rlhf_dist.models.hf import position_ids_from_mask
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    logits = logits[:, batch.prompt_width - 1 : -1].float() / temperature  # (B, T, V)
+    log_norm = logits.logsumexp(-1)
+    logprobs = logits.gather(-1, ids[:, batch.prompt_width :, None]).squeeze(-1) - log_norm
+    return logprobs, log_norm - (logits.softmax(-1) * logits).sum(-1)
+
+
+def _mixed_batch(prompt_lens, response_lens):
+    from rlhf_dist.data.batch import collate_rollouts
+
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 98, (n,), generator=gen).tolist() for n in prompt_lens]
+    responses = [torch.randint(3, 98, (n,), generator=gen).tolist() for n in response_lens]
+    return collate_rollouts(prompts, responses, [[0.0] * n for n in response_lens], pad_id=0)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 1024])  # one position, 2 of 5 (uneven), all
+def test_chunked_response_logprobs_equal_full_vocab_ones_with_gradients(qwen2_dir, chunk_tokens):
+    from rlhf_dist.models.hf import disable_dropout, load_causal_lm, response_logprobs
+
+    model = disable_dropout(load_causal_lm(str(qwen2_dir)))
+    batch = _mixed_batch([3, 5, 2], [5, 1, 3])  # P = 5, T = 5
+    weights = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(1))
+
+    def values_and_grads(compute):
+        model.zero_grad()
+        logprobs, entropy = compute()
+        ((weights[0] * logprobs).sum() + (weights[1] * entropy).sum()).backward()
+        return logprobs.detach(), entropy.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    want = values_and_grads(lambda: _full_vocab_logprobs(model, batch, 0.7))
+    got = values_and_grads(lambda: response_logprobs(
+        model, batch["input_ids"], batch["attention_mask"], batch.prompt_width, 0.7,
+        with_entropy=True, chunk_tokens=chunk_tokens))
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-6)
+    for name, grad in want[2].items():
+        scale = float(grad.abs().max())  # fp32 rounding of sums over tokens and vocab
+        torch.testing.assert_close(got[2][name], grad, rtol=1e-5, atol=1e-6 * scale, msg=name)
+
+
+def test_entropy_as_a_metric_builds_no_graph_and_keeps_its_value(qwen2_dir):
+    from rlhf_dist.models.hf import load_causal_lm, response_logprobs
+
+    model = load_causal_lm(str(qwen2_dir))
+    batch = _mixed_batch([3, 5], [4, 2])
+    args = (model, batch["input_ids"], batch["attention_mask"], batch.prompt_width)
+    logprobs, metric = response_logprobs(*args, with_entropy=True, entropy_grad=False, chunk_tokens=4)
+    _, with_graph = response_logprobs(*args, with_entropy=True, chunk_tokens=4)
+    assert logprobs.requires_grad and not metric.requires_grad and with_graph.requires_grad
+    torch.testing.assert_close(metric, with_graph.detach(), rtol=0, atol=0)

@@ -39,6 +39,10 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.clamp(min=0)
 
 
+# (row, position) pairs whose fp32 logits exist at once: 256 x V floats, 0.16 GB at V = 152k
+LOGPROB_CHUNK_TOKENS = 256
+
+
 def response_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -46,6 +50,8 @@ def response_logprobs(
     prompt_width: int,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    entropy_grad: bool = True,
+    chunk_tokens: int = LOGPROB_CHUNK_TOKENS,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(y_t | x, y_<t) for every response position.
 
@@ -53,23 +59,77 @@ def response_logprobs(
     The logits at position P-1+t predict response token t. Logits are divided by the sampling
     temperature so that these logprobs match the distribution vLLM sampled from
     (`logprobs_mode="processed_logprobs"`).
-    Returns logprobs (B, T) and, if asked, the entropy of each position's distribution (B, T).
+    Returns logprobs (B, T) and, if asked, the entropy of each position's distribution (B, T);
+    `entropy_grad=False` returns it without a gradient (a metric only).
+
+    Memory: the model computes logits for the last T+1 positions only (`logits_to_keep`), never
+    for the prompt, and `_TokenLogprobs` turns them into fp32 `chunk_tokens` (row, position) pairs
+    at a time, so neither the forward nor the backward holds a (B, T, V) fp32 tensor.
     """
+    width = input_ids.shape[1] - prompt_width  # T
     outputs = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
+        logits_to_keep=width + 1,
     )
-    logits = outputs.logits[:, prompt_width - 1 : -1, :].float() / temperature  # (B, T, V)
     targets = input_ids[:, prompt_width:]  # (B, T)
-    log_norm = torch.logsumexp(logits, dim=-1)  # (B, T)
-    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
-    entropy = None
-    if with_entropy:
-        probs = F.softmax(logits, dim=-1)
-        entropy = log_norm - (probs * logits).sum(-1)
+    step = max(1, chunk_tokens // len(input_ids))
+    # outputs.logits: (B, T+1, V) in the model's dtype, position t predicting response token t
+    logprobs, entropy = _TokenLogprobs.apply(outputs.logits, targets, temperature, step, with_entropy)
+    if with_entropy and not entropy_grad:
+        entropy = entropy.detach()
     return logprobs, entropy
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """Logprobs of `targets` (B, T) and entropies from the first T positions of (B, >= T, V)
+    logits, `step` positions at a time (the logits are not sliced: a slice's backward would
+    allocate another (B, T, V) gradient).
+
+    With z = logits / temperature, log p = z - logsumexp(z) and H = -sum p log p. Only a (B, step, V)
+    fp32 slice exists at once: backward recomputes p from the saved logits and log-normaliser and
+    writes into one gradient of the logits' shape and dtype:
+        d log p(y) / dz = onehot(y) - p,        dH / dz = -p (log p + H).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature: float, step: int, with_entropy: bool):
+        ctx.set_materialize_grads(False)  # an unused output (the entropy metric) gets no gradient
+        log_norm = logits.new_empty(targets.shape, dtype=torch.float32)  # (B, T)
+        logprobs = torch.empty_like(log_norm)
+        entropy = torch.empty_like(log_norm) if with_entropy else None
+        for part in _chunks(targets.shape[1], step):
+            z = logits[:, part].float() / temperature  # (B, C, V)
+            log_norm[:, part] = torch.logsumexp(z, dim=-1)
+            logprobs[:, part] = z.gather(-1, targets[:, part, None]).squeeze(-1) - log_norm[:, part]
+            if with_entropy:
+                entropy[:, part] = log_norm[:, part] - (F.softmax(z, dim=-1) * z).sum(-1)
+        ctx.save_for_backward(logits, targets, log_norm, entropy)
+        ctx.temperature, ctx.step = temperature, step
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        logits, targets, log_norm, entropy = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        grad_logits[:, targets.shape[1] :] = 0  # positions past the response predict nothing
+        for part in _chunks(targets.shape[1], ctx.step):
+            log_probs = logits[:, part].float() / ctx.temperature - log_norm[:, part, None]  # (B, C, V)
+            probs = log_probs.exp()
+            grad = torch.zeros_like(probs)
+            if grad_logprobs is not None:
+                upstream = grad_logprobs[:, part, None]
+                grad.sub_(probs * upstream).scatter_add_(-1, targets[:, part, None], upstream)
+            if grad_entropy is not None:
+                grad.sub_(probs * (log_probs + entropy[:, part, None]) * grad_entropy[:, part, None])
+            grad_logits[:, part] = grad / ctx.temperature
+        return grad_logits, None, None, None, None
+
+
+def _chunks(length: int, step: int) -> list[slice]:
+    return [slice(start, min(start + step, length)) for start in range(0, length, step)]
 
 
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
