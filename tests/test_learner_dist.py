@@ -175,9 +175,9 @@ def test_token_budget_micro_batches_give_the_fixed_size_update_with_less_padding
     for name, want in expected.items():
         for weights in fixed_weights + budget_weights:
             torch.testing.assert_close(weights[name], want, rtol=1e-4, atol=1e-6, msg=name)
-    assert [m["perf/forwards"] for m in fixed] == [2.0, 2.0]
-    assert [m["perf/forwards"] for m in budget] == [4.0, 4.0]
-    padded = {k: sum(m["perf/padded_tokens"] for m in runs[k][0]) for k in runs}
+    assert [m["perf/forwards_per_rank"] for m in fixed] == [2.0, 2.0]
+    assert [m["perf/forwards_per_rank"] for m in budget] == [4.0, 4.0]
+    padded = {k: sum(m["perf/padded_tokens_per_rank"] for m in runs[k][0]) for k in runs}
     assert padded == {0: 2 * 18 + 2 * 17 + 2 * 18 + 2 * 16, BUDGET: (18 + 17 + 7 + 7) + (18 + 17 + 16 + 15)}
     assert budget[0]["perf/padded_token_frac"] < fixed[0]["perf/padded_token_frac"]
     assert all(m["entropy/mean"] > 0 for m in budget)

@@ -352,3 +352,34 @@ def test_entropy_as_a_metric_builds_no_graph_and_keeps_its_value(qwen2_dir):
     _, with_graph = response_logprobs(*args, with_entropy=True, chunk_tokens=4)
     assert logprobs.requires_grad and not metric.requires_grad and with_graph.requires_grad
     torch.testing.assert_close(metric, with_graph.detach(), rtol=0, atol=0)
+
+
+def test_token_budget_parts_respect_the_budget_and_pad_less_than_fixed_size():
+    from rlhf_dist.data.batch import token_budget_parts
+
+    lengths, prompt_width, budget = [1, 12, 1, 11, 2, 10, 3, 12], 6, 40
+    parts = token_budget_parts(lengths, prompt_width, budget)
+    assert sorted(r for part in parts for r in part) == list(range(8))
+
+    def padded(part):
+        return len(part) * (prompt_width + max(lengths[r] for r in part))
+
+    assert all(padded(part) <= budget for part in parts)
+    assert [sorted(part) for part in parts] == [[1, 7], [3, 5], [0, 2, 4, 6]]  # longest first
+    fixed = sum(padded(list(range(i, i + 2))) for i in range(0, 8, 2))
+    assert sum(map(padded, parts)) == 36 + 34 + 36 < fixed == 36 + 34 + 32 + 36
+    more = token_budget_parts(lengths, prompt_width, budget, num_parts=5)  # another rank needs 5
+    assert len(more) == 5 and sorted(r for part in more for r in part) == list(range(8))
+    assert max(map(padded, more)) <= budget
+    assert token_budget_parts([30], 6, budget) == [[0]]  # over the budget alone: its own part
+    with pytest.raises(ValueError, match="cannot split 2 rows into 3"):
+        token_budget_parts([1, 2], 6, budget, num_parts=3)
+
+
+def test_split_by_tokens_trims_each_micro_batch_to_its_own_longest_response():
+    batch = _mixed_batch([3, 6, 4, 5], [1, 12, 2, 11])
+    micros = batch.split_by_tokens(40)
+    assert [m["input_ids"].shape for m in micros] == [(2, 18), (2, 8)]
+    assert sum(m.token_counts()[1] for m in micros) == int(batch["attention_mask"].sum())
+    rows = sorted(tuple(r.tolist()) for m in micros for r in m["response_mask"].sum(-1, keepdim=True))
+    assert rows == [(1.0,), (2.0,), (11.0,), (12.0,)]

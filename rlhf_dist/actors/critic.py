@@ -32,8 +32,9 @@ class CriticActor(DeepSpeedRank):
         return self.forward_batch(batch, micro_batch_size, forward)
 
     def train_step(self, minibatches: list[tuple[Batch, float, float]], loss_cfg: dict[str, Any],
-                   step: int) -> dict[str, float]:
-        """ppo_epochs x mini-batches of clipped value-regression updates on this rank's shards."""
+                   step: int, max_tokens: int = 0) -> dict[str, float]:
+        """ppo_epochs x mini-batches of clipped value-regression updates on this rank's shards
+        (`max_tokens` > 0: micro-batches by padded-token budget)."""
         def micro_loss(micro: Batch, num_tokens: float, num_seqs: float):
             tensors = {k: v.to(self.device) for k, v in micro.tensors.items()}
             values = response_values(self.ds_engine, tensors["input_ids"],
@@ -42,4 +43,4 @@ class CriticActor(DeepSpeedRank):
                                    tensors["response_mask"], num_tokens=num_tokens,
                                    num_seqs=num_seqs, **loss_cfg)
 
-        return self.run_minibatches(minibatches, micro_loss, step, prefix="critic/")
+        return self.run_minibatches(minibatches, micro_loss, step, prefix="critic/", max_tokens=max_tokens)

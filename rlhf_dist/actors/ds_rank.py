@@ -1,7 +1,8 @@
 """One DeepSpeed data-parallel rank: what the policy learner and the critic have in common.
 
 `world_size` ranks form one process group (gloo on CPU, NCCL on GPU). The controller hands every
-rank the same number of equally sized micro-batches per mini-batch, so the ranks step in
+rank an equal shard of each mini-batch; every rank cuts it into the same number of micro-batches
+(fixed-size, or by a token budget with the count agreed between ranks), so the ranks step in
 lock-step; each micro-batch's loss is normalised by the mini-batch's global token (or sequence)
 count, so the update equals the one a single rank would make on the whole mini-batch.
 
@@ -80,38 +81,35 @@ class DeepSpeedRank:
 
     # ------------------------------------------------------------------ training loop
     def run_minibatches(self, minibatches: list[tuple[Batch, float, float]], micro_loss: MicroLoss,
-                        step: int, prefix: str = "") -> dict[str, float]:
+                        step: int, prefix: str = "", max_tokens: int = 0) -> dict[str, float]:
         """One pass over this rank's shards of every mini-batch (all epochs, in order).
 
         minibatches[i] = (this rank's shard of mini-batch i, global masked tokens, global
         sequences). Additive metrics are summed within a mini-batch and averaged over mini-batches;
         stats are averaged over micro-batches (`*_max` / `*_min` keep the extreme).
+        Micro-batches: see `_micro_batches`. Whatever their number, the optimizer steps once per
+        mini-batch: the accumulation boundary is set at its last micro-batch.
         """
         self.ds_engine.train()
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, int] = defaultdict(int)
         extremes: dict[str, float] = {}
-        grad_norms = []
+        grad_norms, padded, real, forwards = [], 0, 0, 0
         for shard, num_tokens, num_seqs in minibatches:
-            for micro in shard.chunk(self.grad_accum_steps):
-                loss, metrics, stats = micro_loss(micro.trimmed(), num_tokens, num_seqs)
+            micros = self._micro_batches(shard, max_tokens)
+            for i, micro in enumerate(micros):
+                self.ds_engine.set_gradient_accumulation_boundary(i == len(micros) - 1)
+                loss, metrics, stats = micro_loss(micro, num_tokens, num_seqs)
                 self._check_finite(loss, metrics, step)
-                # DeepSpeed divides by grad-accum steps and averages over ranks; undo both so the
-                # gradient is that of the global-normalised sum (see module docstring).
-                self.ds_engine.backward(loss * self.world_size * self.grad_accum_steps)
+                # DeepSpeed averages over ranks: undo it so the gradient is that of the
+                # global-normalised sum (module docstring); no division by the micro-batch count.
+                self.ds_engine.backward(loss * self.world_size, scale_wrt_gas=False)
                 if self.ds_engine.is_gradient_accumulation_boundary():
                     self._check_finite_gradients(step)
                 self.ds_engine.step()
-                for key, value in metrics.items():
-                    sums[key] += float(value)
-                for key, value in stats.items():
-                    value = float(value)
-                    if key.endswith(("_max", "_min")):
-                        pick = max if key.endswith("_max") else min
-                        extremes[key] = pick(extremes.get(key, value), value)
-                    else:
-                        sums[key] += value
-                        counts[key] += 1
+                _accumulate(sums, counts, extremes, metrics, stats)
+                micro_padded, micro_real = micro.token_counts()
+                padded, real, forwards = padded + micro_padded, real + micro_real, forwards + 1
             grad_norms.append(self._grad_norm_after_step(step))
             self.optimizer_steps += 1
         num_minibatches = max(1, len(minibatches))
@@ -120,7 +118,21 @@ class DeepSpeedRank:
         result["optim/lr"] = self.ds_engine.get_lr()[0]
         result["optim/grad_norm"] = sum(grad_norms) / max(1, len(grad_norms))
         result["optim/grad_norm_max"] = max(grad_norms, default=0.0)
+        result["perf/padded_tokens_per_rank"] = float(padded)  # rows x trimmed width, all passes
+        result["perf/forwards_per_rank"] = float(forwards)
+        result["perf/padded_token_frac"] = 1.0 - real / max(1, padded)
         return {k if k.startswith(prefix) else f"{prefix}{k}": v for k, v in result.items()}
+
+    def _micro_batches(self, shard: Batch, max_tokens: int) -> list[Batch]:
+        """`grad_accum_steps` equal parts of the shard, or with `max_tokens` > 0 parts of at most
+        that many padded tokens (rows grouped by length, `Batch.split_by_tokens`), as many on
+        every rank as the rank that needs most: ZeRO gathers and reduces collectively each pass."""
+        if not max_tokens:
+            return [micro.trimmed() for micro in shard.chunk(self.grad_accum_steps)]
+        micros = shard.split_by_tokens(max_tokens)
+        num = torch.tensor([len(micros)], device=self.device)
+        dist.all_reduce(num, op=dist.ReduceOp.MAX)
+        return micros if len(micros) == int(num) else shard.split_by_tokens(max_tokens, int(num))
 
     def _check_finite(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], step: int) -> None:
         """All ranks agree before backward, so a NaN on one rank cannot deadlock the others."""
@@ -184,3 +196,18 @@ class DeepSpeedRank:
 
         self.ds_engine.eval()
         return batched_forward(batch, micro_batch_size, forward)
+
+
+def _accumulate(sums: dict, counts: dict, extremes: dict, metrics: dict, stats: dict) -> None:
+    """Add one micro-batch's additive metrics and stats to the running totals."""
+    for key, value in metrics.items():
+        sums[key] += float(value)
+    for key, value in stats.items():
+        value = float(value)
+        if key.endswith(("_max", "_min")):
+            pick = max if key.endswith("_max") else min
+            extremes[key] = pick(extremes.get(key, value), value)
+        else:
+            sums[key] += value
+            counts[key] += 1
+

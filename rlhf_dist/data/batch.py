@@ -45,6 +45,18 @@ class Batch:
         size = len(self) // num
         return [self.select(range(i * size, (i + 1) * size)) for i in range(num)]
 
+    def split_by_tokens(self, max_tokens: int, num_parts: int = 0) -> list["Batch"]:
+        """Trimmed micro-batches of at most `max_tokens` padded tokens (`token_budget_parts`)."""
+        mask = self.tensors["response_mask"] > 0  # (B, T), a prefix of each row
+        lengths = (mask * torch.arange(1, mask.shape[1] + 1)).amax(-1).clamp(min=1).tolist()
+        parts = token_budget_parts(lengths, self.prompt_width, max_tokens, num_parts)
+        return [self.select(rows).trimmed() for rows in parts]
+
+    def token_counts(self) -> tuple[int, int]:
+        """(padded, real) tokens a forward pass sees: over every attention mask of the batch."""
+        masks = [v for k, v in self.tensors.items() if k.endswith("mask") and k != "response_mask"]
+        return sum(m.numel() for m in masks), sum(int(m.sum()) for m in masks)
+
     def trimmed(self) -> "Batch":
         """Drop response columns that are padding in every row (saves compute on short batches)."""
         if "response_mask" not in self.tensors:  # e.g. reward-model pairs: nothing to trim
@@ -92,6 +104,35 @@ def collate_rollouts(
         "rollout_logprobs": logprobs,
     }
     return Batch(tensors, width_p)
+
+
+def token_budget_parts(lengths: list[int], prompt_width: int, max_tokens: int,
+                       num_parts: int = 0) -> list[list[int]]:
+    """Rows grouped into micro-batches of at most `max_tokens` padded tokens, longest first.
+
+    A trimmed micro-batch of rows R holds |R| x (P + max_{r in R} lengths[r]) tokens. Rows are
+    packed greedily in order of decreasing length, so short responses share micro-batches instead
+    of padding to the longest one (a row over the budget alone gets a micro-batch of its own).
+    With `num_parts` above that count, the part with the most padded tokens is halved until
+    there are `num_parts` (the ranks of a ZeRO group must run the same number of forwards).
+    """
+    if num_parts > len(lengths):
+        raise ValueError(f"cannot split {len(lengths)} rows into {num_parts} micro-batches")
+    parts: list[list[int]] = []
+    for row in sorted(range(len(lengths)), key=lambda r: -lengths[r]):
+        if parts and (len(parts[-1]) + 1) * (prompt_width + lengths[parts[-1][0]]) <= max_tokens:
+            parts[-1].append(row)
+        else:
+            parts.append([row])
+
+    def padded(part: list[int]) -> int:
+        return len(part) * (prompt_width + lengths[part[0]])  # part[0] is its longest row
+
+    while len(parts) < num_parts:
+        i = max((i for i, part in enumerate(parts) if len(part) > 1), key=lambda i: padded(parts[i]))
+        part = parts.pop(i)
+        parts[i:i] = [part[: len(part) // 2], part[len(part) // 2 :]]
+    return parts
 
 
 def split_evenly(items: list, parts: int) -> list[list]:
