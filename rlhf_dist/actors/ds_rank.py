@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable
 
 import torch
@@ -62,8 +63,14 @@ class DeepSpeedRank:
         init_learner_process_group(self.rank, self.world_size, master_addr, master_port, backend, timeout_s)
         if self.device == "cuda":
             torch.cuda.set_device(0)
-        model = disable_dropout(self.build_model())
-        num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
+        config = build_deepspeed_config(zero_stage, micro_batch_size, grad_accum_steps,
+                                        self.world_size, optim["grad_clip"], bf16)
+        with zero3_loading(config) if zero_stage == 3 else nullcontext():
+            model = disable_dropout(self.build_model())
+        num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        # what this rank holds right after loading: ~num_params / world_size under ZeRO-3
+        local_params = sum(p.numel() + (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0)
+                           for p in model.parameters())
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
         optimizer = torch.optim.AdamW(
@@ -71,13 +78,12 @@ class DeepSpeedRank:
             weight_decay=optim["weight_decay"])
         schedule = lr_lambda(optim["scheduler"], optim["warmup_steps"], total_optimizer_steps,
                              optim["min_lr_ratio"])
-        config = build_deepspeed_config(zero_stage, micro_batch_size, grad_accum_steps,
-                                        self.world_size, optim["grad_clip"], bf16)
         self.ds_engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         self.grad_accum_steps, self.zero_stage = grad_accum_steps, zero_stage
-        return {"rank": self.rank, "init_s": time.perf_counter() - start, "num_params": num_params}
+        return {"rank": self.rank, "init_s": time.perf_counter() - start, "num_params": num_params,
+                "local_params": local_params}
 
     # ------------------------------------------------------------------ training loop
     def run_minibatches(self, minibatches: list[tuple[Batch, float, float]], micro_loss: MicroLoss,
@@ -211,3 +217,26 @@ def _accumulate(sums: dict, counts: dict, extremes: dict, metrics: dict, stats: 
             sums[key] += value
             counts[key] += 1
 
+
+@contextmanager
+def zero3_loading(ds_config: dict):
+    """While open, transformers' `from_pretrained` builds the model under `deepspeed.zero.Init`
+    and loads the checkpoint into partitioned parameters: no rank ever holds the whole model.
+
+    This is what `transformers.integrations.HfDeepSpeedConfig` does, which transformers reads
+    only through `is_zero3()` and `.config`; that class needs `accelerate`, this does not.
+    """
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    class _Zero3Config:
+        config = ds_config
+
+        def is_zero3(self) -> bool:
+            return True
+
+    holder = _Zero3Config()  # transformers keeps a weak reference: hold it while loading
+    set_hf_deepspeed_config(holder)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
