@@ -83,7 +83,9 @@ class RolloutConfig:
     #   collective    broadcast over a process group of learner rank 0 + every engine worker
     #                 (gloo on CPU, NCCL on GPU; any tensor_parallel_size)
     #   ipc           CUDA IPC handles, no copy: engines on the learner's GPU (cluster=gpu1)
-    sync_transport: str = "object_store"
+    # collective is the default: as fast or faster than object_store at every size measured on
+    # CPU (benchmarks/weight_sync.py, README), and the only one that feeds tensor-parallel engines.
+    sync_transport: str = "collective"
     sync_bucket_mb: float = 64.0  # max bucket size; buckets hold whole layers
     sync_timeout_s: float = 120.0  # per-bucket and per-engine deadline: a stuck sync fails loudly
     verify_sync: bool = True  # compare a checksum of engine weights with the learner's after sync

@@ -140,7 +140,7 @@ def test_wrong_type_is_rejected():
         (["learner.zero_stage=4"], "zero_stage=4"),
         (["rollout.temperature=0"], "temperature"),
         (["logger.wandb.mode=cloud"], "logger.wandb.mode"),
-        (["rollout.tensor_parallel_size=2"], "Fix: add rollout.sync_transport=collective"),
+        (["rollout.tensor_parallel_size=2", "rollout.sync_transport=object_store"], "Fix: add rollout.sync_transport=collective"),
         (["rollout.tensor_parallel_size=64", "rollout.sync_transport=collective"], "CPU cores"),
         (["rollout.sync_transport=ipc"], "Options that work on CPU: rollout.sync_transport=collective"),
         (["rollout.sync_transport=nccl"], "rollout.sync_transport='nccl' is not one of ['object_store', 'collective', 'ipc']"),

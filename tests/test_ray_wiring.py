@@ -29,6 +29,7 @@ def trainer(tiny_model_dir, tmp_path_factory):
     with initialize_config_dir(conf_dir(), version_base="1.3"):
         dict_cfg = compose("config", overrides=[
             f"trainer.run_dir={run_dir}", f"model.path={tiny_model_dir}", "experiment=smoke",
+            "rollout.sync_transport=object_store",  # the collective one: test_weight_transport.py
             "rollout.sync_bucket_mb=0.1",  # many small buckets: exercises streaming
             # a user reward file whose score varies on random text, so one step has a gradient
             f"reward.fn={REPO / 'examples' / 'my_rewards.py'}:score",
