@@ -24,3 +24,29 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 900):
     cmd = [sys.executable, "-m", "rlhf_dist.main", *args]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def start_trainer(run_dir: Path, model_dir: Path, overrides: list[str]):
+    """A started RLTrainer on a local Ray (experiment=smoke, a reward with a gradient on random
+    text, many small weight buckets) plus `overrides`. The caller shuts down trainer and Ray."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from rlhf_dist.actors.cluster import init_ray
+    from rlhf_dist.main import conf_dir, prepare
+    from rlhf_dist.models.hf import load_tokenizer
+    from rlhf_dist.monitor import RunMonitor
+    from rlhf_dist.trainer import RLTrainer
+
+    with initialize_config_dir(conf_dir(), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("config", overrides=[
+            f"trainer.run_dir={run_dir}", f"model.path={model_dir}", "experiment=smoke",
+            "rollout.sync_bucket_mb=0.1",  # several buckets: exercises streaming
+            f"reward.fn={REPO / 'examples' / 'my_rewards.py'}:score", *overrides]))
+    inputs = prepare(cfg)
+    init_ray(cfg.cluster)
+    monitor = RunMonitor(str(run_dir), "disabled", "p", None, None, [], {}, cfg.trainer.total_steps, console=False)
+    trainer = RLTrainer(cfg, inputs["model_path"], load_tokenizer(inputs["model_path"]),
+                        inputs["train"], inputs["eval"], inputs["reward_spec"], monitor)
+    trainer.start()
+    return trainer

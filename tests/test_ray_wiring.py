@@ -6,41 +6,20 @@ One module-scoped start-up (about a minute on 2 cores) serves every test here.
 import pytest
 import ray
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from rlhf_dist.actors.cluster import check_resources, init_ray
+from rlhf_dist.actors.cluster import check_resources
 from rlhf_dist.distributed.checksum import diff_checksums, expected_checksums, fuse_like_engine, narrow_to
-from rlhf_dist.errors import ActorDiedError, ClusterResourceError, RlhfDistError, WeightSyncError
-from rlhf_dist.main import conf_dir, prepare
-from rlhf_dist.models.hf import load_tokenizer
+from rlhf_dist.errors import ActorDiedError, ClusterResourceError, WeightSyncError
 
-from conftest import REPO
+from conftest import start_trainer
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def trainer(tiny_model_dir, tmp_path_factory):
-    from rlhf_dist.monitor import RunMonitor
-    from rlhf_dist.trainer import RLTrainer
-
-    run_dir = tmp_path_factory.mktemp("run")
-    with initialize_config_dir(conf_dir(), version_base="1.3"):
-        dict_cfg = compose("config", overrides=[
-            f"trainer.run_dir={run_dir}", f"model.path={tiny_model_dir}", "experiment=smoke",
-            "rollout.sync_transport=object_store",  # the collective one: test_weight_transport.py
-            "rollout.sync_bucket_mb=0.1",  # many small buckets: exercises streaming
-            # a user reward file whose score varies on random text, so one step has a gradient
-            f"reward.fn={REPO / 'examples' / 'my_rewards.py'}:score",
-        ])
-    cfg = OmegaConf.to_object(dict_cfg)
-    inputs = prepare(cfg)
-    init_ray(cfg.cluster)
-    monitor = RunMonitor(str(run_dir), "disabled", "p", None, None, [], {}, cfg.trainer.total_steps, console=False)
-    trainer = RLTrainer(cfg, inputs["model_path"], load_tokenizer(inputs["model_path"]),
-                        inputs["train"], inputs["eval"], inputs["reward_spec"], monitor)
-    trainer.start()
+    # the object-store transport end to end (the collective one: test_weight_transport.py)
+    trainer = start_trainer(tmp_path_factory.mktemp("run"), tiny_model_dir, ["rollout.sync_transport=object_store"])
     yield trainer
     trainer.shutdown()
     ray.shutdown()

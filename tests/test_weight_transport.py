@@ -1,7 +1,7 @@
 """The collective weight transport and tensor-parallel engines, on real Ray/vLLM/DeepSpeed (gloo).
 
-Two trainers, one per test class (one at a time fits on 2 cores): two engines fed by a ZeRO-3 learner over two ranks, and one engine
-with tensor_parallel_size=2 (one vLLM worker process per shard).
+Two trainers, one per test class (one at a time fits on 2 cores): two engines fed by a ZeRO-3
+learner over two ranks, and one engine with tensor_parallel_size=2 (one process per shard).
 """
 
 import time
@@ -9,42 +9,19 @@ import time
 import pytest
 import ray
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from rlhf_dist.actors.cluster import init_ray
 from rlhf_dist.distributed.checksum import diff_checksums, expected_checksums, fuse_like_engine, narrow_to
 from rlhf_dist.errors import WeightSyncError
-from rlhf_dist.main import conf_dir, prepare
-from rlhf_dist.models.hf import load_tokenizer
 
-from conftest import REPO
+from conftest import start_trainer
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def _start(run_dir, model_dir, overrides):
-    from rlhf_dist.monitor import RunMonitor
-    from rlhf_dist.trainer import RLTrainer
-
-    with initialize_config_dir(conf_dir(), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("config", overrides=[
-            f"trainer.run_dir={run_dir}", f"model.path={model_dir}", "experiment=smoke",
-            "rollout.sync_transport=collective", "rollout.sync_bucket_mb=0.1",  # several buckets
-            f"reward.fn={REPO / 'examples' / 'my_rewards.py'}:score", *overrides]))
-    inputs = prepare(cfg)
-    init_ray(cfg.cluster)
-    monitor = RunMonitor(str(run_dir), "disabled", "p", None, None, [], {}, cfg.trainer.total_steps, console=False)
-    trainer = RLTrainer(cfg, inputs["model_path"], load_tokenizer(inputs["model_path"]),
-                        inputs["train"], inputs["eval"], inputs["reward_spec"], monitor)
-    trainer.start()
-    return trainer
-
-
 @pytest.fixture(scope="class")
 def zero3_two_engines(tiny_model_dir, tmp_path_factory):
-    trainer = _start(tmp_path_factory.mktemp("run"), tiny_model_dir,
-                     ["rollout.num_engines=2", "learner.zero_stage=3"])
+    trainer = start_trainer(tmp_path_factory.mktemp("run"), tiny_model_dir, [
+        "rollout.sync_transport=collective", "rollout.num_engines=2", "learner.zero_stage=3"])
     yield trainer
     trainer.shutdown()
     ray.shutdown()
@@ -90,7 +67,8 @@ class TestCollectiveZero3TwoEngines:
 
 @pytest.fixture(scope="class")
 def tensor_parallel(tiny_model_dir, tmp_path_factory):
-    trainer = _start(tmp_path_factory.mktemp("run"), tiny_model_dir, ["rollout.tensor_parallel_size=2"])
+    trainer = start_trainer(tmp_path_factory.mktemp("run"), tiny_model_dir, [
+        "rollout.sync_transport=collective", "rollout.tensor_parallel_size=2"])
     yield trainer
     trainer.shutdown()
     ray.shutdown()
