@@ -218,6 +218,23 @@ class ClusterConfig:
     gpus_per_critic: float = 0.0
     gpus_per_aux: float = 0.0
     placement_timeout_s: float = 60.0  # waiting for resources before failing with a clear error
+    # Joining a running cluster (address set): the head must answer and ray.init finish within
+    # this, else the run stops with the address in the message (ray.init alone retries ~12 min).
+    connect_timeout_s: float = 60.0
+    # Custom Ray resources per actor of each role, e.g. cluster.engine_resources={node_b:1} with a
+    # node started as `ray start --resources='{"node_b": 8}'`: pins engines, learners, ... to
+    # chosen nodes. null = none. Typed Any, checked in validation: OmegaConf cannot set a whole
+    # dict from the CLI into a typed dict field (an empty one is locked, a null one crashes).
+    engine_resources: Any = None  # {resource name: amount per actor}
+    learner_resources: Any = None  # warm-up/SFT/RM ranks too
+    critic_resources: Any = None
+    aux_resources: Any = None  # reference and reward actors
+    # Model directories (rlhf_dist.actors.files): paths under shared_dir are the same on every
+    # node (NFS, a dir baked into the image) and are read in place; any other model dir goes to
+    # actors on other nodes through Ray's object store, and weights saved by a learner rank on
+    # another node come back to the driver. null = no shared filesystem assumed.
+    shared_dir: Optional[str] = None
+    ship_models: bool = False  # copy through Ray even to actors on the driver's node (tests)
 
 
 @dataclass

@@ -31,6 +31,10 @@ class ClusterResourceError(RlhfDistError):
     """The Ray cluster cannot fit the requested actors."""
 
 
+class ClusterConnectError(RlhfDistError):
+    """`cluster.address` cannot be reached or joined within cluster.connect_timeout_s."""
+
+
 class ActorDiedError(RlhfDistError):
     """A Ray actor (rollout engine, learner rank, ...) died; the message names it."""
 

@@ -215,7 +215,11 @@ def fit(trainer, cfg: RLConfig, monitor) -> dict:
             trainer.evaluate(step)
     last_eval = trainer.evaluate(cfg.trainer.total_steps)
     if cfg.trainer.save_final:
-        trainer.learners.run("save_pretrained", str(Path(cfg.trainer.run_dir) / "final"), timeout_s=600)
+        from rlhf_dist.actors.files import bring_back
+
+        final = str(Path(cfg.trainer.run_dir) / "final")
+        trainer.learners.run("save_pretrained", final, timeout_s=600)
+        bring_back(trainer.learners, final, cfg.cluster.shared_dir, cfg.cluster.ship_models)
     summary = summarize(trainer.history, first_eval, last_eval, startup,
                         time.perf_counter() - run_start, cfg.trainer.run_dir)
     return {"algo": cfg.algo.name, **summary}

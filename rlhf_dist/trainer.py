@@ -12,6 +12,7 @@ One step:
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import asdict
@@ -21,6 +22,7 @@ import torch
 
 from rlhf_dist.actors.critic import CriticActor
 from rlhf_dist.actors.ds_group import DSGroupSpec, merge_rank_metrics, start_ds_group
+from rlhf_dist.actors.files import current_node_id, model_dir
 from rlhf_dist.actors.group import ActorGroup, wait_all
 from rlhf_dist.actors.learner import LearnerActor
 from rlhf_dist.actors.reference import ReferenceActor
@@ -62,36 +64,41 @@ class RLTrainer:
         """Create every actor group; engines, reference, learners and critics load concurrently."""
         cfg, cl = self.cfg, self.cfg.cluster
         start = time.perf_counter()
+        # model dirs go to actors on other nodes through Ray unless under cluster.shared_dir
+        self.model = model_dir(self.model_path, cl.shared_dir, cl.ship_models)
         self.engines = self._start_engines()
         seqs = cfg.trainer.prompts_per_step * cfg.rollout.n_samples_per_prompt
         optimizer_steps = cfg.trainer.total_steps * cfg.algo.ppo_epochs * (seqs // cfg.learner.mini_batch_size)
         common = dict(mini_batch_size=cfg.learner.mini_batch_size, total_optimizer_steps=optimizer_steps,
                       device=cl.device, backend=cfg.learner.backend, bf16=cfg.model.dtype == "bfloat16",
                       gradient_checkpointing=cfg.model.gradient_checkpointing,
-                      placement_timeout_s=cl.placement_timeout_s, init_timeout_s=cfg.learner.init_timeout_s)
-        self.learners, init_refs = start_ds_group("learner", LearnerActor, self.model_path, DSGroupSpec(
+                      placement_timeout_s=cl.placement_timeout_s, init_timeout_s=cfg.learner.init_timeout_s,
+                      shared_dir=cl.shared_dir, ship_models=cl.ship_models)
+        self.learners, init_refs = start_ds_group("learner", LearnerActor, self.model, DSGroupSpec(
             cfg.learner.world_size, cfg.learner.zero_stage, cfg.learner.micro_batch_size,
             optim=asdict(cfg.learner.optim), num_cpus=cl.cpus_per_learner, num_gpus=cl.gpus_per_learner,
-            **common))
+            resources=dict(cl.learner_resources or {}), **common))
         rw = cfg.reward
         self.reward = ActorGroup("reward", RewardActor, 1, cl.cpus_per_aux, cl.gpus_per_aux,
                                  cl.placement_timeout_s, [dict(
-                                     fn_spec=self.reward_spec, model_path=rw.model.path,
+                                     fn_spec=self.reward_spec,
+                                     model_path=model_dir(rw.model.path, cl.shared_dir, cl.ship_models),
                                      fn_weight=rw.fn_weight, model_weight=rw.model_weight,
                                      normalize=rw.normalize, clip=rw.clip,
-                                     batch_size=rw.model.batch_size, device=cl.device)])
+                                     batch_size=rw.model.batch_size, device=cl.device)],
+                                 resources=dict(cl.aux_resources or {}))
         if self.use_reference:
             self.reference = ActorGroup(
                 "reference", ReferenceActor, 1, cl.cpus_per_aux, cl.gpus_per_aux,
                 cl.placement_timeout_s,
-                [dict(model_path=self.model_path, dtype=cfg.model.dtype, device=cl.device,
-                      num_threads=os.cpu_count() or 1)])
+                [dict(model_path=self.model, dtype=cfg.model.dtype, device=cl.device,
+                      num_threads=os.cpu_count() or 1)], resources=dict(cl.aux_resources or {}))
         if self.use_critic:
             self.critics, critic_refs = start_ds_group(
-                "critic", CriticActor, cfg.critic.model_path or self.model_path, DSGroupSpec(
+                "critic", CriticActor, cfg.critic.model_path or self.model, DSGroupSpec(
                     cfg.critic.world_size, cfg.critic.zero_stage, critic_micro_batch_size(cfg),
                     optim=asdict(cfg.critic.optim), num_cpus=cl.cpus_per_critic,
-                    num_gpus=cl.gpus_per_critic, **common))
+                    num_gpus=cl.gpus_per_critic, resources=dict(cl.critic_resources or {}), **common))
         engine_info = _wait_ready(self.engines, cfg.rollout.init_timeout_s)
         _wait_ready(self.reward, 120.0)
         if self.reference is not None:
@@ -103,6 +110,7 @@ class RLTrainer:
         self.num_params = learner_info[0]["num_params"]
         self.weights = WeightSync(self.learners, self.engines, cfg.rollout, cl.device, cfg.learner.zero_stage)
         self.weights.prepare()
+        self._write_placement()
         return {"startup/total_s": time.perf_counter() - start,
                 "startup/engine_init_s": max(e["init_s"] for e in engine_info),
                 "startup/learner_init_s": max(l["init_s"] for l in learner_info)}
@@ -114,7 +122,7 @@ class RLTrainer:
         alone = num_engines == 1 and cfg.rollout.tensor_parallel_size == 1
         bind = "auto" if alone or cl.device != "cpu" else "nobind"
         engine_kwargs = dict(
-            model_path=self.model_path, dtype=cfg.rollout.dtype,
+            model_path=self.model, dtype=cfg.rollout.dtype,
             max_model_len=cfg.rollout.max_new_tokens + cfg.task.max_prompt_len,
             tensor_parallel_size=cfg.rollout.tensor_parallel_size,
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
@@ -124,7 +132,16 @@ class RLTrainer:
         return ActorGroup(
             "rollout", RolloutActor, num_engines, cl.cpus_per_engine, cl.gpus_per_engine,
             cl.placement_timeout_s,
-            [dict(engine_kwargs, seed=cfg.rollout.seed + i) for i in range(num_engines)])
+            [dict(engine_kwargs, seed=cfg.rollout.seed + i) for i in range(num_engines)],
+            resources=dict(cl.engine_resources or {}))
+
+    def _write_placement(self) -> None:
+        """run_dir/actors.json: the node of every actor and of the driver (multi-node checks)."""
+        groups = [self.engines, self.learners, self.reward, self.reference, self.critics]
+        placement = {"driver_node_id": current_node_id(),
+                     "actors": [row for g in groups if g is not None for row in g.placement()]}
+        with open(os.path.join(self.cfg.trainer.run_dir, "actors.json"), "w") as f:
+            json.dump(placement, f, indent=1)
 
     # ------------------------------------------------------------------ phases
     def generate(self, records: list[dict], n: int, temperature: float) -> tuple[list[dict], list[dict]]:

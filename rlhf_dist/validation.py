@@ -239,6 +239,15 @@ def _validate_cluster(cfg: Any) -> None:
                 "Fix: use cluster=gpu8 (or set both to 1).")
     if cfg.learner.backend == "nccl" and cfg.cluster.device != "cuda":
         raise ConfigError("learner.backend=nccl needs cluster.device=cuda; on CPU use gloo or auto.")
+    for role in ("engine", "learner", "critic", "aux"):
+        value = getattr(cfg.cluster, f"{role}_resources")
+        if value is not None and not (isinstance(value, dict) and all(
+                isinstance(k, str) and k not in ("CPU", "GPU") and isinstance(v, (int, float))
+                and not isinstance(v, bool) and v > 0 for k, v in value.items())):
+            raise ConfigError(
+                f"cluster.{role}_resources={value!r}: expected custom Ray resources per actor, "
+                f"{{name: amount > 0}}, e.g. cluster.{role}_resources={{node_b:1}} (CPUs and GPUs "
+                "go in cluster.cpus_per_* / gpus_per_*), or null.")
 
 
 def check_override_keys(overrides: list[str]) -> None:

@@ -19,8 +19,10 @@ def init_ray(cluster) -> None:
         ray.init(num_cpus=cluster.num_cpus or os.cpu_count(), include_dashboard=False,
                  runtime_env=env, log_to_driver=True, configure_logging=True,
                  logging_level="WARNING")
-    else:
-        ray.init(address=cluster.address, runtime_env=env, logging_level="WARNING")
+    else:  # within cluster.connect_timeout_s, or a message naming the address
+        from rlhf_dist.actors.connect import join_cluster
+
+        join_cluster(cluster.address, cluster.connect_timeout_s, env)
 
 
 def quiet_env() -> dict[str, str]:
@@ -44,22 +46,25 @@ def quiet_env() -> dict[str, str]:
 
 
 def required_resources(cfg) -> dict[str, dict[str, float]]:
+    """Every resource each role needs in total: CPU, GPU and the custom cluster.*_resources."""
     cl = cfg.cluster
+
+    def role(count: float, cpus: float, gpus: float, custom: dict[str, float] | None) -> dict[str, float]:
+        return {"CPU": count * cpus, "GPU": count * gpus,
+                **{k: count * v for k, v in (custom or {}).items()}}
+
     need = {
-        f"{cfg.rollout.num_engines} rollout engine(s)": {
-            "CPU": cfg.rollout.num_engines * cl.cpus_per_engine,
-            "GPU": cfg.rollout.num_engines * cl.gpus_per_engine},
-        f"{cfg.learner.world_size} learner rank(s)": {
-            "CPU": cfg.learner.world_size * cl.cpus_per_learner,
-            "GPU": cfg.learner.world_size * cl.gpus_per_learner},
-        "reward actor": {"CPU": cl.cpus_per_aux, "GPU": 0.0},
+        f"{cfg.rollout.num_engines} rollout engine(s)": role(
+            cfg.rollout.num_engines, cl.cpus_per_engine, cl.gpus_per_engine, cl.engine_resources),
+        f"{cfg.learner.world_size} learner rank(s)": role(
+            cfg.learner.world_size, cl.cpus_per_learner, cl.gpus_per_learner, cl.learner_resources),
+        "reward actor": role(1, cl.cpus_per_aux, 0.0, cl.aux_resources),
     }
     if uses_reference(cfg):
-        need["reference actor"] = {"CPU": cl.cpus_per_aux, "GPU": cl.gpus_per_aux}
+        need["reference actor"] = role(1, cl.cpus_per_aux, cl.gpus_per_aux, cl.aux_resources)
     if uses_critic(cfg):
-        need[f"{cfg.critic.world_size} critic rank(s)"] = {
-            "CPU": cfg.critic.world_size * cl.cpus_per_critic,
-            "GPU": cfg.critic.world_size * cl.gpus_per_critic}
+        need[f"{cfg.critic.world_size} critic rank(s)"] = role(
+            cfg.critic.world_size, cl.cpus_per_critic, cl.gpus_per_critic, cl.critic_resources)
     return need
 
 
@@ -67,16 +72,30 @@ def check_resources(cfg) -> None:
     """Fail fast, with a breakdown, when the cluster cannot hold every actor at once."""
     import ray
 
-    total = ray.cluster_resources()
-    need = required_resources(cfg)
-    for resource in ("CPU", "GPU"):
-        wanted = sum(parts[resource] for parts in need.values())
+    problems = resource_shortfall(required_resources(cfg), ray.cluster_resources())
+    if problems:
+        raise ClusterResourceError(
+            f"the actors need more than the Ray cluster has: {'; '.join(problems)}.")
+
+
+def resource_shortfall(need: dict[str, dict[str, float]], total: dict[str, float]) -> list[str]:
+    """One line per resource the actors need more of than `total` holds: needed (by role),
+    existing, and how to fix it."""
+    problems = []
+    resources = dict.fromkeys(key for parts in need.values() for key in parts)
+    for resource in resources:
+        wanted = sum(parts.get(resource, 0.0) for parts in need.values())
         have = total.get(resource, 0.0)
         if wanted > have + 1e-9:
             breakdown = ", ".join(f"{name}: {parts[resource]:g}" for name, parts in need.items()
-                                  if parts[resource])
-            hint = ("lower rollout.num_engines / learner.world_size, or the cluster.*_per_* "
-                    "fractions") if resource == "CPU" else "use fewer GPU actors or a bigger cluster"
-            raise ClusterResourceError(
-                f"the actors need {wanted:g} {resource} ({breakdown}) but the Ray cluster has "
-                f"{have:g}. Fix: {hint}.")
+                                  if parts.get(resource))
+            if resource == "CPU":
+                hint = "lower rollout.num_engines / learner.world_size, or the cluster.*_per_* fractions"
+            elif resource == "GPU":
+                hint = "use fewer GPU actors or a bigger cluster"
+            else:
+                hint = (f"start nodes with --resources='{{\"{resource}\": N}}' or change "
+                        "cluster.*_resources")
+            problems.append(f"{resource}: needs {wanted:g} ({breakdown}), the cluster has {have:g}. "
+                            f"Fix: {hint}")
+    return problems

@@ -6,9 +6,10 @@ arithmetic and deadlines are the same everywhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
 
+from rlhf_dist.actors.files import ModelDir, model_dir
 from rlhf_dist.actors.group import ActorGroup
 
 
@@ -30,18 +31,25 @@ class DSGroupSpec:
     gradient_checkpointing: bool = False
     placement_timeout_s: float = 60.0
     init_timeout_s: float = 600.0
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per rank
+    shared_dir: Optional[str] = None  # cluster.shared_dir (rlhf_dist.actors.files)
+    ship_models: bool = False  # cluster.ship_models
 
 
-def start_ds_group(name: str, actor_cls: type, model_path: str, spec: DSGroupSpec) -> tuple[ActorGroup, list]:
-    """Create `spec.world_size` ranks of `actor_cls` and start DeepSpeed on them.
+def start_ds_group(name: str, actor_cls: type, model_path: Union[str, ModelDir],
+                   spec: DSGroupSpec) -> tuple[ActorGroup, list]:
+    """Create `spec.world_size` ranks of `actor_cls` and start DeepSpeed on them. A ModelDir
+    path is shipped to ranks on other nodes (rlhf_dist.actors.files).
 
     Returns the group and the init refs (wait on them with `group.wait`, so several groups can
     load concurrently).
     """
+    if isinstance(model_path, str):
+        model_path = model_dir(model_path, spec.shared_dir, spec.ship_models)
     group = ActorGroup(name, actor_cls, spec.world_size, spec.num_cpus, spec.num_gpus,
                        spec.placement_timeout_s,
                        [dict(rank=r, world_size=spec.world_size, model_path=model_path, device=spec.device)
-                        for r in range(spec.world_size)])
+                        for r in range(spec.world_size)], resources=spec.resources)
     master_addr, master_port = group.run("address", timeout_s=60)[0]
     backend = spec.backend
     if backend == "auto":

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from rlhf_dist.actors.files import ModelSpec, local_model_path, read_dir
 from rlhf_dist.data.batch import Batch
 from rlhf_dist.distributed.deepspeed_config import build_deepspeed_config, lr_lambda
 from rlhf_dist.distributed.process_group import free_port, init_learner_process_group, node_ip
@@ -38,9 +39,9 @@ MicroLoss = Callable[[Batch, float, float], tuple[torch.Tensor, dict, dict]]
 class DeepSpeedRank:
     role = "learner"  # names the rank in messages: "learner", "critic"
 
-    def __init__(self, rank: int, world_size: int, model_path: str, device: str = "cpu") -> None:
+    def __init__(self, rank: int, world_size: int, model_path: ModelSpec, device: str = "cpu") -> None:
         self.rank, self.world_size = rank, world_size
-        self.model_path, self.device = model_path, device
+        self.model_path, self.device = local_model_path(model_path), device
         if device == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         self.ds_engine = None
@@ -195,6 +196,10 @@ class DeepSpeedRank:
                 self.ds_engine.module.save_pretrained(path)
                 AutoTokenizer.from_pretrained(self.model_path).save_pretrained(path)
         return self.rank == 0
+
+    def read_dir(self, path: str) -> dict[str, bytes]:
+        """The files of a directory this rank wrote (`save_pretrained`), for the driver's node."""
+        return read_dir(path)
 
     def forward_batch(self, batch: Batch, micro_batch_size: int, forward) -> torch.Tensor:
         """`batched_forward` with this rank's model in eval mode (no update happens here)."""

@@ -13,6 +13,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rlhf_dist.actors.files import ModelDir, ship_to
 from rlhf_dist.errors import ActorDiedError, ClusterResourceError, RlhfDistError
 
 
@@ -55,6 +56,31 @@ def _failed_name(refs: Sequence[ray.ObjectRef], names: Sequence[str]) -> str:
     return names[0] if len(names) == 1 else "one of " + ", ".join(names)
 
 
+def bundle_node_ids(group, num: int) -> list[str]:
+    """The node id of each bundle of a ready placement group."""
+    from ray.util.placement_group import placement_group_table
+
+    nodes = placement_group_table(group)["bundles_to_node_id"]
+    return [nodes[i] for i in range(num)]
+
+
+def placement_shortfall(num: int, bundle: dict[str, float]) -> str:
+    """Per resource of the bundle: how much the group needs, the cluster has and has free."""
+    total, free = ray.cluster_resources(), ray.available_resources()
+    lines = [f"{key}: needs {num} x {amount:g} = {num * amount:g}, the cluster has "
+             f"{total.get(key, 0.0):g} ({free.get(key, 0.0):g} free)"
+             for key, amount in bundle.items() if amount]
+    largest = max((_node_share(node, bundle) for node in ray.nodes() if node.get("Alive")), default=0)
+    return (f"Per resource: {'; '.join(lines)}. Each actor needs {bundle} on one node; the "
+            f"largest node holds {largest} such actor(s) when empty.")
+
+
+def _node_share(node: dict, bundle: dict[str, float]) -> int:
+    have = node.get("Resources", {})
+    fits = [int(have.get(key, 0.0) // amount) for key, amount in bundle.items() if amount]
+    return min(fits) if fits else 0
+
+
 def _short(err: Exception) -> str:
     text = str(err).strip().splitlines()
     return text[0][:300] if text else type(err).__name__
@@ -73,21 +99,29 @@ class ActorGroup:
         placement_timeout_s: float,
         actor_kwargs: list[dict[str, Any]],
         pack: str = "PACK",
+        resources: dict[str, float] | None = None,
     ) -> None:
+        """`resources`: custom Ray resources per actor (cluster.*_resources), e.g. {"node_b": 1}
+        to pin the group to nodes started with `--resources='{"node_b": 8}'`."""
         self.name = name
-        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {}), **(resources or {})}
         self.placement_group = placement_group([dict(bundle) for _ in range(num)], strategy=pack)
         try:
             ray.get(self.placement_group.ready(), timeout=placement_timeout_s)
         except GetTimeoutError:
             remove_placement_group(self.placement_group)
             raise ClusterResourceError(
-                f"The Ray cluster cannot place {num} x {name} with {bundle} each within "
-                f"{placement_timeout_s:.0f} s. Cluster total: {ray.cluster_resources()}, free: "
-                f"{ray.available_resources()}. Fix: fewer actors, smaller cluster.*_per_* values, "
-                "or a bigger cluster."
+                f"The Ray cluster cannot place {num} x {name} within {placement_timeout_s:.0f} s "
+                f"(cluster.placement_timeout_s). {placement_shortfall(num, bundle)} Fix: fewer "
+                "actors, smaller cluster.*_per_* values, other cluster.*_resources, or a bigger "
+                "cluster."
             ) from None
         self.names = [f"{name}[{i}]" for i in range(num)]
+        # the node of each bundle, hence of each actor: model dirs are shipped where needed
+        self.node_ids = bundle_node_ids(self.placement_group, num)
+        actor_kwargs = [ship_to(kwargs, node) for kwargs, node in zip(actor_kwargs, self.node_ids)]
+        self.model_copied = [any(isinstance(v, ModelDir) and v.files for v in kwargs.values())
+                             for kwargs in actor_kwargs]
         remote_cls = ray.remote(actor_cls)
         self.actors = [
             remote_cls.options(
@@ -127,6 +161,13 @@ class ActorGroup:
 
     def run(self, method: str, *args: Any, timeout_s: float, **kwargs: Any) -> list:
         return self.wait(self.call(method, *args, **kwargs), f"{self.name}.{method}", timeout_s)
+
+    def placement(self) -> list[dict[str, Any]]:
+        """Where each actor runs, and whether its model dir was shipped to it through Ray:
+        [{"name": "rollout[0]", "node_id": ..., "node_ip": ..., "model_copied": True}, ...]."""
+        ips = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
+        return [{"name": name, "node_id": node, "node_ip": ips.get(node, "?"), "model_copied": copied}
+                for name, node, copied in zip(self.names, self.node_ids, self.model_copied)]
 
     def kill(self) -> None:
         for actor in self.actors:

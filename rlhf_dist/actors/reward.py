@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from rlhf_dist.actors.files import ModelSpec, local_model_path
 from rlhf_dist.data.reward_fn import check_reward_fn, load_reward_fn
 
 
@@ -74,10 +75,11 @@ class RunningNorm:
 
 
 class RewardActor:
-    def __init__(self, fn_spec: str | None, model_path: str | None = None, fn_weight: float = 1.0,
+    def __init__(self, fn_spec: str | None, model_path: ModelSpec | None = None, fn_weight: float = 1.0,
                  model_weight: float = 1.0, normalize: bool = False, clip: float | None = None,
                  batch_size: int = 64, device: str = "cpu") -> None:
         self.rule = FunctionScorer(fn_spec) if fn_spec else None
+        model_path = local_model_path(model_path)
         self.model = ModelScorer(model_path, batch_size, device) if model_path else None
         self.fn_weight, self.model_weight, self.clip = fn_weight, model_weight, clip
         self.norm = RunningNorm() if normalize else None

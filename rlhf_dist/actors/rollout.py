@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from rlhf_dist.actors.files import ModelSpec, local_model_path
 from rlhf_dist.actors.vllm_worker import keep_cpu_linear_weights, refresh_cpu_gemm_handles
 from rlhf_dist.errors import WeightSyncError
 
@@ -28,7 +29,7 @@ from rlhf_dist.errors import WeightSyncError
 class RolloutActor:
     def __init__(
         self,
-        model_path: str,
+        model_path: ModelSpec,
         dtype: str = "float32",
         seed: int = 0,
         max_model_len: int = 512,
@@ -41,6 +42,7 @@ class RolloutActor:
         sync_transport: str = "object_store",
         sleep_level: int = 0,
     ) -> None:
+        model_path = local_model_path(model_path)  # a copy on this node if shipped (actors.files)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if device == "cpu":
             if kv_cache_gb is not None:

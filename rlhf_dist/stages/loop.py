@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from rlhf_dist.actors.ds_group import DSGroupSpec, merge_rank_metrics, start_ds_group
+from rlhf_dist.actors.files import bring_back
 from rlhf_dist.actors.group import ActorGroup
 from rlhf_dist.data.batch import Batch, shard_minibatches
 
@@ -48,6 +49,7 @@ def run_supervised(name: str, actor_cls: type, model_path: str, out_dir: str, sp
         history[f"{loss_key.split('/')[0]}/train_loss_end"] = metrics[loss_key]
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         group.run("save_pretrained", str(out_dir), timeout_s=600)
+        bring_back(group, str(out_dir), spec.shared_dir, spec.ship_models)  # rank 0's node -> here
         return history
     finally:
         group.kill()

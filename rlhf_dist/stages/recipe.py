@@ -34,7 +34,9 @@ def stage_spec(cfg, batch_size: int, micro_batch_size: int, lr: float, steps: in
                        steps, cfg.cluster.cpus_per_learner, cfg.cluster.gpus_per_learner,
                        device=cfg.cluster.device, backend=cfg.learner.backend,
                        placement_timeout_s=cfg.cluster.placement_timeout_s,
-                       init_timeout_s=cfg.learner.init_timeout_s)
+                       init_timeout_s=cfg.learner.init_timeout_s,
+                       resources=dict(cfg.cluster.learner_resources or {}), shared_dir=cfg.cluster.shared_dir,
+                       ship_models=cfg.cluster.ship_models)
 
 
 def sft_data(cfg, model_path: str, train_file: str) -> tuple[list, list]:
