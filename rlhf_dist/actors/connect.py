@@ -49,9 +49,12 @@ def resolve_address(address: str) -> tuple[str, int, str]:
             "on a cluster node, or cluster.address=HOST:6379.")
     target = address
     if address == "auto":
-        from ray._private.services import canonicalize_bootstrap_address
+        try:  # Ray's own lookup: RAY_ADDRESS, then the address file of a head on this machine
+            from ray._private.services import canonicalize_bootstrap_address
 
-        target = canonicalize_bootstrap_address("auto")
+            target = canonicalize_bootstrap_address("auto")
+        except ImportError:  # a private API: other Ray versions may move it
+            target = os.environ.get("RAY_ADDRESS") or None
         if target is None:
             raise ClusterConnectError(
                 "cluster.address=auto found no running Ray cluster: RAY_ADDRESS is unset and no "
