@@ -14,13 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+from rlhf_dist.console import quiet_actor_output, quiet_driver_logging, quiet_process_env
+
 # Must be set before vLLM/transformers import anywhere in this process or its Ray workers.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-if os.environ.get("RLHF_DIST_VERBOSE") != "1":
-    for _key, _value in (("TRANSFORMERS_VERBOSITY", "error"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
-                         ("TQDM_DISABLE", "1"), ("VLLM_LOGGING_LEVEL", "ERROR")):
-        os.environ.setdefault(_key, _value)
+quiet_process_env()
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -43,6 +42,7 @@ register_configs()
 def _train_main(cfg: DictConfig) -> None:
     from rlhf_dist.stages.recipe import run_stage
 
+    quiet_driver_logging()
     try:
         run_rl(cfg) if cfg.stage == "rl" else run_stage(cfg)
     except RlhfDistError as err:
@@ -155,7 +155,10 @@ def ray_session(cfg: RLConfig):
 
     from rlhf_dist.actors.cluster import check_resources, init_ray
 
+    if cfg.cluster.device == "cpu":  # DeepSpeed need not guess the device (and warn about it)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     init_ray(cfg.cluster)
+    quiet_actor_output()
     try:
         check_resources(cfg)
         yield

@@ -30,16 +30,19 @@ def quiet_env() -> dict[str, str]:
 
     vLLM otherwise logs two "Failed to load weights" warnings per sync (rotary and tied lm_head
     have no weights to load), transformers draws a progress bar per model load, and torch warns
-    about deprecated collectives inside DeepSpeed. Set RLHF_DIST_VERBOSE=1 to see all of it.
+    about deprecated collectives inside DeepSpeed. Lines with no switch are dropped on the driver
+    (`rlhf_dist.console`). Set RLHF_DIST_VERBOSE=1 to see all of it.
     """
-    if os.environ.get("RLHF_DIST_VERBOSE") == "1":
-        return {"TOKENIZERS_PARALLELISM": "false"}
+    from rlhf_dist.console import QUIET_ENV, verbose
+
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if "DS_ACCELERATOR" in os.environ:  # the driver's choice from cluster.device, also on remote nodes
+        env["DS_ACCELERATOR"] = os.environ["DS_ACCELERATOR"]
+    if verbose():
+        return env
     return {
-        "TOKENIZERS_PARALLELISM": "false",
-        "VLLM_LOGGING_LEVEL": "ERROR",
-        "TRANSFORMERS_VERBOSITY": "error",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-        "TQDM_DISABLE": "1",
+        **env,
+        **QUIET_ENV,
         "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning",
         "RAY_DEDUP_LOGS": "1",
     }
