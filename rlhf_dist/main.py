@@ -40,10 +40,12 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
 def _train_main(cfg: DictConfig) -> None:
+    from rlhf_dist.monitor import check_wandb_credentials
     from rlhf_dist.stages.recipe import run_stage
 
     quiet_driver_logging()
     try:
+        check_wandb_credentials(cfg.logger.wandb.mode)
         run_rl(cfg) if cfg.stage == "rl" else run_stage(cfg)
     except RlhfDistError as err:
         print(f"\nerror: {err}", file=sys.stderr, flush=True)

@@ -10,6 +10,36 @@ from pathlib import Path
 from typing import Any
 
 
+def check_wandb_credentials(mode: str) -> None:
+    """`logger.wandb.mode=online` needs a W&B key; say so before any actor starts.
+
+    Looks where wandb itself looks: WANDB_API_KEY (or WANDB_IDENTITY_TOKEN_FILE), then the
+    netrc entry that `wandb login` writes for the server (WANDB_BASE_URL, default api.wandb.ai).
+    """
+    import netrc
+    import os
+    from urllib.parse import urlparse
+
+    from rlhf_dist.errors import ConfigError
+
+    if mode != "online" or os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    paths = [os.environ["NETRC"]] if os.environ.get("NETRC") else ["~/.netrc", "~/_netrc"]
+    for path in map(os.path.expanduser, paths):
+        try:
+            entry = netrc.netrc(path).authenticators(host)
+        except (OSError, netrc.NetrcParseError):
+            continue
+        if entry and entry[2]:
+            return
+    raise ConfigError(
+        f"logger.wandb.mode=online needs a W&B API key, and none was found (no WANDB_API_KEY in the "
+        f"environment, no entry for {host} in {' or '.join(paths)}). Fix: run `wandb login` or "
+        "export WANDB_API_KEY=..., or log without an account: logger.wandb.mode=offline "
+        "(upload later with `wandb sync`).")
+
+
 class RunMonitor:
     def __init__(self, run_dir: str, wandb_mode: str, project: str, entity: str | None,
                  name: str | None, tags: list[str], config: dict, total_steps: int,
