@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rlhf_dist.config import RLConfig, critic_micro_batch_size, uses_critic
+from rlhf_dist.config import RLConfig, critic_micro_batch_size, uses_critic, uses_reference
 from rlhf_dist.errors import ConfigError
 
 _CHOICES = {
@@ -237,6 +237,7 @@ def _validate_cluster(cfg: Any) -> None:
             raise ConfigError(
                 "cluster.device=cuda but cluster.gpus_per_learner / gpus_per_engine is 0. "
                 "Fix: use cluster=gpu8 (or set both to 1).")
+        _check_gpu_shares(cfg)
     if cfg.learner.backend == "nccl" and cfg.cluster.device != "cuda":
         raise ConfigError("learner.backend=nccl needs cluster.device=cuda; on CPU use gloo or auto.")
     for role in ("engine", "learner", "critic", "aux"):
@@ -248,6 +249,23 @@ def _validate_cluster(cfg: Any) -> None:
                 f"cluster.{role}_resources={value!r}: expected custom Ray resources per actor, "
                 f"{{name: amount > 0}}, e.g. cluster.{role}_resources={{node_b:1}} (CPUs and GPUs "
                 "go in cluster.cpus_per_* / gpus_per_*), or null.")
+
+
+def _check_gpu_shares(cfg: Any) -> None:
+    """On cuda every model-holding actor needs a GPU share. With 0, Ray reserves none for it: it
+    loads onto whichever GPU it sees first, beside an engine that took 85% of it, or finds none."""
+    cl = cfg.cluster
+    if uses_reference(cfg) and not cl.gpus_per_aux > 0:
+        who, fix = "the reference actor (the KL term is on)", "cluster.gpus_per_aux=0.25 (it can " \
+            "share a learner's GPU: bf16 weights, no optimizer), or algo.kl_coef=0"
+    elif cfg.reward.model.path and not cl.gpus_per_aux > 0:
+        who, fix = "the reward actor (reward.model.path is set)", "cluster.gpus_per_aux=0.25"
+    elif uses_critic(cfg) and not cl.gpus_per_critic > 0:
+        who, fix = f"the critic ranks (algo.advantage={cfg.algo.advantage})", "cluster.gpus_per_critic=0.75"
+    else:
+        return
+    raise ConfigError(f"cluster.device=cuda, but {who} gets no GPU share, so Ray places its model "
+                      f"on no GPU of its own. Fix: {fix}.")
 
 
 def check_override_keys(overrides: list[str]) -> None:
