@@ -1,0 +1,124 @@
+"""Run checkpoints on disk: a checkpoint directory is complete or absent.
+
+Layout under the checkpoint root (`trainer.checkpoint_dir`, default <run_dir>/checkpoints):
+
+    step_00000010/          a complete checkpoint: COMPLETE.json is written last, then the
+        COMPLETE.json       directory is renamed into place, so a reader never sees a partial one
+        driver.pt           step, prompt sampler, minibatch RNG, KL controller, reward normaliser,
+                            W&B run id (tensors and plain values: loads with weights_only=True)
+        policy/             HF weights + tokenizer (the model to use or to serve)
+        policy_ds/          DeepSpeed model, optimizer and scheduler state of every rank
+        critic/, critic_ds/ the same for the critic (PPO)
+    .step_00000020.partial-<id>/   being written; ignored, removed by the next save
+
+`prune` removes old complete checkpoints only after a newer one is complete (`trainer.keep_last`).
+On several nodes the root must be storage every learner rank can write (each rank writes its own
+DeepSpeed shard files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from rlhf_dist.errors import ConfigError
+
+COMPLETE = "COMPLETE.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def begin(root: Path, step: int) -> Path:
+    """A fresh partial directory for the checkpoint of `step` (renamed by `commit`)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    partial = root / f".step_{step:08d}.partial-{uuid.uuid4().hex[:8]}"
+    partial.mkdir()
+    return partial
+
+
+def commit(partial: Path, step: int, manifest: dict[str, Any]) -> Path:
+    """Mark `partial` complete and move it into place as step_<step>; returns the final path."""
+    partial = Path(partial)
+    marker = partial / COMPLETE
+    with open(marker, "w") as out:
+        json.dump({"step": step, "time": time.time(), **manifest}, out, indent=1)
+        out.flush()
+        os.fsync(out.fileno())
+    final = step_dir(partial.parent, step)
+    if final.exists():  # the same step saved again (e.g. the end of a resumed run): replace it
+        stale = partial.parent / f".{final.name}.replaced-{uuid.uuid4().hex[:8]}"
+        os.replace(final, stale)
+        os.replace(partial, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(partial, final)
+    return final
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and (child / COMPLETE).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def is_complete(path: Path) -> bool:
+    return (Path(path) / COMPLETE).is_file()
+
+
+def prune(root: Path, keep_last: int) -> list[Path]:
+    """Remove partial directories and all but the newest `keep_last` complete checkpoints."""
+    root, removed = Path(root), []
+    if not root.is_dir():
+        return removed
+    for child in root.iterdir():
+        if child.name.startswith(".step_") and child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    complete = complete_checkpoints(root)
+    for _, path in complete[: max(0, len(complete) - keep_last)] if keep_last > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def resolve_resume(resume: str | None, root: Path) -> Path | None:
+    """The checkpoint `trainer.resume` names: None, "auto" (the newest complete one, or None when
+    there is none yet) or a path to a complete checkpoint directory."""
+    if not resume:
+        return None
+    if resume == "auto":
+        complete = complete_checkpoints(root)
+        return complete[-1][1] if complete else None
+    path = Path(os.path.expanduser(resume)).absolute()
+    if not path.is_dir():
+        raise ConfigError(
+            f"trainer.resume={resume!r}: no such directory. Expected a checkpoint directory "
+            f"(step_NNNNNNNN under {root}) or 'auto' for the newest one.")
+    if not is_complete(path):
+        newest = complete_checkpoints(path.parent)
+        hint = f" The newest complete one there is {newest[-1][1]}." if newest else ""
+        raise ConfigError(
+            f"trainer.resume={resume!r} is not a complete checkpoint (no {COMPLETE}: it was being "
+            f"written when the run stopped).{hint} Fix: pass that one or trainer.resume=auto.")
+    return path
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    return json.loads((Path(path) / COMPLETE).read_text())
