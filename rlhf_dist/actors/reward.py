@@ -59,6 +59,12 @@ class RunningNorm:
     def __init__(self) -> None:
         self.count, self.mean, self.m2 = 0, 0.0, 0.0
 
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
     def update(self, values: list[float]) -> None:
         batch = torch.tensor(values, dtype=torch.float64)
         n, mean, var = len(values), float(batch.mean()), float(batch.var(unbiased=False))
@@ -110,3 +116,10 @@ class RewardActor:
             reward = [r + self.model_weight * v for r, v in zip(reward, shaped)]
         return {"reward": reward, "rule": rule, "model": model}
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the reward normaliser's running statistics."""
+        return {"norm": self.norm.state_dict() if self.norm is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.norm is not None and state.get("norm") is not None:
+            self.norm.load_state_dict(state["norm"])
