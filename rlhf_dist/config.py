@@ -120,6 +120,11 @@ class RewardConfig:
     normalize: bool = False  # running mean/std normalisation of the reward model's score
     clip: Optional[float] = None  # clip the (normalised) model score to +-clip; null = off
     timeout_s: float = 300.0
+    # Score of a sample on which `fn` raises (the batch is then re-scored one sample at a time to
+    # find them; each is printed and counted in reward/failed_samples). 0.0 = no credit, what a
+    # wrong answer gets from the built-in tasks (rewards in [0, 1]); pick the low end of your
+    # reward's range. null = skip the step instead. An fn that raises on every sample stops the run.
+    fallback_score: Optional[float] = 0.0
 
 
 @dataclass
@@ -262,6 +267,11 @@ class TrainerConfig:
     seed: int = 0
     run_dir: str = "."  # set by conf/config.yaml to Hydra's run directory
     save_final: bool = False  # write the final policy (HF format) into run_dir/final
+    # checkpoints (rlhf_dist/checkpoint.py): every save_every steps and at the end; 0 = never
+    save_every: int = 50
+    keep_last: int = 2  # complete checkpoints kept; older ones go once a newer one is whole
+    checkpoint_dir: Optional[str] = None  # None = <run_dir>/checkpoints; shared storage on several nodes
+    resume: Optional[str] = None  # null | auto (newest complete checkpoint of the run) | a checkpoint path
 
 
 @dataclass

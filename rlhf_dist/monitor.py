@@ -43,9 +43,15 @@ def check_wandb_credentials(mode: str) -> None:
 class RunMonitor:
     def __init__(self, run_dir: str, wandb_mode: str, project: str, entity: str | None,
                  name: str | None, tags: list[str], config: dict, total_steps: int,
-                 console: bool = True) -> None:
+                 console: bool = True, resume_step: int | None = None, wandb_id: str | None = None) -> None:
+        """`resume_step`: continuing a run from its checkpoint of that step; lines logged after it
+        (by the run that died) are dropped, so metrics.jsonl has each step once. `wandb_id`: the
+        W&B run to continue."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                _truncate_after(self.run_dir / name, resume_step)
         self.metrics_file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         self.samples_file = open(self.run_dir / "samples.jsonl", "a", buffering=1)
         self.total_steps = total_steps
@@ -58,7 +64,17 @@ class RunMonitor:
             self.wandb = wandb.init(
                 mode=wandb_mode, project=project, entity=entity, name=name, tags=list(tags),
                 config=config, dir=str(self.run_dir), reinit="finish_previous",
+                **({"id": wandb_id, "resume": "allow"} if wandb_id else {}),
             )
+
+    @property
+    def wandb_id(self) -> str | None:
+        return self.wandb.id if self.wandb is not None else None
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every metrics.jsonl line so far (a resumed run's summary covers the whole run)."""
+        path = self.run_dir / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def _record(self, step: int, metrics: dict[str, float]) -> None:
         """One line of metrics.jsonl, mirrored to W&B."""
@@ -101,6 +117,17 @@ class RunMonitor:
             self.wandb.finish()
         self.metrics_file.close()
         self.samples_file.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep only the lines of a jsonl log whose "step" is at most `step` (atomic rewrite)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
 
 
 def format_step_line(step: int, total: int, m: dict[str, float]) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zlib
 from dataclasses import asdict
 from typing import Any
 
@@ -144,14 +145,21 @@ class RLTrainer:
             json.dump(placement, f, indent=1)
 
     # ------------------------------------------------------------------ phases
-    def generate(self, records: list[dict], n: int, temperature: float) -> tuple[list[dict], list[dict]]:
-        """Split prompts across engines; returns (samples, the record each sample answers)."""
+    def generate(self, records: list[dict], n: int, temperature: float,
+                 step: int | None = None) -> tuple[list[dict], list[dict]]:
+        """Split prompts across engines; returns (samples, the record each sample answers).
+
+        RL steps sample with one seed per prompt derived from (rollout.seed, step, position), so a
+        step's samples do not depend on the engine's history (a resumed run repeats them).
+        """
         ro = self.cfg.rollout
         prompt_ids = [self.tokenizer(r["prompt"])["input_ids"] for r in records]
         parts = split_evenly(list(range(len(records))), len(self.engines))
-        refs = self.engines.call_each(
-            "generate",
-            [([prompt_ids[i] for i in part], n, temperature, ro.top_p, ro.max_new_tokens) for part in parts])
+        seeds = ([(ro.seed * 1_000_003 + step * 100_003 + i) % 2**31 for i in range(len(records))]
+                 if step is not None else None)
+        refs = self.engines.call_each("generate", [
+            ([prompt_ids[i] for i in part], n, temperature, ro.top_p, ro.max_new_tokens,
+             [seeds[i] for i in part] if seeds else None) for part in parts])
         results = self.engines.wait(refs, "generate", ro.init_timeout_s)
         samples = [s for engine_samples in results for s in engine_samples]
         order = [i for part in parts for i in part for _ in range(n)]  # prompt-major, G contiguous
@@ -261,7 +269,7 @@ class RLTrainer:
         records = self.sampler.next_batch()
         # 1. generate
         samples, sample_records = self.generate(records, cfg.rollout.n_samples_per_prompt,
-                                                cfg.rollout.temperature)
+                                                cfg.rollout.temperature, step)
         batch = collate_rollouts([s["prompt_ids"] for s in samples], [s["token_ids"] for s in samples],
                                  [s["logprobs"] for s in samples], self.tokenizer.pad_token_id)
         self.weights.sleep_engines()  # rollout.sleep_level > 0 (GPU): free engine memory until the sync
@@ -279,6 +287,8 @@ class RLTrainer:
         sync_metrics = self.sync_weights()
         t4 = time.perf_counter()
         metrics = self._step_metrics(batch, samples, t0, t1, t2, t3, t4)
+        # which prompts this step drew (a resumed run must draw the same ones)
+        metrics["data/prompt_crc"] = float(zlib.crc32("\n".join(r["prompt"] for r in records).encode()))
         metrics.update(batch.meta)  # reward components (rule / model means)
         metrics.update(advantage_metrics)
         metrics.update(train_metrics)
@@ -323,6 +333,54 @@ class RLTrainer:
             metrics["eval/rule_mean"] = rule.mean().item()
         self.monitor.log_eval(step, metrics)
         return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, step: int, root: str) -> str:
+        """Everything a resumed run needs, written so the directory is complete or absent.
+
+        Every learner (and critic) rank writes its DeepSpeed state (weights, optimizer moments,
+        LR schedule); rank 0 also the HF weights; the driver its own state. See rlhf_dist/checkpoint.py.
+        """
+        from rlhf_dist import checkpoint
+
+        start, timeout = time.perf_counter(), self.cfg.learner.step_timeout_s
+        partial = checkpoint.begin(root, step)
+        groups = [("policy", self.learners)] + ([("critic", self.critics)] if self.critics else [])
+        for name, group in groups:
+            group.run("save_state", str(partial / f"{name}_ds"), timeout_s=timeout)
+            group.run("save_pretrained", str(partial / name), timeout_s=timeout)
+        torch.save(self.state_dict(step), partial / "driver.pt")
+        final = checkpoint.commit(partial, step, {"algo": self.cfg.algo.name, "groups": [n for n, _ in groups]})
+        checkpoint.prune(root, self.cfg.trainer.keep_last)
+        self.monitor.print(f"[checkpoint] step {step} -> {final} ({time.perf_counter() - start:.1f}s)")
+        return str(final)
+
+    def load_checkpoint(self, path: str) -> int:
+        """Restore a checkpoint into the started actors and the driver; returns its step.
+
+        The engines then get the restored weights by a normal (verified) sync.
+        """
+        from pathlib import Path
+
+        timeout, path = self.cfg.learner.step_timeout_s, Path(path)
+        groups = [("policy", self.learners)] + ([("critic", self.critics)] if self.critics else [])
+        for name, group in groups:
+            group.run("load_state", str(path / f"{name}_ds"), timeout_s=timeout)
+        state = torch.load(path / "driver.pt", weights_only=True)
+        self.load_state_dict(state)
+        self.weights.sync()
+        return int(state["step"])
+
+    def state_dict(self, step: int) -> dict[str, Any]:
+        return {"step": step, "sampler": self.sampler.state_dict(), "generator": self.generator.get_state(),
+                "kl_ctl": self.kl_ctl.state_dict(), "reward": self.reward.run("state_dict", timeout_s=60)[0],
+                "wandb_id": self.monitor.wandb_id or ""}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.generator.set_state(state["generator"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.reward.run("load_state_dict", state["reward"], timeout_s=60)
 
     def shutdown(self) -> None:
         for group in ("engines", "learners", "reward", "reference", "critics"):

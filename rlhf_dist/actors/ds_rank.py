@@ -197,6 +197,24 @@ class DeepSpeedRank:
                 AutoTokenizer.from_pretrained(self.model_path).save_pretrained(path)
         return self.rank == 0
 
+    def save_state(self, path: str) -> dict[str, Any]:
+        """DeepSpeed's own checkpoint of this rank: model, optimizer and LR-scheduler state
+        (every rank calls it; each writes its own shard files under `path`)."""
+        start = time.perf_counter()
+        self.ds_engine.save_checkpoint(path, tag="state", client_state={"optimizer_steps": self.optimizer_steps})
+        return {"rank": self.rank, "save_s": time.perf_counter() - start}
+
+    def load_state(self, path: str) -> dict[str, Any]:
+        """Restore `save_state`: weights, optimizer moments, LR schedule position (every rank)."""
+        start = time.perf_counter()
+        loaded, client = self.ds_engine.load_checkpoint(path, tag="state", load_optimizer_states=True,
+                                                        load_lr_scheduler_states=True)
+        if loaded is None:
+            raise FileNotFoundError(f"no DeepSpeed state under {path} (tag 'state') for {self.role} rank {self.rank}")
+        self.optimizer_steps = int(client.get("optimizer_steps", 0))
+        self._skipped_steps = getattr(self.ds_engine, "skipped_steps", 0)
+        return {"rank": self.rank, "load_s": time.perf_counter() - start}
+
     def read_dir(self, path: str) -> dict[str, bytes]:
         """The files of a directory this rank wrote (`save_pretrained`), for the driver's node."""
         return read_dir(path)

@@ -83,18 +83,23 @@ class RolloutActor:
         temperature: float,
         top_p: float,
         max_new_tokens: int,
+        seeds: list[int] | None = None,
     ) -> list[dict[str, Any]]:
-        """Sample `n` responses per prompt. Returns one dict per sample, prompt-major order."""
+        """Sample `n` responses per prompt. Returns one dict per sample, prompt-major order.
+
+        `seeds` (one per prompt) make the samples a function of (weights, prompt, seed) alone,
+        not of what the engine sampled before: a resumed run draws what the uninterrupted one did.
+        """
         from vllm import SamplingParams, TokensPrompt
 
         greedy = temperature == 0.0
-        params = SamplingParams(
-            n=n,
-            temperature=temperature,
-            top_p=top_p,
-            max_tokens=max_new_tokens,
-            logprobs=None if greedy else 0,  # 0 = only the sampled token's logprob
-        )
+
+        def sampling(seed):
+            return SamplingParams(
+                n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed,
+                logprobs=None if greedy else 0)  # 0 = only the sampled token's logprob
+
+        params = [sampling(seed) for seed in seeds] if seeds is not None else sampling(None)
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         samples = []
