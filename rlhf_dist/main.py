@@ -25,6 +25,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_dist.config import RLConfig, register_configs
+from rlhf_dist.checkpoint import complete_checkpoints, resolve_resume
 from rlhf_dist.validation import check_override_keys, check_tensor_parallel, validate
 from rlhf_dist.errors import DatasetError, RlhfDistError
 
@@ -136,15 +137,20 @@ def run_rl(dict_cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(dict_cfg, run_dir / "config.yaml", resolve=True)
     inputs = prepare(cfg)
+    resume = resolve_resume(cfg.trainer.resume, checkpoint_root(cfg))
+    driver_state = torch_load_driver_state(resume) if resume else {}
     with ray_session(cfg):
         model_path = inputs["model_path"]
         if cfg.warmup.steps > 0:
-            model_path = run_warmup(cfg, inputs, run_dir)
+            warm = run_dir / "warmup_model"
+            # a resumed run's reference is the warm-up model its first part trained
+            model_path = str(warm) if resume and warm.is_dir() else run_warmup(cfg, inputs, run_dir)
         monitor = RunMonitor(
             str(run_dir), cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.entity,
             cfg.logger.wandb.name, cfg.logger.wandb.tags, OmegaConf.to_container(dict_cfg, resolve=True),
-            cfg.trainer.total_steps, cfg.logger.console)
-        summary = run_with_ray(cfg, model_path, inputs, monitor)
+            cfg.trainer.total_steps, cfg.logger.console,
+            resume_step=driver_state.get("step"), wandb_id=driver_state.get("wandb_id") or None)
+        summary = run_with_ray(cfg, model_path, inputs, monitor, resume)
     monitor.finish(summary)
     monitor.print(format_summary(summary))
     return summary
@@ -186,7 +192,23 @@ def run_warmup(cfg: RLConfig, inputs: dict, run_dir: Path) -> str:
     return str(out)
 
 
-def run_with_ray(cfg: RLConfig, model_path: str, inputs: dict, monitor) -> dict:
+def checkpoint_root(cfg: RLConfig) -> Path:
+    return Path(os.path.expanduser(cfg.trainer.checkpoint_dir or Path(cfg.trainer.run_dir) / "checkpoints"))
+
+
+def torch_load_driver_state(path: Path) -> dict:
+    import torch
+
+    return torch.load(Path(path) / "driver.pt", weights_only=True)
+
+
+def resume_command(cfg: RLConfig) -> str:
+    """The command line that continues this run from its newest checkpoint."""
+    kept = [a for a in sys.argv[1:] if not a.startswith(("trainer.resume=", "trainer.run_dir="))]
+    return " ".join(["rlhf-dist", *kept, f"trainer.run_dir={cfg.trainer.run_dir}", "trainer.resume=auto"])
+
+
+def run_with_ray(cfg: RLConfig, model_path: str, inputs: dict, monitor, resume: Path | None = None) -> dict:
     from rlhf_dist.models.hf import load_tokenizer
     from rlhf_dist.trainer import RLTrainer
 
@@ -194,14 +216,21 @@ def run_with_ray(cfg: RLConfig, model_path: str, inputs: dict, monitor) -> dict:
     try:
         trainer = RLTrainer(cfg, model_path, load_tokenizer(model_path), inputs["train"],
                             inputs["eval"], inputs["reward_spec"], monitor)
-        return fit(trainer, cfg, monitor)
+        return fit(trainer, cfg, monitor, resume)
+    except RlhfDistError as err:
+        saved = complete_checkpoints(checkpoint_root(cfg))
+        if saved:  # say how to continue: nothing before the last checkpoint is lost
+            raise type(err)(f"{err}\nThe last complete checkpoint is step {saved[-1][0]} "
+                            f"({saved[-1][1]}). Resume with:\n  {resume_command(cfg)}") from None
+        raise
     finally:
         if trainer is not None:
             trainer.shutdown()
 
 
-def fit(trainer, cfg: RLConfig, monitor) -> dict:
-    """Start-up, eval at start, the RL steps with periodic eval, eval at the end, a summary."""
+def fit(trainer, cfg: RLConfig, monitor, resume: Path | None = None) -> dict:
+    """Start-up, eval at start, the RL steps with periodic eval and checkpoints, eval at the end,
+    a summary. With `resume` the steps continue after the checkpoint's."""
     run_start = time.perf_counter()
     critic = (f", critic {cfg.critic.world_size} rank(s) (ZeRO-{cfg.critic.zero_stage})"
               if trainer.use_critic else "")
@@ -211,14 +240,24 @@ def fit(trainer, cfg: RLConfig, monitor) -> dict:
     startup = trainer.start()
     monitor.print(f"[start] actors ready in {startup['startup/total_s']:.1f}s "
                   f"({trainer.num_params / 1e6:.2f}M parameters)")
-    first_eval = trainer.evaluate(0)
-    for step in range(1, cfg.trainer.total_steps + 1):
+    tr, done = cfg.trainer, 0
+    if resume is not None:
+        done = trainer.load_checkpoint(str(resume))
+        logged = monitor.history()
+        trainer.history = [r for r in logged if "reward/mean" in r]
+        first_eval = next((r for r in logged if r["step"] == 0 and "eval/reward_mean" in r), None)
+        monitor.print(f"[resume] from {resume}: step {done} of {tr.total_steps}")
+    if resume is None or first_eval is None:
+        first_eval = trainer.evaluate(0)
+    for step in range(done + 1, tr.total_steps + 1):
         metrics = trainer.step(step)
         trainer.history.append(metrics)
         monitor.log(step, metrics)
-        if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step != cfg.trainer.total_steps:
+        if tr.eval_every and step % tr.eval_every == 0 and step != tr.total_steps:
             trainer.evaluate(step)
-    last_eval = trainer.evaluate(cfg.trainer.total_steps)
+        if tr.save_every and (step % tr.save_every == 0 or step == tr.total_steps):
+            trainer.save_checkpoint(step, str(checkpoint_root(cfg)))
+    last_eval = trainer.evaluate(tr.total_steps)
     if cfg.trainer.save_final:
         from rlhf_dist.actors.files import bring_back
 
