@@ -257,6 +257,7 @@ class LoggerConfig:
     sample_every: int = 10  # steps between sample tables (W&B and samples.jsonl)
     num_samples: int = 8  # rows per sample table
     console: bool = True
+    memory_every: int = 10  # steps between memory/<actor>_rss_mb metrics (every actor's RSS); 0 = never
 
 
 @dataclass

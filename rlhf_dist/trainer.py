@@ -293,6 +293,8 @@ class RLTrainer:
         metrics.update(advantage_metrics)
         metrics.update(train_metrics)
         metrics.update(sync_metrics)
+        if cfg.logger.memory_every and (step == 1 or step % cfg.logger.memory_every == 0):
+            metrics.update(self.memory())
         if step == 1 or step % cfg.logger.sample_every == 0:
             self.monitor.log_samples(step, _sample_rows(sample_records, texts, batch["rewards"],
                                                         cfg.logger.num_samples))
@@ -332,6 +334,18 @@ class RLTrainer:
             metrics["eval/model_mean"] = sum(scored["model"]) / len(scored["model"])
             metrics["eval/rule_mean"] = rule.mean().item()
         self.monitor.log_eval(step, metrics)
+        return metrics
+
+    def memory(self) -> dict[str, float]:
+        """Resident memory of the driver and every actor process, in MB (memory/<actor>_rss_mb)."""
+        import psutil
+
+        groups = [g for g in (self.engines, self.learners, self.reward, self.reference, self.critics) if g]
+        refs = [a.__ray_call__.remote(_rss_mb) for g in groups for a in g.actors]
+        names = [n for g in groups for n in g.names]
+        values = wait_all(refs, names, "memory probe", 60)
+        metrics = {f"memory/{n.replace('[', '').replace(']', '')}_rss_mb": v for n, v in zip(names, values)}
+        metrics["memory/driver_rss_mb"] = psutil.Process().memory_info().rss / 2**20
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
@@ -390,6 +404,15 @@ class RLTrainer:
                     actors.kill()
                 except Exception:  # noqa: BLE001 - best-effort cleanup after a failure
                     pass
+
+
+def _rss_mb(actor) -> float:
+    """Run inside an actor (`__ray_call__`): its process's resident memory, children included
+    (a tensor-parallel engine's worker processes)."""
+    import psutil
+
+    proc = psutil.Process()
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
 
 
 def _wait_ready(group: ActorGroup, timeout_s: float) -> list:
