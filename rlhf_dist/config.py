@@ -273,6 +273,7 @@ class TrainerConfig:
     keep_last: int = 2  # complete checkpoints kept; older ones go once a newer one is whole
     checkpoint_dir: Optional[str] = None  # None = <run_dir>/checkpoints; shared storage on several nodes
     resume: Optional[str] = None  # null | auto (newest complete checkpoint of the run) | a checkpoint path
+    max_bad_steps: int = 3  # non-finite loss/gradient: skip the update; this many in a row stop the run
 
 
 @dataclass

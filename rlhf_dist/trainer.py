@@ -42,6 +42,7 @@ from rlhf_dist.algo import (
 from rlhf_dist.config import critic_micro_batch_size, uses_critic, uses_reference
 from rlhf_dist.data.batch import Batch, collate_rollouts, shard_minibatches, split_evenly
 from rlhf_dist.data.prompts import PromptSampler
+from rlhf_dist.errors import NonFiniteLossError
 from rlhf_dist.monitor import RunMonitor
 
 # metrics that each rank computes as its share of a global-normalised sum: summed over ranks
@@ -58,6 +59,7 @@ class RLTrainer:
         self.use_reference, self.use_critic = uses_reference(cfg), uses_critic(cfg)
         self.kl_ctl = make_kl_controller(cfg.algo.kl_coef, cfg.algo.kl_target, cfg.algo.kl_horizon)
         self.history: list[dict[str, float]] = []
+        self.bad_steps = self.bad_in_a_row = 0  # updates skipped for a non-finite loss/gradient
         self.reference = self.critics = None
 
     # ------------------------------------------------------------------ start-up
@@ -259,6 +261,29 @@ class RLTrainer:
             merged.update(merge_rank_metrics(results[len(self.learners):], _ADDITIVE))
         return merged
 
+    def train_or_skip(self, batch: Batch, step: int) -> dict[str, float]:
+        """Phase 4, where a non-finite loss or gradient skips the update on every rank (the ranks
+        agree and discard the mini-batch's gradients) instead of ending the run, until
+        trainer.max_bad_steps come in a row; each offending batch is saved for inspection."""
+        try:
+            metrics = self.train(batch, step)
+            self.bad_in_a_row = 0
+        except NonFiniteLossError as err:
+            self.bad_steps, self.bad_in_a_row = self.bad_steps + 1, self.bad_in_a_row + 1
+            saved = os.path.join(self.cfg.trainer.run_dir, "bad_batches", f"step_{step:08d}.pt")
+            os.makedirs(os.path.dirname(saved), exist_ok=True)
+            torch.save({"tensors": batch.tensors, "prompt_width": batch.prompt_width}, saved)
+            limit = self.cfg.trainer.max_bad_steps
+            if self.bad_in_a_row >= limit:
+                raise NonFiniteLossError(
+                    f"{err}\n{self.bad_in_a_row} steps in a row had to be skipped "
+                    f"(trainer.max_bad_steps={limit}), so the run stops. The last batch is saved "
+                    f"at {saved} (torch.load(path, weights_only=True)).") from None
+            self.monitor.print(f"[skip] step {step}: update skipped ({self.bad_in_a_row}/{limit} in a "
+                               f"row), batch saved to {saved}: {str(err).splitlines()[0][:200]}")
+            metrics = {}
+        return {**metrics, "faults/bad_steps": float(self.bad_steps), "faults/skipped_update": float(not metrics)}
+
     def sync_weights(self) -> dict[str, float]:
         """Phase 5: new policy weights into every engine, verified (rlhf_dist.actors.weight_sync)."""
         return self.weights.sync()
@@ -281,7 +306,7 @@ class RLTrainer:
         # 3. advantages
         advantage_metrics = self.advantages(batch)
         # 4. train (policy and critic concurrently)
-        train_metrics = self.train(batch, step)
+        train_metrics = self.train_or_skip(batch, step)
         t3 = time.perf_counter()
         # 5. sync
         sync_metrics = self.sync_weights()
@@ -388,12 +413,13 @@ class RLTrainer:
     def state_dict(self, step: int) -> dict[str, Any]:
         return {"step": step, "sampler": self.sampler.state_dict(), "generator": self.generator.get_state(),
                 "kl_ctl": self.kl_ctl.state_dict(), "reward": self.reward.run("state_dict", timeout_s=60)[0],
-                "wandb_id": self.monitor.wandb_id or ""}
+                "wandb_id": self.monitor.wandb_id or "", "bad_steps": self.bad_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])
         self.generator.set_state(state["generator"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.bad_steps = int(state.get("bad_steps", 0))
         self.reward.run("load_state_dict", state["reward"], timeout_s=60)
 
     def shutdown(self) -> None:

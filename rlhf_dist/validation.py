@@ -29,7 +29,7 @@ _CHOICES = {
 }
 
 _POSITIVE = (
-    "trainer.total_steps", "trainer.prompts_per_step", "rollout.num_engines",
+    "trainer.total_steps", "trainer.prompts_per_step", "trainer.max_bad_steps", "rollout.num_engines",
     "rollout.n_samples_per_prompt", "rollout.max_new_tokens", "rollout.tensor_parallel_size",
     "rollout.sync_bucket_mb", "rollout.sync_timeout_s", "learner.world_size",
     "learner.mini_batch_size", "learner.micro_batch_size", "learner.optim.lr", "algo.ppo_epochs",

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import REPO, run_cli
 
@@ -146,12 +147,20 @@ def test_smoke_run_end_to_end(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_nan_loss_stops_the_run_with_a_message(tmp_path):
-    """An absurd learning rate blows the weights up; the next loss is NaN and the run says so."""
+def test_nan_loss_skips_updates_then_stops_the_run_with_the_batch_saved(tmp_path):
+    """An absurd learning rate blows the weights up; every later loss is NaN: each update is
+    skipped (and its batch saved) until trainer.max_bad_steps in a row stop the run."""
     result = run_cli([f"hydra.run.dir={tmp_path}/run", "experiment=smoke", "learner.optim.lr=1e12",
+                      "trainer.total_steps=8", "trainer.max_bad_steps=2",
                       f"reward.fn={REPO / 'examples' / 'my_rewards.py'}:score"], cwd=tmp_path, timeout=900)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "non-finite learner loss" in result.stderr and "learner.optim.lr" in result.stderr
+    assert "2 steps in a row had to be skipped (trainer.max_bad_steps=2)" in result.stderr
+    assert "[skip] step" in result.stdout and "(1/2 in a row)" in result.stdout
+    saved = sorted((tmp_path / "run" / "bad_batches").glob("step_*.pt"))
+    assert len(saved) == 2
+    batch = torch.load(saved[-1], weights_only=True)
+    assert batch["tensors"]["input_ids"].shape[0] == 64  # 8 prompts x 8 samples
 
 
 @pytest.mark.slow

@@ -102,23 +102,31 @@ class DeepSpeedRank:
         counts: dict[str, int] = defaultdict(int)
         extremes: dict[str, float] = {}
         grad_norms, padded, real, forwards = [], 0, 0, 0
-        for shard, num_tokens, num_seqs in minibatches:
-            micros = self._micro_batches(shard, max_tokens)
-            for i, micro in enumerate(micros):
-                self.ds_engine.set_gradient_accumulation_boundary(i == len(micros) - 1)
-                loss, metrics, stats = micro_loss(micro, num_tokens, num_seqs)
-                self._check_finite(loss, metrics, step)
-                # DeepSpeed averages over ranks: undo it so the gradient is that of the
-                # global-normalised sum (module docstring); no division by the micro-batch count.
-                self.ds_engine.backward(loss * self.world_size, scale_wrt_gas=False)
-                if self.ds_engine.is_gradient_accumulation_boundary():
-                    self._check_finite_gradients(step)
-                self.ds_engine.step()
-                _accumulate(sums, counts, extremes, metrics, stats)
-                micro_padded, micro_real = micro.token_counts()
-                padded, real, forwards = padded + micro_padded, real + micro_real, forwards + 1
-            grad_norms.append(self._grad_norm_after_step(step))
-            self.optimizer_steps += 1
+        try:
+            for shard, num_tokens, num_seqs in minibatches:
+                micros = self._micro_batches(shard, max_tokens)
+                for i, micro in enumerate(micros):
+                    self.ds_engine.set_gradient_accumulation_boundary(i == len(micros) - 1)
+                    loss, metrics, stats = micro_loss(micro, num_tokens, num_seqs)
+                    self._check_finite(loss, metrics, step)
+                    # DeepSpeed averages over ranks: undo it so the gradient is that of the
+                    # global-normalised sum (module docstring); no division by the micro-batch count.
+                    self.ds_engine.backward(loss * self.world_size, scale_wrt_gas=False)
+                    if self.ds_engine.is_gradient_accumulation_boundary():
+                        self._check_finite_gradients(step)
+                    self.ds_engine.step()
+                    _accumulate(sums, counts, extremes, metrics, stats)
+                    micro_padded, micro_real = micro.token_counts()
+                    padded, real, forwards = padded + micro_padded, real + micro_real, forwards + 1
+                grad_norms.append(self._grad_norm_after_step(step))
+                self.optimizer_steps += 1
+        except NonFiniteLossError:
+            # every rank gets here together (the checks all-reduce). ZeRO 1-3: DeepSpeed skipped
+            # the step and reset its buffers; ZeRO-0: drop the partial gradients here. Either way
+            # the next step starts as if this mini-batch had never been seen.
+            if self.zero_stage == 0:
+                self.ds_engine.module.zero_grad(set_to_none=True)
+            raise
         num_minibatches = max(1, len(minibatches))
         result = {k: (v / counts[k] if k in counts else v / num_minibatches) for k, v in sums.items()}
         result.update(extremes)
@@ -146,6 +154,14 @@ class DeepSpeedRank:
         flag = torch.tensor([float(torch.isfinite(loss).item())], device=loss.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         if flag.item() < 1.0:
+            if self.zero_stage > 0:
+                # Let DeepSpeed skip the step its own way, which also resets its partial-gradient
+                # buffers: end the mini-batch here with this non-finite loss (every rank, so the
+                # overflow check that spans the ranks sees it) and step.
+                self.ds_engine.set_gradient_accumulation_boundary(True)
+                self.ds_engine.backward(loss * float("nan"), scale_wrt_gas=False)
+                self.ds_engine.step()
+                self._skipped_steps = getattr(self.ds_engine, "skipped_steps", 0)  # expected
             terms = ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
             raise NonFiniteLossError(
                 f"non-finite {self.role} loss at RL step {step} (rank {self.rank}: {terms}). The "
