@@ -274,6 +274,7 @@ class TrainerConfig:
     checkpoint_dir: Optional[str] = None  # None = <run_dir>/checkpoints; shared storage on several nodes
     resume: Optional[str] = None  # null | auto (newest complete checkpoint of the run) | a checkpoint path
     max_bad_steps: int = 3  # non-finite loss/gradient: skip the update; this many in a row stop the run
+    max_engine_restarts: int = 3  # a dead rollout engine is replaced and the phase retried, this often per run
 
 
 @dataclass

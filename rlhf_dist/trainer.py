@@ -42,7 +42,7 @@ from rlhf_dist.algo import (
 from rlhf_dist.config import critic_micro_batch_size, uses_critic, uses_reference
 from rlhf_dist.data.batch import Batch, collate_rollouts, shard_minibatches, split_evenly
 from rlhf_dist.data.prompts import PromptSampler
-from rlhf_dist.errors import NonFiniteLossError
+from rlhf_dist.errors import ActorDiedError, NonFiniteLossError, RlhfDistError, WeightSyncError
 from rlhf_dist.monitor import RunMonitor
 
 # metrics that each rank computes as its share of a global-normalised sum: summed over ranks
@@ -261,6 +261,31 @@ class RLTrainer:
             merged.update(merge_rank_metrics(results[len(self.learners):], _ADDITIVE))
         return merged
 
+    def with_engine_recovery(self, phase: str, call):
+        """Run a phase that needs every engine; if one has died, replace it (same placement
+        bundle), give it the current weights by a verified sync, and run the phase again.
+        At most trainer.max_engine_restarts replacements over the run (faults/engine_restarts)."""
+        while True:
+            try:
+                return call()
+            except (ActorDiedError, WeightSyncError, RlhfDistError) as err:
+                dead = self.engines.dead()
+                limit = self.cfg.trainer.max_engine_restarts
+                if not dead or self.engines.restarts + len(dead) > limit:
+                    if dead:
+                        raise ActorDiedError(f"{err}\n{len(dead)} engine(s) dead after {self.engines.restarts} "
+                                             f"restart(s) (trainer.max_engine_restarts={limit}).") from None
+                    raise
+                names = ", ".join(self.engines.names[i] for i in dead)
+                self.monitor.print(f"[fault] {names} died during {phase}; restarting it and re-sending "
+                                   f"the weights ({self.engines.restarts + len(dead)}/{limit} restarts)")
+                for i in dead:
+                    self.engines.restart(i)
+                self.engines.wait([self.engines.actors[i].ready.remote() for i in dead], "engine restart",
+                                  self.cfg.rollout.init_timeout_s)
+                self.weights.prepare()  # a new member: the collective group is rebuilt
+                self.weights.sync()
+
     def train_or_skip(self, batch: Batch, step: int) -> dict[str, float]:
         """Phase 4, where a non-finite loss or gradient skips the update on every rank (the ranks
         agree and discard the mini-batch's gradients) instead of ending the run, until
@@ -293,8 +318,9 @@ class RLTrainer:
         cfg, t0 = self.cfg, time.perf_counter()
         records = self.sampler.next_batch()
         # 1. generate
-        samples, sample_records = self.generate(records, cfg.rollout.n_samples_per_prompt,
-                                                cfg.rollout.temperature, step)
+        samples, sample_records = self.with_engine_recovery(
+            "generate", lambda: self.generate(records, cfg.rollout.n_samples_per_prompt,
+                                              cfg.rollout.temperature, step))
         batch = collate_rollouts([s["prompt_ids"] for s in samples], [s["token_ids"] for s in samples],
                                  [s["logprobs"] for s in samples], self.tokenizer.pad_token_id)
         self.weights.sleep_engines()  # rollout.sleep_level > 0 (GPU): free engine memory until the sync
@@ -309,10 +335,11 @@ class RLTrainer:
         train_metrics = self.train_or_skip(batch, step)
         t3 = time.perf_counter()
         # 5. sync
-        sync_metrics = self.sync_weights()
+        sync_metrics = self.with_engine_recovery("weight sync", self.sync_weights)
         t4 = time.perf_counter()
         metrics = self._step_metrics(batch, samples, t0, t1, t2, t3, t4)
         # which prompts this step drew (a resumed run must draw the same ones)
+        metrics["faults/engine_restarts"] = float(self.engines.restarts)
         metrics["data/prompt_crc"] = float(zlib.crc32("\n".join(r["prompt"] for r in records).encode()))
         metrics.update(batch.meta)  # reward components (rule / model means)
         metrics.update(advantage_metrics)

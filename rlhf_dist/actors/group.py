@@ -122,18 +122,38 @@ class ActorGroup:
         actor_kwargs = [ship_to(kwargs, node) for kwargs, node in zip(actor_kwargs, self.node_ids)]
         self.model_copied = [any(isinstance(v, ModelDir) and v.files for v in kwargs.values())
                              for kwargs in actor_kwargs]
-        remote_cls = ray.remote(actor_cls)
-        self.actors = [
-            remote_cls.options(
-                num_cpus=num_cpus,
-                num_gpus=num_gpus,
-                name=None,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.placement_group, placement_group_bundle_index=i
-                ),
-            ).remote(**kwargs)
-            for i, kwargs in enumerate(actor_kwargs)
-        ]
+        self._remote_cls, self._resources = ray.remote(actor_cls), (num_cpus, num_gpus)
+        self._kwargs = actor_kwargs
+        self.actors = [self._create(i) for i in range(num)]
+        self.restarts = 0
+
+    def _create(self, i: int):
+        num_cpus, num_gpus = self._resources
+        return self._remote_cls.options(
+            num_cpus=num_cpus, num_gpus=num_gpus, name=None,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self.placement_group, placement_group_bundle_index=i),
+        ).remote(**self._kwargs[i])
+
+    def dead(self, timeout_s: float = 30.0) -> list[int]:
+        """Indices of actors that no longer answer (their process died)."""
+        refs = [actor.__ray_call__.remote(lambda self: True) for actor in self.actors]
+        found = []
+        for i, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=timeout_s)
+            except (RayActorError, GetTimeoutError):
+                found.append(i)
+        return found
+
+    def restart(self, i: int) -> None:
+        """Replace actor i by a new one, same arguments, same placement bundle (same node)."""
+        try:
+            ray.kill(self.actors[i], no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        self.actors[i] = self._create(i)
+        self.restarts += 1
 
     def __len__(self) -> int:
         return len(self.actors)

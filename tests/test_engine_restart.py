@@ -1,0 +1,46 @@
+"""Kill a rollout engine's process mid-run: the run replaces it, re-sends the weights, retries
+the phase, finishes, and counts the restart. Real Ray, vLLM and DeepSpeed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from conftest import REPO
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _logged_steps(run_dir):
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if '"reward/mean"' in line]
+
+
+def test_a_killed_engine_is_replaced_and_the_run_finishes(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["experiment=smoke", f"model.path={tiny_model_dir}", f"trainer.run_dir={run_dir}",
+            f"reward.fn={REPO / 'tests' / 'data' / 'slow_reward.py'}:score", "trainer.total_steps=5"]
+    driver = subprocess.Popen([sys.executable, "-m", "rlhf_dist.main", *args], cwd=tmp_path,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while len(_logged_steps(run_dir)) < 2 and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    engines = [p for p in psutil.Process(driver.pid).children(recursive=True)
+               if "RolloutActor" in " ".join(p.cmdline())]
+    assert len(engines) == 1, [p.cmdline() for p in engines]
+    os.kill(engines[0].pid, signal.SIGKILL)
+    output, _ = driver.communicate(timeout=900)
+    assert driver.returncode == 0, output[-4000:]
+    assert "[fault] rollout[0] died during" in output
+    steps = _logged_steps(run_dir)
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5]
+    assert steps[-1]["faults/engine_restarts"] == 1.0
+    assert steps[-1]["sync/verified_tensors"] > 0  # the new engine holds the learner's weights
