@@ -27,6 +27,19 @@ class RewardFnError(RlhfDistError):
     """`reward.fn` cannot be imported, is not callable, raises, or returns the wrong thing."""
 
 
+class RewardSamplesFailedError(RewardFnError):
+    """`reward.fn` raised on some (not all) samples of a batch and reward.fallback_score is null:
+    the trainer skips the step. `failures` lists them ({"index", "prompt", "completion", "error"})
+    where the error was not rebuilt from its message alone."""
+
+    def __init__(self, message: str, failures: list | None = None) -> None:
+        super().__init__(message)
+        self.failures = list(failures or [])
+
+    def __reduce__(self):  # through Ray (pickle) with its failures
+        return type(self), (str(self), self.failures)
+
+
 class ClusterResourceError(RlhfDistError):
     """The Ray cluster cannot fit the requested actors."""
 

@@ -5,6 +5,8 @@
 `post` is optional running normalisation (mean 0, std 1 over every score seen so far) and
 clipping. The actor returns the components too, so a rule that is the task's hidden "gold" score
 can be logged beside the learned reward it is not trained on (fn_weight=0): reward hacking shows.
+A sample on which the rule raises gets `fallback_score` in its place and is reported back; with
+fallback_score None the batch is refused instead (RewardSamplesFailedError: skip the step).
 """
 
 from __future__ import annotations
@@ -15,18 +17,26 @@ from typing import Any
 import torch
 
 from rlhf_dist.actors.files import ModelSpec, local_model_path
-from rlhf_dist.data.reward_fn import check_reward_fn, load_reward_fn
+from rlhf_dist.data.reward_fn import format_failures, load_reward_fn, score_samples
+from rlhf_dist.errors import RewardSamplesFailedError
 
 
 class FunctionScorer:
-    """`fn(prompts, completions, **fields) -> list[float]`, validated on every call."""
+    """`fn(prompts, completions, **fields) -> list[float]`, validated on every call; samples on
+    which it raises get `fallback_score` (None: the batch is refused)."""
 
-    def __init__(self, spec: str) -> None:
-        self.spec = spec
+    def __init__(self, spec: str, fallback_score: float | None = 0.0) -> None:
+        self.spec, self.fallback_score = spec, fallback_score
         self.fn = load_reward_fn(spec)
 
-    def score(self, records: list[dict[str, Any]], completions: list[str]) -> list[float]:
-        return check_reward_fn(self.fn, self.spec, records, completions)
+    def score(self, records: list[dict[str, Any]],
+              completions: list[str]) -> tuple[list[float], list[dict[str, Any]]]:
+        """(one score per completion, the samples fn raised on: see score_samples)."""
+        scores, failures = score_samples(self.fn, self.spec, records, completions)
+        if failures and self.fallback_score is None:
+            raise RewardSamplesFailedError(
+                format_failures(failures, self.spec, len(completions), None), failures)
+        return [self.fallback_score if s is None else s for s in scores], failures
 
 
 class ModelScorer:
@@ -83,8 +93,8 @@ class RunningNorm:
 class RewardActor:
     def __init__(self, fn_spec: str | None, model_path: ModelSpec | None = None, fn_weight: float = 1.0,
                  model_weight: float = 1.0, normalize: bool = False, clip: float | None = None,
-                 batch_size: int = 64, device: str = "cpu") -> None:
-        self.rule = FunctionScorer(fn_spec) if fn_spec else None
+                 batch_size: int = 64, device: str = "cpu", fallback_score: float | None = 0.0) -> None:
+        self.rule = FunctionScorer(fn_spec, fallback_score) if fn_spec else None
         model_path = local_model_path(model_path)
         self.model = ModelScorer(model_path, batch_size, device) if model_path else None
         self.fn_weight, self.model_weight, self.clip = fn_weight, model_weight, clip
@@ -94,13 +104,17 @@ class RewardActor:
         return True
 
     def score(self, records: list[dict[str, Any]], completions: list[str],
-              update_stats: bool = True) -> dict[str, list[float] | None]:
-        """{"reward": the training reward, "rule": ..., "model": ...}, one float per completion.
+              update_stats: bool = True) -> dict[str, Any]:
+        """{"reward": the training reward, "rule": ..., "model": ...}, one float per completion,
+        "failures": the samples the rule raised on (scored fallback_score; `report` is their
+        console lines, "" when none), "metrics": {"reward/failed_samples": their count}.
 
         `records[i]` is the prompt record completion i answers. Eval calls pass
         update_stats=False so held-out scoring does not move the running normalisation.
+        Raises RewardSamplesFailedError when the rule raised on some samples and fallback_score
+        is None, RewardFnError when it raised on all of them.
         """
-        rule = self.rule.score(records, completions) if self.rule else None
+        rule, failures = self.rule.score(records, completions) if self.rule else (None, [])
         model = self.model.score(records, completions) if self.model else None
         shaped = model
         if model is not None and self.norm is not None:
@@ -114,7 +128,10 @@ class RewardActor:
             reward = [r + self.fn_weight * v for r, v in zip(reward, rule)]
         if shaped is not None:
             reward = [r + self.model_weight * v for r, v in zip(reward, shaped)]
-        return {"reward": reward, "rule": rule, "model": model}
+        report = (format_failures(failures, self.rule.spec, len(completions), self.rule.fallback_score)
+                  if failures else "")
+        return {"reward": reward, "rule": rule, "model": model, "failures": failures,
+                "report": report, "metrics": {"reward/failed_samples": float(len(failures))}}
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps: the reward normaliser's running statistics."""

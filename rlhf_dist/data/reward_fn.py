@@ -23,7 +23,7 @@ import sys
 import traceback
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
+from typing import Any, Callable
 
 from rlhf_dist.errors import RewardFnError
 
@@ -126,30 +126,98 @@ def _short(value, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def check_reward_fn(fn: Callable, spec: str, records: list[dict],
-                    completions: list[str]) -> list[float]:
-    """Call `fn(prompts, completions, **fields)` and return its rewards as a list of floats.
+def _call(fn: Callable, spec: str, records: list[dict], completions: list[str]) -> list[float]:
+    """`fn(prompts, completions, **fields)` with its output checked; what fn raises propagates.
 
     `fields` maps every record key other than "prompt" to its per-record values (None where a
-    record lacks the key). Raises RewardFnError if `fn` raises or returns anything but
-    len(completions) finite real numbers. Used on every batch, so it only does O(B) work.
+    record lacks the key).
     """
     if len(records) != len(completions):
         raise ValueError(f"{len(records)} records but {len(completions)} completions")
     prompts = [record["prompt"] for record in records]
     keys = dict.fromkeys(key for record in records for key in record if key != "prompt")
     fields = {key: [record.get(key) for record in records] for key in keys}
+    return _validate_rewards(fn(prompts, completions, **fields), spec, len(completions))
+
+
+def check_reward_fn(fn: Callable, spec: str, records: list[dict],
+                    completions: list[str]) -> list[float]:
+    """Call `fn(prompts, completions, **fields)` and return its rewards as a list of floats.
+
+    Raises RewardFnError if `fn` raises or returns anything but len(completions) finite real
+    numbers. Used on every batch, so it only does O(B) work.
+    """
     try:
-        rewards = fn(prompts, completions, **fields)
+        return _call(fn, spec, records, completions)
+    except RewardFnError:
+        raise
     except Exception as exc:
-        sample = (f" First sample: prompt={_short(prompts[0])}, "
-                  f"completion={_short(completions[0])}." if prompts else "")
+        fields = sorted({key for record in records for key in record if key != "prompt"})
+        sample = (f" First sample: prompt={_short(records[0]['prompt'])}, "
+                  f"completion={_short(completions[0])}." if records else "")
         raise RewardFnError(
-            f"reward.fn={spec!r} raised {type(exc).__name__}: {exc}{_where(exc)}.{sample} "
+            f"reward.fn={spec!r} raised {_first_line(exc)}.{sample} "
             f"It was called as fn(prompts, completions, **fields) with fields "
-            f"{sorted(fields)}. Fix the function so it handles these inputs."
+            f"{fields}. Fix the function so it handles these inputs."
         ) from exc
-    return _validate_rewards(rewards, spec, len(completions))
+
+
+def score_samples(fn: Callable, spec: str, records: list[dict],
+                  completions: list[str]) -> tuple[list[float | None], list[dict[str, Any]]]:
+    """`check_reward_fn` that survives samples on which `fn` raises.
+
+    The whole batch in one call first; if that raises, one sample per call, to find the ones
+    that raise (an unparsable answer, a judge that timed out) so that they alone lose their
+    score. Returns (rewards with None where fn raised, one failure per such sample:
+    {"index", "prompt", "completion", "error"}, texts truncated). A wrong return value is a
+    RewardFnError as in check_reward_fn, and so is fn raising on every sample: that is a bug in
+    fn, not in the data.
+    """
+    try:
+        return _call(fn, spec, records, completions), []
+    except RewardFnError:
+        raise
+    except Exception:  # noqa: BLE001 - any error of the user's function: look per sample
+        pass
+    rewards: list[float | None] = []
+    failures = []
+    for index, (record, completion) in enumerate(zip(records, completions)):
+        try:
+            rewards += _call(fn, spec, [record], [completion])
+        except RewardFnError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            rewards.append(None)
+            failures.append({"index": index, "prompt": _short(record["prompt"], 160),
+                             "completion": _short(completion, 160), "error": _first_line(exc)})
+    if failures and len(failures) == len(completions):
+        first = failures[0]
+        raise RewardFnError(
+            f"reward.fn={spec!r} raised on every one of the {len(completions)} samples of a batch, "
+            f"also when called on one sample at a time, so it cannot score anything: a bug in the "
+            f"function. First: {first['error']}; prompt={first['prompt']}, completion="
+            f"{first['completion']}. Fix: call the function on that prompt and completion to see "
+            f"the full traceback.")
+    return rewards, failures
+
+
+def format_failures(failures: list[dict[str, Any]], spec: str, total: int,
+                    fallback: float | None, limit: int = 10) -> str:
+    """The console report of the samples reward.fn raised on (one line each, at most `limit`)."""
+    then = (f"they get reward.fallback_score={fallback:g}" if fallback is not None
+            else "reward.fallback_score=null: the step is skipped")
+    lines = [f"[reward] reward.fn={spec!r} raised on {len(failures)} of {total} samples; {then}:"]
+    lines += [f"  sample {f['index']}: {f['error']} | prompt {f['prompt']} | completion {f['completion']}"
+              for f in failures[:limit]]
+    if len(failures) > limit:
+        lines.append(f"  ... and {len(failures) - limit} more")
+    return "\n".join(lines)
+
+
+def _first_line(exc: BaseException) -> str:
+    """'ValueError: its message\'s first line (at file:line)'."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}{_where(exc)}"
 
 
 def _validate_rewards(rewards, spec: str, num: int) -> list[float]:
