@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import sys
@@ -22,11 +23,13 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 quiet_process_env()
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_dist.config import RLConfig, register_configs
 from rlhf_dist.checkpoint import complete_checkpoints, resolve_resume
-from rlhf_dist.validation import check_override_keys, check_tensor_parallel, validate
+from rlhf_dist.redact import redact, redact_files, redact_text
+from rlhf_dist.validation import check_override_keys, check_run_dir, check_tensor_parallel, validate
 from rlhf_dist.errors import DatasetError, RlhfDistError
 
 
@@ -45,6 +48,9 @@ def _train_main(cfg: DictConfig) -> None:
     from rlhf_dist.stages.recipe import run_stage
 
     quiet_driver_logging()
+    hydra_files = HydraConfig.get().runtime.output_dir, HydraConfig.get().output_subdir
+    if hydra_files[1]:  # .hydra/config.yaml, overrides.yaml, hydra.yaml: overrides written as given
+        redact_files(Path(*hydra_files).glob("*.yaml"))
     try:
         check_wandb_credentials(cfg.logger.wandb.mode)
         run_rl(cfg) if cfg.stage == "rl" else run_stage(cfg)
@@ -63,7 +69,14 @@ def train() -> None:
     except RlhfDistError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    _train_main()
+    if not {"--cfg", "-c", "--info", "-i"} & {arg.split("=", 1)[0] for arg in sys.argv[1:]}:
+        return _train_main()
+    shown = io.StringIO()  # Hydra prints the config itself: redact what it printed
+    try:
+        with contextlib.redirect_stdout(shown):
+            _train_main()
+    finally:
+        sys.stdout.write(redact_text(shown.getvalue()))
 
 
 def prepare(cfg: RLConfig) -> dict:
@@ -134,8 +147,10 @@ def run_rl(dict_cfg: DictConfig) -> dict:
 
     cfg: RLConfig = OmegaConf.to_object(dict_cfg)
     run_dir = Path(cfg.trainer.run_dir)
+    check_run_dir(run_dir, cfg.trainer.resume, cfg.trainer.checkpoint_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(dict_cfg, run_dir / "config.yaml", resolve=True)
+    config = redact(OmegaConf.to_container(dict_cfg, resolve=True))  # what is saved and sent to W&B
+    OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
     inputs = prepare(cfg)
     resume = resolve_resume(cfg.trainer.resume, checkpoint_root(cfg))
     driver_state = torch_load_driver_state(resume) if resume else {}
@@ -147,7 +162,7 @@ def run_rl(dict_cfg: DictConfig) -> dict:
             model_path = str(warm) if resume and warm.is_dir() else run_warmup(cfg, inputs, run_dir)
         monitor = RunMonitor(
             str(run_dir), cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.entity,
-            cfg.logger.wandb.name, cfg.logger.wandb.tags, OmegaConf.to_container(dict_cfg, resolve=True),
+            cfg.logger.wandb.name, cfg.logger.wandb.tags, config,
             cfg.trainer.total_steps, cfg.logger.console,
             resume_step=driver_state.get("step"), wandb_id=driver_state.get("wandb_id") or None)
         summary = run_with_ray(cfg, model_path, inputs, monitor, resume)

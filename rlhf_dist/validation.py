@@ -5,6 +5,7 @@ Every failure raises `ConfigError` that says what was given, what was expected a
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rlhf_dist.config import RLConfig, critic_micro_batch_size, uses_critic, uses_reference
@@ -75,6 +76,10 @@ def validate(cfg: Any) -> None:
     if not 0.0 < cfg.rollout.temperature:
         raise ConfigError(f"rollout.temperature={cfg.rollout.temperature} must be > 0 for RL "
                           "sampling (greedy decoding gives every sample of a group the same reward).")
+    fallback = cfg.reward.fallback_score
+    if fallback is not None and not math.isfinite(fallback):
+        raise ConfigError(f"reward.fallback_score={fallback} must be a finite number (the score of a "
+                          "sample on which reward.fn raises), or null to skip such steps.")
     if cfg.rollout.top_p != 1.0:
         raise ConfigError(
             f"rollout.top_p={cfg.rollout.top_p}: the engine's logprobs would then be taken over the "
@@ -301,3 +306,25 @@ def check_override_keys(overrides: list[str]) -> None:
                 if not dataclasses.is_dataclass(factory):
                     raise ConfigError(f"config key '{key}': '{part}' is a value, not a section.")
                 node = factory
+
+
+def check_run_dir(run_dir: str, resume: str | None, checkpoint_dir: str | None = None) -> None:
+    """A run directory that already holds a run is continued (trainer.resume) or refused, never
+    written over: its metrics.jsonl would interleave two runs and its checkpoints mix with new
+    ones. Hydra gives every run a fresh timestamped directory, so only an explicit
+    trainer.run_dir (or hydra.run.dir) that was used before can hit this."""
+    from pathlib import Path
+
+    if resume is not None:
+        return
+    root = Path(run_dir).expanduser()
+    found = [name for name in ("metrics.jsonl", "checkpoints") if (root / name).exists()]
+    checkpoints = Path(checkpoint_dir).expanduser() if checkpoint_dir else None
+    if checkpoints is not None and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        found.append(f"trainer.checkpoint_dir={checkpoints} is not empty")
+    if found:
+        raise ConfigError(
+            f"the run directory {root.absolute()} (trainer.run_dir) already holds a run "
+            f"({', '.join(found)}), and a new run would write over it. Fix: trainer.resume=auto to "
+            "continue that run from its newest checkpoint, or a new trainer.run_dir (leave it unset "
+            "and every run gets a fresh runs/<date>/<time>/).")

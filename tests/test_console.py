@@ -101,7 +101,8 @@ def test_smoke_run_console_is_quiet_and_errors_still_show(tmp_path):
     shown = [phrase for phrase in THIRD_PARTY if phrase in console_text]
     assert not shown, f"third-party lines on the console: {shown}\n{console_text[-4000:]}"
 
-    bad = subprocess.run([*run, "rollout.n_samples_per_prompt=1"], cwd=tmp_path, env=env,
+    bad_run = [f"hydra.run.dir={tmp_path}/bad" if a.startswith("hydra.run.dir=") else a for a in run]
+    bad = subprocess.run([*bad_run, "rollout.n_samples_per_prompt=1"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
     assert "error: algo.advantage=grpo compares samples within a group" in bad.stderr

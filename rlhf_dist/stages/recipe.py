@@ -24,6 +24,8 @@ from rlhf_dist.actors.ds_group import DSGroupSpec
 from rlhf_dist.data.preferences import load_preference_pairs, load_sft_records
 from rlhf_dist.data.records import render_prompt
 from rlhf_dist.errors import DatasetError
+from rlhf_dist.redact import redact
+from rlhf_dist.validation import check_run_dir
 
 
 def stage_spec(cfg, batch_size: int, micro_batch_size: int, lr: float, steps: int, scheduler: str) -> DSGroupSpec:
@@ -94,8 +96,10 @@ def run_stage(dict_cfg) -> dict:
 
     cfg = OmegaConf.to_object(dict_cfg)
     run_dir = Path(cfg.trainer.run_dir)
+    check_run_dir(run_dir, cfg.trainer.resume, cfg.trainer.checkpoint_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(dict_cfg, run_dir / "config.yaml", resolve=True)
+    OmegaConf.save(OmegaConf.create(redact(OmegaConf.to_container(dict_cfg, resolve=True))),
+                   run_dir / "config.yaml")
     if cfg.stage == "full_recipe":
         return run_full_recipe(cfg, dict_cfg, run_dir)
     inputs = prepare(cfg)
@@ -142,7 +146,7 @@ def run_full_recipe(cfg, dict_cfg, run_dir: Path) -> dict:
             critic=dataclasses.replace(cfg.critic, model_path=cfg.critic.model_path or rm_dir))
         monitor = RunMonitor(
             str(run_dir), cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.entity,
-            cfg.logger.wandb.name, cfg.logger.wandb.tags, OmegaConf.to_container(dict_cfg, resolve=True),
+            cfg.logger.wandb.name, cfg.logger.wandb.tags, redact(OmegaConf.to_container(dict_cfg, resolve=True)),
             cfg.trainer.total_steps, cfg.logger.console)
         rl = run_with_ray(rl_cfg, str(run_dir / "sft_model"), inputs, monitor)
     summary = recipe_summary(data["stats"], sft, rm, rl, run_dir)
