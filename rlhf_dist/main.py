@@ -266,7 +266,8 @@ def fit(trainer, cfg: RLConfig, monitor, resume: Path | None = None) -> dict:
         first_eval = trainer.evaluate(0)
     for step in range(done + 1, tr.total_steps + 1):
         metrics = trainer.step(step)
-        trainer.history.append(metrics)
+        if "reward/mean" in metrics:  # not a step skipped for its rewards
+            trainer.history.append(metrics)
         monitor.log(step, metrics)
         if tr.eval_every and step % tr.eval_every == 0 and step != tr.total_steps:
             trainer.evaluate(step)
@@ -286,6 +287,10 @@ def fit(trainer, cfg: RLConfig, monitor, resume: Path | None = None) -> dict:
 
 def summarize(history: list[dict], first_eval: dict, last_eval: dict, startup: dict,
               total_s: float, run_dir: str) -> dict:
+    if not history:  # every step was skipped (reward.fn raised with reward.fallback_score=null)
+        return {"steps": 0, "eval/reward_start": first_eval["eval/reward_mean"],
+                "eval/reward_end": last_eval["eval/reward_mean"], "startup_s": startup["startup/total_s"],
+                "total_s": total_s, "run_dir": str(run_dir)}
     tail = history[-max(1, len(history) // 10):]
     mean = lambda key, rows: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     steps = history[1:] or history  # step 1 includes warm-up of kernels

@@ -42,7 +42,8 @@ from rlhf_dist.algo import (
 from rlhf_dist.config import critic_micro_batch_size, uses_critic, uses_reference
 from rlhf_dist.data.batch import Batch, collate_rollouts, shard_minibatches, split_evenly
 from rlhf_dist.data.prompts import PromptSampler
-from rlhf_dist.errors import ActorDiedError, NonFiniteLossError, RlhfDistError, WeightSyncError
+from rlhf_dist.errors import (ActorDiedError, NonFiniteLossError, RewardSamplesFailedError, RlhfDistError,
+                              WeightSyncError)
 from rlhf_dist.monitor import RunMonitor
 
 # metrics that each rank computes as its share of a global-normalised sum: summed over ranks
@@ -60,6 +61,7 @@ class RLTrainer:
         self.kl_ctl = make_kl_controller(cfg.algo.kl_coef, cfg.algo.kl_target, cfg.algo.kl_horizon)
         self.history: list[dict[str, float]] = []
         self.bad_steps = self.bad_in_a_row = 0  # updates skipped for a non-finite loss/gradient
+        self.skipped_steps = 0  # steps skipped because reward.fn raised (reward.fallback_score=null)
         self.reference = self.critics = None
 
     # ------------------------------------------------------------------ start-up
@@ -88,7 +90,8 @@ class RLTrainer:
                                      model_path=model_dir(rw.model.path, cl.shared_dir, cl.ship_models),
                                      fn_weight=rw.fn_weight, model_weight=rw.model_weight,
                                      normalize=rw.normalize, clip=rw.clip,
-                                     batch_size=rw.model.batch_size, device=cl.device)],
+                                     batch_size=rw.model.batch_size, device=cl.device,
+                                     fallback_score=rw.fallback_score)],
                                  resources=dict(cl.aux_resources or {}))
         if self.use_reference:
             self.reference = ActorGroup(
@@ -189,8 +192,11 @@ class RLTrainer:
         results = iter(wait_all(refs, names, "score/reference/values", timeout))
         for key, job_refs, _ in jobs:
             parts = [next(results) for _ in job_refs]
-            if key == "rewards":  # {"reward", "rule", "model"} lists
+            if key == "rewards":  # {"reward", "rule", "model"} lists, failures of reward.fn
                 batch[key] = torch.tensor(parts[0]["reward"], dtype=torch.float32)
+                batch.meta.update(parts[0]["metrics"])
+                if parts[0]["report"]:
+                    self.monitor.print(parts[0]["report"])
                 for part in ("rule", "model"):
                     if parts[0][part] is not None:
                         batch.meta[f"reward/{part}_mean"] = sum(parts[0][part]) / len(parts[0][part])
@@ -327,7 +333,12 @@ class RLTrainer:
         t1 = time.perf_counter()
         # 2. score (+ reference logprobs, critic values, old logprobs)
         texts = [s["text"] for s in samples]
-        self.score(batch, sample_records, texts)
+        try:
+            self.score(batch, sample_records, texts)
+        except RewardSamplesFailedError as err:  # reward.fallback_score=null: skip this step
+            self.skipped_steps += 1
+            self.monitor.print(f"[skip] step {step}: {err}")
+            return {"faults/skipped_steps": float(self.skipped_steps)}
         t2 = time.perf_counter()
         # 3. advantages
         advantage_metrics = self.advantages(batch)
@@ -373,7 +384,14 @@ class RLTrainer:
         start = time.perf_counter()
         samples, records = self.generate(self.eval_records, 1, 0.0)
         texts = [s["text"] for s in samples]
-        scored = self.reward.run("score", records, texts, False, timeout_s=self.cfg.reward.timeout_s)[0]
+        try:
+            scored = self.reward.run("score", records, texts, False, timeout_s=self.cfg.reward.timeout_s)[0]
+        except RewardSamplesFailedError as err:  # reward.fallback_score=null: no score for this eval
+            self.monitor.print(f"[eval] step {step} not scored: {err}")
+            nan = float("nan")
+            return {"eval/reward_mean": nan, "eval/solved_frac": nan, "eval/length_mean": nan}
+        if scored["report"]:
+            self.monitor.print(scored["report"])
         rewards = torch.tensor(scored["reward"])
         rule = torch.tensor(scored["rule"]) if scored["rule"] is not None else rewards
         metrics = {

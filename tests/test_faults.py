@@ -1,5 +1,5 @@
-"""Kill a rollout engine's process mid-run: the run replaces it, re-sends the weights, retries
-the phase, finishes, and counts the restart. Real Ray, vLLM and DeepSpeed."""
+"""Faults during a run that must not end it: a killed rollout engine (replaced, weights re-sent,
+the phase retried, the restart counted) and a reward function raising on some samples."""
 
 import json
 import os
@@ -44,3 +44,15 @@ def test_a_killed_engine_is_replaced_and_the_run_finishes(tiny_model_dir, tmp_pa
     assert [s["step"] for s in steps] == [1, 2, 3, 4, 5]
     assert steps[-1]["faults/engine_restarts"] == 1.0
     assert steps[-1]["sync/verified_tensors"] > 0  # the new engine holds the learner's weights
+
+
+def test_a_reward_function_that_raises_on_some_samples_does_not_end_the_run(tiny_model_dir, tmp_path):
+    from conftest import run_cli
+
+    run_dir = tmp_path / "run"
+    result = run_cli(["experiment=smoke", f"model.path={tiny_model_dir}", f"trainer.run_dir={run_dir}",
+                      f"reward.fn={REPO / 'tests' / 'data' / 'flaky_reward.py'}:score"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "raised on" in result.stdout and "they get reward.fallback_score=0" in result.stdout
+    steps = _logged_steps(run_dir)
+    assert len(steps) == 3 and sum(s["reward/failed_samples"] for s in steps) > 0
