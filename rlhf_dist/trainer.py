@@ -78,7 +78,7 @@ class RLTrainer:
                       device=cl.device, backend=cfg.learner.backend, bf16=cfg.model.dtype == "bfloat16",
                       gradient_checkpointing=cfg.model.gradient_checkpointing,
                       placement_timeout_s=cl.placement_timeout_s, init_timeout_s=cfg.learner.init_timeout_s,
-                      shared_dir=cl.shared_dir, ship_models=cl.ship_models)
+                      shared_dir=cl.shared_dir, ship_models=cl.ship_models, seed=cfg.trainer.seed)
         self.learners, init_refs = start_ds_group("learner", LearnerActor, self.model, DSGroupSpec(
             cfg.learner.world_size, cfg.learner.zero_stage, cfg.learner.micro_batch_size,
             optim=asdict(cfg.learner.optim), num_cpus=cl.cpus_per_learner, num_gpus=cl.gpus_per_learner,

@@ -1,5 +1,6 @@
 """Kill the driver with SIGKILL mid-run, resume with trainer.resume=auto, and compare step by
-step with an uninterrupted run of the same seed. Real Ray, vLLM and DeepSpeed, as a user runs them."""
+step with an uninterrupted run of the same seed. PPO, so the checkpoint must carry the critic too
+(its values shape the advantages, hence the policy). Real Ray, vLLM and DeepSpeed."""
 
 import json
 import os
@@ -20,7 +21,7 @@ SLOW_REWARD = f"reward.fn={REPO / 'tests' / 'data' / 'slow_reward.py'}:score"
 
 
 def _args(run_dir, model_dir, *extra):
-    return ["experiment=smoke", f"model.path={model_dir}", f"trainer.run_dir={run_dir}", SLOW_REWARD,
+    return ["experiment=smoke", "algo=ppo", f"model.path={model_dir}", f"trainer.run_dir={run_dir}", SLOW_REWARD,
             "trainer.total_steps=6", "trainer.save_every=2", "trainer.save_final=true", *extra]
 
 

@@ -31,6 +31,7 @@ class DSGroupSpec:
     gradient_checkpointing: bool = False
     placement_timeout_s: float = 60.0
     init_timeout_s: float = 600.0
+    seed: int = 0  # torch's seed while the model is built (new heads are initialised at random)
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per rank
     shared_dir: Optional[str] = None  # cluster.shared_dir (rlhf_dist.actors.files)
     ship_models: bool = False  # cluster.ship_models
@@ -57,7 +58,7 @@ def start_ds_group(name: str, actor_cls: type, model_path: Union[str, ModelDir],
     grad_accum = spec.mini_batch_size // spec.world_size // spec.micro_batch_size
     refs = group.call("init", master_addr, master_port, backend, spec.zero_stage, spec.micro_batch_size,
                       grad_accum, spec.optim, spec.total_optimizer_steps, spec.bf16,
-                      spec.gradient_checkpointing, spec.init_timeout_s)
+                      spec.gradient_checkpointing, spec.init_timeout_s, spec.seed)
     return group, refs
 
 

@@ -57,10 +57,13 @@ class DeepSpeedRank:
     def init(self, master_addr: str, master_port: int, backend: str, zero_stage: int,
              micro_batch_size: int, grad_accum_steps: int, optim: dict[str, Any],
              total_optimizer_steps: int, bf16: bool, gradient_checkpointing: bool,
-             timeout_s: float) -> dict[str, Any]:
+             timeout_s: float, seed: int = 0) -> dict[str, Any]:
         import deepspeed
 
         start = time.perf_counter()
+        # anything built at random (a critic's or reward model's new scalar head) is the same in
+        # every run of the same seed: a resumed run must match an uninterrupted one
+        torch.manual_seed(seed)
         init_learner_process_group(self.rank, self.world_size, master_addr, master_port, backend, timeout_s)
         if self.device == "cuda":
             torch.cuda.set_device(0)
