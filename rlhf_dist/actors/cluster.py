@@ -64,7 +64,7 @@ def required_resources(cfg) -> dict[str, dict[str, float]]:
             cfg.rollout.num_engines, cl.cpus_per_engine, cl.gpus_per_engine, cl.engine_resources),
         f"{cfg.learner.world_size} learner rank(s)": role(
             cfg.learner.world_size, cl.cpus_per_learner, cl.gpus_per_learner, cl.learner_resources),
-        "reward actor": role(1, cl.cpus_per_aux, 0.0, cl.aux_resources),
+        "reward actor": role(1, cl.cpus_per_aux, cl.gpus_per_aux, cl.aux_resources),
     }
     if uses_reference(cfg):
         need["reference actor"] = role(1, cl.cpus_per_aux, cl.gpus_per_aux, cl.aux_resources)
