@@ -56,3 +56,30 @@ def test_a_reward_function_that_raises_on_some_samples_does_not_end_the_run(tiny
     assert "raised on" in result.stdout and "they get reward.fallback_score=0" in result.stdout
     steps = _logged_steps(run_dir)
     assert len(steps) == 3 and sum(s["reward/failed_samples"] for s in steps) > 0
+
+
+def test_a_dead_learner_rank_stops_the_run_with_the_command_that_resumes_it(tiny_model_dir, tmp_path):
+    from conftest import run_cli
+
+    run_dir = tmp_path / "run"
+    args = ["experiment=smoke", f"model.path={tiny_model_dir}", f"trainer.run_dir={run_dir}",
+            f"reward.fn={REPO / 'tests' / 'data' / 'slow_reward.py'}:score", "trainer.total_steps=6",
+            "trainer.save_every=2"]
+    driver = subprocess.Popen([sys.executable, "-m", "rlhf_dist.main", *args], cwd=tmp_path,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    checkpoint = run_dir / "checkpoints" / "step_00000002" / "COMPLETE.json"
+    deadline = time.time() + 600
+    while not checkpoint.exists() and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    learners = [p for p in psutil.Process(driver.pid).children(recursive=True)
+                if "LearnerActor" in " ".join(p.cmdline())]
+    os.kill(learners[0].pid, signal.SIGKILL)
+    output, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 2, output[-3000:]
+    assert "learner[0] died during" in output and "The last complete checkpoint is step" in output
+    command = output.split("Resume with:\n")[1].splitlines()[0].split()
+    assert command[0] == "rlhf-dist" and command[-1] == "trainer.resume=auto"
+    resumed = run_cli(command[1:], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [s["step"] for s in _logged_steps(run_dir)] == [1, 2, 3, 4, 5, 6]
