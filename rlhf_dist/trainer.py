@@ -42,8 +42,7 @@ from rlhf_dist.algo import (
 from rlhf_dist.config import critic_micro_batch_size, uses_critic, uses_reference
 from rlhf_dist.data.batch import Batch, collate_rollouts, shard_minibatches, split_evenly
 from rlhf_dist.data.prompts import PromptSampler
-from rlhf_dist.errors import (ActorDiedError, NonFiniteLossError, RewardSamplesFailedError, RlhfDistError,
-                              WeightSyncError)
+from rlhf_dist.errors import ActorDiedError, NonFiniteLossError, RewardSamplesFailedError, RlhfDistError
 from rlhf_dist.monitor import RunMonitor
 
 # metrics that each rank computes as its share of a global-normalised sum: summed over ranks
@@ -274,7 +273,7 @@ class RLTrainer:
         while True:
             try:
                 return call()
-            except (ActorDiedError, WeightSyncError, RlhfDistError) as err:
+            except RlhfDistError as err:  # a dead engine shows as ActorDiedError, WeightSyncError, a timeout
                 dead = self.engines.dead()
                 limit = self.cfg.trainer.max_engine_restarts
                 if not dead or self.engines.restarts + len(dead) > limit:
