@@ -73,6 +73,7 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 16
     dtype: str = "float32"  # engine dtype: float32 | bfloat16
+    ignore_eos: bool = False  # every response runs to max_new_tokens (fixed-length benchmarks)
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.1  # on CPU: fraction of RAM for the KV cache
     kv_cache_gb: Optional[int] = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE (GiB); None = vLLM default

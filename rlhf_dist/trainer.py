@@ -133,7 +133,7 @@ class RLTrainer:
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
             kv_cache_gb=cfg.rollout.kv_cache_gb, enforce_eager=cfg.rollout.enforce_eager,
             device=cl.device, cpu_threads_bind=bind, sync_transport=cfg.rollout.sync_transport,
-            sleep_level=cfg.rollout.sleep_level)
+            sleep_level=cfg.rollout.sleep_level, ignore_eos=cfg.rollout.ignore_eos)
         return ActorGroup(
             "rollout", RolloutActor, num_engines, cl.cpus_per_engine, cl.gpus_per_engine,
             cl.placement_timeout_s,

@@ -41,6 +41,7 @@ class RolloutActor:
         cpu_threads_bind: str = "auto",
         sync_transport: str = "object_store",
         sleep_level: int = 0,
+        ignore_eos: bool = False,
     ) -> None:
         model_path = local_model_path(model_path)  # a copy on this node if shipped (actors.files)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -49,7 +50,7 @@ class RolloutActor:
                 os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_threads_bind
             keep_cpu_linear_weights()
-        self.device, self.tensor_parallel_size = device, tensor_parallel_size
+        self.device, self.tensor_parallel_size, self.ignore_eos = device, tensor_parallel_size, ignore_eos
         from vllm import LLM
 
         start = time.perf_counter()
@@ -97,7 +98,7 @@ class RolloutActor:
         def sampling(seed):
             return SamplingParams(
                 n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed,
-                logprobs=None if greedy else 0)  # 0 = only the sampled token's logprob
+                ignore_eos=self.ignore_eos, logprobs=None if greedy else 0)  # 0 = only the sampled token's logprob
 
         params = [sampling(seed) for seed in seeds] if seeds is not None else sampling(None)
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids]
