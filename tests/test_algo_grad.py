@@ -17,6 +17,7 @@ from rlhf_dist.algo import (
     compute_policy_loss,
     kl_penalty,
     policy_objective,
+    rollout_correction,
 )
 
 NUM_OUTCOMES = 5
@@ -203,3 +204,58 @@ def test_policy_objective_kl_term_expected_gradient_is_reverse_kl():
     torch.testing.assert_close(grad, 0.5 * reverse_kl_grad(logits, ref_logprobs), atol=0.005, rtol=0)
     exact_kl = (torch.softmax(logits, -1) * (torch.log_softmax(logits, -1) - ref_logprobs)).sum()
     torch.testing.assert_close(metrics["kl/loss_term"], exact_kl.detach(), atol=0.01, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollout correction: pi_old = sg[pi_theta] with truncated IS weights (one optimizer step per batch)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy_loss", ["clipped", "gspo"])
+def test_current_policy_as_pi_old_gives_the_tis_weighted_policy_gradient(policy_loss):
+    # The engine sampled with stale weights (rollout logprobs ~ 0.5 nats off). With pi_old taken
+    # from the training forward itself the ratio is 1, nothing is clipped, and
+    #   d loss = -(1/N) sum_t A_t w_t d log pi(y_t),   w_t = min(pi_theta(y_t) / pi_rollout(y_t), cap)
+    # over the N response tokens: the TIS-weighted policy gradient (Yao et al. 2025).
+    cap = 1.5
+    logits, logprobs, rollout_logprobs, advantages = token_policy(seed=7)
+    mask = (torch.arange(5)[None] < torch.tensor([5, 3, 1, 4, 5, 2])[:, None]).double()  # (B, T)
+    old_logprobs, is_weights, stats = rollout_correction(
+        logprobs, rollout_logprobs, mask, "current", tis_cap=cap)
+    assert not old_logprobs.requires_grad and torch.equal(old_logprobs, logprobs.detach())
+    loss, _, pg_stats = policy_objective(
+        logprobs, old_logprobs, advantages, mask, policy_loss=policy_loss, clip_ratio_c=3.0,
+        is_weights=is_weights, loss_agg="token_mean")
+    assert pg_stats["clip_frac"] == 0 and pg_stats["ratio_min"] == pg_stats["ratio_max"] == 1.0
+
+    raw = (logprobs.detach() - rollout_logprobs).exp()  # (B, T) pi_theta / pi_rollout
+    capped = mask.bool() & (raw > cap)
+    assert 0 < capped.sum() < mask.sum() - 5  # the cap binds on some tokens, not on most
+    weights = torch.where(mask.bool(), raw.clamp(max=cap), 0.0)  # (B, T)
+    # (the weights are computed in float32, hence rtol 1e-6 against these float64 ones)
+    torch.testing.assert_close(is_weights.double() * mask, weights, rtol=1e-6, atol=0)
+    expected = torch.autograd.grad(-(advantages * weights * logprobs).sum() / mask.sum(), logits,
+                                   retain_graph=True)[0]
+    grad = torch.autograd.grad(loss, logits, retain_graph=True)[0]
+    torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-9)
+    assert stats["is_capped_frac"].item() == pytest.approx((capped.sum() / mask.sum()).item())
+    assert stats["is_weight_max"].item() == pytest.approx(cap)
+    assert stats["rollout_mismatch_kl"] > 0.05  # the stale engine shows in the logged mismatch
+
+    # exact: the same loss and gradient as a recomputed pi_old from the same (pre-update) weights
+    recomputed = rollout_correction(logprobs, rollout_logprobs, mask, "recomputed",
+                                    logprobs.detach().clone(), tis_cap=cap)
+    loss_recomputed, _, _ = policy_objective(
+        logprobs, recomputed[0], advantages, mask, policy_loss=policy_loss, clip_ratio_c=3.0,
+        is_weights=recomputed[1], loss_agg="token_mean")
+    torch.testing.assert_close(loss_recomputed, loss)
+    torch.testing.assert_close(torch.autograd.grad(loss_recomputed, logits)[0], grad)
+
+
+def test_rollout_logprobs_as_pi_old_get_no_weights():
+    logits, logprobs, rollout_logprobs, _ = token_policy(seed=8)
+    old_logprobs, is_weights, stats = rollout_correction(
+        logprobs, rollout_logprobs, torch.ones_like(logprobs), "rollout", tis_cap=2.0)
+    assert old_logprobs is rollout_logprobs and is_weights is None and stats == {}
+    with pytest.raises(ValueError, match="'recomputed' with the recomputed old_logprobs"):
+        rollout_correction(logprobs, rollout_logprobs, torch.ones_like(logprobs), "recomputed", tis_cap=2.0)

@@ -13,8 +13,7 @@ from typing import Any
 import torch
 
 from rlhf_dist.actors.ds_rank import DeepSpeedRank
-from rlhf_dist.algo.objective import policy_objective
-from rlhf_dist.algo.policy_loss import truncated_is_weights
+from rlhf_dist.algo.objective import policy_objective, rollout_correction
 from rlhf_dist.data.batch import Batch
 from rlhf_dist.distributed.publisher import WeightPublisher
 from rlhf_dist.models.hf import load_causal_lm, response_logprobs
@@ -47,7 +46,10 @@ class LearnerActor(DeepSpeedRank):
         (`DeepSpeedRank.run_minibatches`)."""
         loss_cfg = dict(loss_cfg)
         temperature, tis_cap = loss_cfg.pop("temperature"), loss_cfg.pop("tis_cap")
-        first = [True]
+        # where log pi_old comes from (rlhf_dist.config.old_logprobs_source); whether the engine
+        # sampled with the weights this step starts from (not with async rollout after step 1)
+        source = loss_cfg.pop("old_logprobs_source", None)
+        first = [loss_cfg.pop("same_weights_as_engine", True)]
 
         def micro_loss(micro: Batch, num_tokens: float, num_seqs: float):
             tensors = {k: v.to(self.device) for k, v in micro.tensors.items()}
@@ -56,12 +58,10 @@ class LearnerActor(DeepSpeedRank):
                 self.ds_engine, tensors["input_ids"], tensors["attention_mask"],
                 micro.prompt_width, temperature, with_entropy=True,
                 entropy_grad=loss_cfg["entropy_coef"] > 0)  # else a metric only: no (B, T, V) graph
-            # old_logprobs: the learner's own (recomputed) when present, else the engine's
-            old_logprobs = tensors.get("old_logprobs", tensors["rollout_logprobs"])
-            is_weights, is_stats = None, {}
-            if "old_logprobs" in tensors and tis_cap is not None:
-                is_weights, is_stats = truncated_is_weights(
-                    old_logprobs, tensors["rollout_logprobs"], mask, tis_cap)
+            old_logprobs, is_weights, is_stats = rollout_correction(
+                logprobs, tensors["rollout_logprobs"], mask,
+                source or ("recomputed" if "old_logprobs" in tensors else "rollout"),
+                tensors.get("old_logprobs"), tis_cap)
             loss, metrics, stats = policy_objective(
                 logprobs, old_logprobs, tensors["advantages"], mask,
                 ref_logprobs=tensors.get("ref_logprobs"), entropy=entropy, is_weights=is_weights,
@@ -69,7 +69,8 @@ class LearnerActor(DeepSpeedRank):
             stats = {f"policy/{k}": v for k, v in {**stats, **is_stats}.items()}
             if first[0]:
                 # Before any update in this step the learner and the engine that sampled the
-                # batch hold the same weights, so their logprobs must agree up to kernel
+                # batch hold the same weights (unless it was sampled a step ahead, async), so
+                # their logprobs must agree up to kernel
                 # numerics; a large gap means the last weight sync did not reach the engine.
                 gap = (logprobs.detach() - tensors["rollout_logprobs"]).abs() * mask
                 stats["sync/rollout_logprob_gap_max"] = gap.max()

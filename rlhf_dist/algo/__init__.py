@@ -34,7 +34,7 @@ from rlhf_dist.algo.masked import (
     masked_whiten,
     register_loss_agg_mode,
 )
-from rlhf_dist.algo.objective import policy_objective, value_objective
+from rlhf_dist.algo.objective import policy_objective, rollout_correction, value_objective
 from rlhf_dist.algo.policy_loss import (
     POLICY_LOSSES,
     clipped_policy_loss,
@@ -80,6 +80,7 @@ __all__ = [
     "reinforce_pp_advantages",
     "reinforce_pp_baseline_advantages",
     "rloo_advantages",
+    "rollout_correction",
     "token_level_rewards",
     "truncated_is_weights",
     "value_objective",

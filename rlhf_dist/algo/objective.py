@@ -18,7 +18,7 @@ import torch
 
 from rlhf_dist.algo.kl import kl_penalty
 from rlhf_dist.algo.masked import aggregate_loss
-from rlhf_dist.algo.policy_loss import clipped_value_loss, compute_policy_loss
+from rlhf_dist.algo.policy_loss import clipped_value_loss, compute_policy_loss, truncated_is_weights
 
 
 def policy_objective(
@@ -83,6 +83,41 @@ def policy_objective(
             loss = loss - entropy_coef * entropy_term
     metrics["loss/total"] = loss.detach()
     return loss, metrics, {k: v.detach() for k, v in pg_stats.items()}
+
+
+def rollout_correction(
+    logprobs: torch.Tensor,  # (B, T) current policy, with grad
+    rollout_logprobs: torch.Tensor,  # (B, T) the engine's sampling logprobs
+    response_mask: torch.Tensor,  # (B, T)
+    source: str,  # "rollout" | "recomputed" | "current" (rlhf_dist.config.old_logprobs_source)
+    old_logprobs: torch.Tensor | None = None,  # (B, T) recomputed by the learner, for "recomputed"
+    tis_cap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """log pi_old for the policy loss and the TIS weights w_t = min(pi_old(y_t) / pi_rollout(y_t), cap)
+    that correct for the tokens having been sampled by the engine (Yao et al. 2025).
+
+        rollout     pi_old = pi_rollout: no weights
+        recomputed  pi_old = the learner's own forward before its first update
+        current     pi_old = sg[pi_theta], this very forward: the ratio is 1 and the gradient
+                    -A_t * w_t * grad log pi_theta(y_t), the TIS-weighted policy gradient. Exact when
+                    the batch gets one optimizer step (pi_old is then the policy being trained), and
+                    no extra forward pass. With stale engine weights (async rollout) w also
+                    corrects for the update the engine has not seen.
+
+    Returns (old_logprobs (B, T) detached, is_weights (B, T) or None, TIS stats).
+    """
+    if source == "rollout":
+        return rollout_logprobs, None, {}
+    if source == "current":
+        old_logprobs = logprobs.detach()
+    elif source != "recomputed" or old_logprobs is None:
+        raise ValueError(f"rollout_correction: source={source!r} with old_logprobs "
+                         f"{'None' if old_logprobs is None else 'given'}; expected 'rollout', "
+                         "'current', or 'recomputed' with the recomputed old_logprobs.")
+    if tis_cap is None:
+        return old_logprobs, None, {}
+    is_weights, stats = truncated_is_weights(old_logprobs, rollout_logprobs, response_mask, tis_cap)
+    return old_logprobs, is_weights, stats
 
 
 def value_objective(
