@@ -173,6 +173,12 @@ class AlgoConfig:
     # the engine's sampling logprobs; then a truncated importance weight min(pi_old/pi_rollout,
     # tis_cap) corrects for engine/trainer numeric mismatch (null = no correction).
     recompute_old_logprobs: bool = False
+    # Without the recompute, and with one optimizer step per batch (ppo_epochs=1 and
+    # learner.mini_batch_size = prompts_per_step x n_samples_per_prompt), pi_old IS the policy being
+    # trained: take log pi_old from the training forward itself, detached (ratio 1, no extra pass)
+    # and weight the loss by min(pi_old / pi_rollout, tis_cap). On with trainer.async_rollout
+    # (the engine's weights are one update behind) whatever this says; see old_logprobs_source.
+    rollout_correction: bool = False
     tis_cap: Optional[float] = 2.0
 
 
@@ -276,6 +282,12 @@ class TrainerConfig:
     resume: Optional[str] = None  # null | auto (newest complete checkpoint of the run) | a checkpoint path
     max_bad_steps: int = 3  # non-finite loss/gradient: skip the update; this many in a row stop the run
     max_engine_restarts: int = 3  # a dead rollout engine is replaced and the phase retried, this often per run
+    # engines generate batch k+1 while the learner trains on batch k (one batch in flight). A resumed
+    # run is then not bit-exact: the batch after the checkpoint is regenerated with newer weights.
+    async_rollout: bool = False
+    # async: policy updates between the weights that generated a batch and those trained on it;
+    # one batch in flight makes it exactly 1 from step 2 on, and 1 is the only value supported
+    max_staleness: int = 1
 
 
 @dataclass
@@ -351,6 +363,22 @@ def uses_critic(cfg: Any) -> bool:
 
 def critic_micro_batch_size(cfg: Any) -> int:
     return cfg.critic.micro_batch_size or cfg.learner.micro_batch_size
+
+
+def old_logprobs_source(cfg: Any) -> str:
+    """Where the policy loss takes log pi_old from, and so what the TIS weights (algo.tis_cap) compare
+    with the engine's sampling logprobs:
+
+        recomputed  a learner forward pass before the first update (algo.recompute_old_logprobs)
+        current     the training forward itself, detached: exact with one optimizer step per batch
+                    (algo.rollout_correction, or trainer.async_rollout without the recompute)
+        rollout     the engine's sampling logprobs themselves: no correction
+    """
+    if cfg.algo.recompute_old_logprobs:
+        return "recomputed"
+    if cfg.algo.rollout_correction or cfg.trainer.async_rollout:
+        return "current"
+    return "rollout"
 
 
 def uses_reference(cfg: Any) -> bool:

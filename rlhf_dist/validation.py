@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from rlhf_dist.config import RLConfig, critic_micro_batch_size, uses_critic, uses_reference
+from rlhf_dist.config import (RLConfig, critic_micro_batch_size, old_logprobs_source, uses_critic,
+                              uses_reference)
 from rlhf_dist.errors import ConfigError
 
 _CHOICES = {
@@ -89,6 +90,7 @@ def validate(cfg: Any) -> None:
     _validate_algo(cfg)
     _validate_batches(cfg)
     _validate_rollout(cfg)
+    _validate_off_policy(cfg)
     _validate_cluster(cfg)
 
 
@@ -222,6 +224,54 @@ def _validate_rollout(cfg: Any) -> None:
         raise ConfigError(
             f"rollout.tensor_parallel_size={tp} needs {tp} GPUs per engine, but "
             f"cluster.gpus_per_engine={cfg.cluster.gpus_per_engine}. Fix: add cluster.gpus_per_engine={tp}.")
+
+
+def _validate_off_policy(cfg: Any) -> None:
+    """trainer.async_rollout (one batch in flight) and the TIS correction of pi_old."""
+    tr, algo = cfg.trainer, cfg.algo
+    if tr.max_staleness > 1:
+        raise ConfigError(
+            f"trainer.max_staleness={tr.max_staleness}: trainer.async_rollout keeps one batch in "
+            "flight (the engines generate batch k+1 while the learner trains on batch k), which makes "
+            "the staleness exactly 1; deeper prefetch is not implemented, so a larger bound would "
+            "change nothing. Fix: trainer.max_staleness=1.")
+    if tr.async_rollout and tr.max_staleness < 1:
+        raise ConfigError(
+            f"trainer.async_rollout=true with trainer.max_staleness={tr.max_staleness}: the batch "
+            "generated while the learner trains comes from weights one update behind, so async "
+            "needs max_staleness >= 1. Fix: trainer.max_staleness=1, or trainer.async_rollout=false "
+            "to train on-policy.")
+    if tr.max_staleness < 0:
+        raise ConfigError(f"trainer.max_staleness={tr.max_staleness} must be >= 0 (it counts policy "
+                          "updates). Fix: trainer.max_staleness=1.")
+    if tr.async_rollout and cfg.rollout.sleep_level:
+        raise ConfigError(
+            f"trainer.async_rollout=true with rollout.sleep_level={cfg.rollout.sleep_level}: the "
+            "engines generate the next batch while the learner trains, so they cannot free their "
+            "memory then. Fix: rollout.sleep_level=0 (and room for both on the GPU), or "
+            "trainer.async_rollout=false.")
+    if algo.rollout_correction and algo.recompute_old_logprobs:
+        raise ConfigError(
+            "algo.rollout_correction=true and algo.recompute_old_logprobs=true both choose log pi_old: "
+            "the first from the training forward (one optimizer step per batch), the second from an "
+            "extra forward pass. Fix: set one of them false.")
+    why = "trainer.async_rollout=true" if tr.async_rollout else "algo.rollout_correction=true"
+    if (tr.async_rollout or algo.rollout_correction) and algo.tis_cap is None:
+        raise ConfigError(
+            f"{why} with algo.tis_cap=null: nothing would correct for the engine's weights (one "
+            "update behind with async) differing from the policy trained. Fix: algo.tis_cap=2.0.")
+    if old_logprobs_source(cfg) == "current":
+        seqs = tr.prompts_per_step * cfg.rollout.n_samples_per_prompt
+        mini = cfg.learner.mini_batch_size
+        if algo.ppo_epochs != 1 or mini != seqs:
+            raise ConfigError(
+                f"{why} without algo.recompute_old_logprobs takes log pi_old from the training "
+                "forward itself, which is exact only with one optimizer step per batch; got "
+                f"algo.ppo_epochs={algo.ppo_epochs} x {seqs} // learner.mini_batch_size={mini} = "
+                f"{algo.ppo_epochs * (seqs // mini)} steps for the {seqs} sequences of a step. Fix: "
+                f"algo.ppo_epochs=1 learner.mini_batch_size={seqs} (and a learner.micro_batch_size "
+                "that divides its per-rank share), or algo.recompute_old_logprobs=true (an extra "
+                "forward pass per step).")
 
 
 def check_tensor_parallel(model_config: dict, tp: int, model_path: str) -> None:

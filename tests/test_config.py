@@ -149,6 +149,24 @@ def test_wrong_type_is_rejected():
         (["cluster=gpu8", "rollout.tensor_parallel_size=2", "rollout.sync_transport=collective"],
          "Fix: add cluster.gpus_per_engine=2"),
         (["cluster=gpu1", "rollout.num_engines=2"], "needs one engine with one shard on the learner's GPU"),
+        # default batch: 96 prompts x 8 samples = 768 sequences in 6 mini-batches of 128
+        (["trainer.async_rollout=true"],
+         "trainer.async_rollout=true without algo.recompute_old_logprobs takes log pi_old from the "
+         "training forward itself, which is exact only with one optimizer step per batch; got "
+         "algo.ppo_epochs=1 x 768 // learner.mini_batch_size=128 = 6 steps for the 768 sequences of a "
+         "step. Fix: algo.ppo_epochs=1 learner.mini_batch_size=768"),
+        (["algo.rollout_correction=true", "algo.ppo_epochs=2", "learner.mini_batch_size=768"],
+         "algo.rollout_correction=true without algo.recompute_old_logprobs"),
+        (["trainer.async_rollout=true", "trainer.max_staleness=0"],
+         "trainer.async_rollout=true with trainer.max_staleness=0: the batch generated while the "
+         "learner trains comes from weights one update behind, so async needs max_staleness >= 1"),
+        (["trainer.async_rollout=true", "trainer.max_staleness=2"],
+         "trainer.max_staleness=2: trainer.async_rollout keeps one batch in flight"),
+        (["trainer.max_staleness=-1"], "trainer.max_staleness=-1 must be >= 0"),
+        (["trainer.async_rollout=true", "algo.recompute_old_logprobs=true", "algo.tis_cap=null"],
+         "trainer.async_rollout=true with algo.tis_cap=null: nothing would correct"),
+        (["algo.rollout_correction=true", "algo.recompute_old_logprobs=true"], "both choose log pi_old"),
+        (["cluster=gpu1", "trainer.async_rollout=true"], "so they cannot free their memory then"),
     ],
 )
 def test_bad_values_raise_config_error_with_fix(overrides, needle):
@@ -171,3 +189,20 @@ def test_gpu1_colocates_with_ipc_and_sleep():
     cfg = _compose(["cluster=gpu1"])
     validate(cfg)
     assert (cfg.rollout.sync_transport, cfg.rollout.sleep_level, cfg.cluster.device) == ("ipc", 1, "cuda")
+
+
+@pytest.mark.parametrize("overrides,source", [
+    ([], "rollout"),
+    (["algo.recompute_old_logprobs=true"], "recomputed"),
+    (["algo.rollout_correction=true", "learner.mini_batch_size=768"], "current"),
+    (["trainer.async_rollout=true", "learner.mini_batch_size=768"], "current"),
+    (["trainer.async_rollout=true", "algo.recompute_old_logprobs=true"], "recomputed"),
+])
+def test_where_pi_old_comes_from(overrides, source):
+    """Async rollout with one optimizer step per batch takes pi_old from the training forward; with
+    several it needs the recomputed one (test_bad_values_raise_config_error_with_fix)."""
+    from rlhf_dist.config import old_logprobs_source
+
+    cfg = _compose(overrides)
+    validate(cfg)
+    assert old_logprobs_source(cfg) == source
