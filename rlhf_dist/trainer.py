@@ -8,6 +8,10 @@ One step:
                  torch on the driver (rlhf_dist.algo)
   4. train       policy ranks and critic ranks update concurrently, ppo_epochs x mini-batches
   5. sync        new policy weights are broadcast to every engine, verified, under a deadline
+
+With trainer.async_rollout the engines generate the next batch while phases 2-4 run (launched
+before 2, waited for before 5), so from step 2 on each batch comes from weights one update old;
+the loss's truncated importance weights (algo.tis_cap) correct for that.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import json
 import os
 import time
 import zlib
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -39,7 +43,7 @@ from rlhf_dist.algo import (
     masked_var,
     masked_whiten,
 )
-from rlhf_dist.config import critic_micro_batch_size, uses_critic, uses_reference
+from rlhf_dist.config import critic_micro_batch_size, old_logprobs_source, uses_critic, uses_reference
 from rlhf_dist.data.batch import Batch, collate_rollouts, shard_minibatches, split_evenly
 from rlhf_dist.data.prompts import PromptSampler
 from rlhf_dist.errors import ActorDiedError, NonFiniteLossError, RewardSamplesFailedError, RlhfDistError
@@ -47,6 +51,20 @@ from rlhf_dist.monitor import RunMonitor
 
 # metrics that each rank computes as its share of a global-normalised sum: summed over ranks
 _ADDITIVE = ("loss/", "kl/loss_term", "entropy/", "critic/value_loss")
+
+
+@dataclass
+class Rollout:
+    """One step's batch on its way: prompts drawn, generation launched, then collected."""
+
+    step: int
+    records: list[dict]
+    sampler_state: dict  # the sampler before these prompts were drawn (what a checkpoint saves)
+    version: int  # the engines' weight version (RLTrainer.policy_version) when it was launched
+    launched: dict | None  # launch_generate's refs; None once collected
+    samples: list[dict] = field(default_factory=list)
+    sample_records: list[dict] = field(default_factory=list)  # the record each sample answers
+    engine_s: float = 0.0  # seconds the slowest engine spent generating it
 
 
 class RLTrainer:
@@ -62,6 +80,10 @@ class RLTrainer:
         self.bad_steps = self.bad_in_a_row = 0  # updates skipped for a non-finite loss/gradient
         self.skipped_steps = 0  # steps skipped because reward.fn raised (reward.fallback_score=null)
         self.reference = self.critics = None
+        # weight versions (updates applied since start-up) of the learner and of the engines; a
+        # rollout records the engines' at launch, so staleness = policy_version - rollout.version
+        self.policy_version = self.engine_version = 0
+        self.prefetched: Rollout | None = None  # async_rollout: the next step's batch, generated
 
     # ------------------------------------------------------------------ start-up
     def start(self) -> dict[str, float]:
@@ -151,7 +173,13 @@ class RLTrainer:
     # ------------------------------------------------------------------ phases
     def generate(self, records: list[dict], n: int, temperature: float,
                  step: int | None = None) -> tuple[list[dict], list[dict]]:
-        """Split prompts across engines; returns (samples, the record each sample answers).
+        """Split prompts across engines; returns (samples, the record each sample answers)."""
+        samples, sample_records, _ = self.collect_generate(self.launch_generate(records, n, temperature, step))
+        return samples, sample_records
+
+    def launch_generate(self, records: list[dict], n: int, temperature: float,
+                        step: int | None = None) -> dict[str, Any]:
+        """Start sampling on the engines (prompts split across them); `collect_generate` waits.
 
         RL steps sample with one seed per prompt derived from (rollout.seed, step, position), so a
         step's samples do not depend on the engine's history (a resumed run repeats them).
@@ -164,12 +192,20 @@ class RLTrainer:
         refs = self.engines.call_each("generate", [
             ([prompt_ids[i] for i in part], n, temperature, ro.top_p, ro.max_new_tokens,
              [seeds[i] for i in part] if seeds else None) for part in parts])
-        results = self.engines.wait(refs, "generate", ro.init_timeout_s)
-        samples = [s for engine_samples in results for s in engine_samples]
+        refs += self.engines.call_each("last_generate_s", [() for _ in parts])  # queued behind generate
+        return {"records": records, "n": n, "prompt_ids": prompt_ids, "parts": parts, "refs": refs}
+
+    def collect_generate(self, launched: dict[str, Any]) -> tuple[list[dict], list[dict], float]:
+        """Wait for `launch_generate`: (samples, the record each sample answers, seconds the
+        slowest engine spent generating)."""
+        parts, n, prompt_ids = launched["parts"], launched["n"], launched["prompt_ids"]
+        names = self.engines.names[: len(parts)]
+        results = wait_all(launched["refs"], names * 2, "generate", self.cfg.rollout.init_timeout_s)
+        samples = [s for engine_samples in results[: len(parts)] for s in engine_samples]
         order = [i for part in parts for i in part for _ in range(n)]  # prompt-major, G contiguous
         for sample, i in zip(samples, order):
             sample["prompt_ids"] = prompt_ids[i]
-        return samples, [records[i] for i in order]
+        return samples, [launched["records"][i] for i in order], max(results[len(parts):])
 
     def score(self, batch: Batch, records: list[dict], texts: list[str]) -> None:
         """Phase 2: rewards, reference logprobs, critic values and old logprobs, all in flight."""
@@ -233,16 +269,19 @@ class RLTrainer:
             metrics["critic/values_mean"] = masked_mean(batch["values"], mask).item()
         return metrics
 
-    def train(self, batch: Batch, step: int) -> dict[str, float]:
-        """Phase 4: policy and critic ranks update concurrently on the same mini-batches."""
+    def train(self, batch: Batch, step: int, staleness: int = 0) -> dict[str, float]:
+        """Phase 4: policy and critic ranks update concurrently on the same mini-batches.
+        `staleness`: policy updates the engine that sampled the batch had not seen (async rollout)."""
         cfg, algo = self.cfg, self.cfg.algo
+        source = old_logprobs_source(cfg)
         loss_cfg = dict(
             temperature=cfg.rollout.temperature, policy_loss=algo.policy_loss,
             clip_low=algo.clip_low, clip_high=algo.clip_high, clip_ratio_c=algo.clip_ratio_c,
             kl_loss_coef=self.kl_ctl.value if algo.kl_in_loss else 0.0,
             kl_loss_estimator=algo.kl_loss_estimator, entropy_coef=algo.entropy_coef,
             loss_agg=algo.loss_agg, horizon=cfg.rollout.max_new_tokens,
-            tis_cap=algo.tis_cap if algo.recompute_old_logprobs else None)
+            old_logprobs_source=source, tis_cap=algo.tis_cap if source != "rollout" else None,
+            same_weights_as_engine=staleness == 0)
         keys = ["input_ids", "attention_mask", "response_mask", "rollout_logprobs", "advantages"]
         keys += [k for k in ("ref_logprobs", "old_logprobs") if k in batch.tensors]
         orders = [torch.randperm(len(batch), generator=self.generator) for _ in range(algo.ppo_epochs)]
@@ -290,14 +329,16 @@ class RLTrainer:
                                   self.cfg.rollout.init_timeout_s)
                 self.weights.prepare()  # a new member: the collective group is rebuilt
                 self.weights.sync()
+                self.engine_version = self.policy_version
 
-    def train_or_skip(self, batch: Batch, step: int) -> dict[str, float]:
+    def train_or_skip(self, batch: Batch, step: int, staleness: int = 0) -> dict[str, float]:
         """Phase 4, where a non-finite loss or gradient skips the update on every rank (the ranks
         agree and discard the mini-batch's gradients) instead of ending the run, until
         trainer.max_bad_steps come in a row; each offending batch is saved for inspection."""
         try:
-            metrics = self.train(batch, step)
+            metrics = self.train(batch, step, staleness)
             self.bad_in_a_row = 0
+            self.policy_version += 1
         except NonFiniteLossError as err:
             self.bad_steps, self.bad_in_a_row = self.bad_steps + 1, self.bad_in_a_row + 1
             saved = os.path.join(self.cfg.trainer.run_dir, "bad_batches", f"step_{step:08d}.pt")
@@ -316,19 +357,29 @@ class RLTrainer:
 
     def sync_weights(self) -> dict[str, float]:
         """Phase 5: new policy weights into every engine, verified (rlhf_dist.actors.weight_sync)."""
-        return self.weights.sync()
+        metrics = self.weights.sync()
+        self.engine_version = self.policy_version
+        return metrics
 
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> dict[str, float]:
+        """The five phases on one batch. With trainer.async_rollout the batch was generated while
+        the previous step trained, and the next one is generated while this step scores and trains:
+        launched before phase 2, waited for before phase 5 (an engine runs one call at a time, so a
+        collective sync begun while it still generates could run out its deadline)."""
         cfg, t0 = self.cfg, time.perf_counter()
-        records = self.sampler.next_batch()
-        # 1. generate
-        samples, sample_records = self.with_engine_recovery(
-            "generate", lambda: self.generate(records, cfg.rollout.n_samples_per_prompt,
-                                              cfg.rollout.temperature, step))
+        # 1. generate (async: already done, by the engines' weights of one update ago)
+        rollout = self._take_prefetched(step) or self._collect_rollout(self._launch_rollout(step))
+        samples, sample_records = rollout.samples, rollout.sample_records
         batch = collate_rollouts([s["prompt_ids"] for s in samples], [s["token_ids"] for s in samples],
                                  [s["logprobs"] for s in samples], self.tokenizer.pad_token_id)
         self.weights.sleep_engines()  # rollout.sleep_level > 0 (GPU): free engine memory until the sync
+        staleness = self.policy_version - rollout.version
+        if staleness > cfg.trainer.max_staleness:  # one batch in flight keeps it <= 1
+            raise RlhfDistError(f"step {step}: batch {staleness} updates stale, above trainer.max_staleness="
+                                f"{cfg.trainer.max_staleness}; the prefetch logic has a bug.")
+        ahead = (self._launch_rollout(step + 1)  # the last step launches nothing nobody would consume
+                 if cfg.trainer.async_rollout and step < cfg.trainer.total_steps else None)
         t1 = time.perf_counter()
         # 2. score (+ reference logprobs, critic values, old logprobs)
         texts = [s["text"] for s in samples]
@@ -337,24 +388,32 @@ class RLTrainer:
         except RewardSamplesFailedError as err:  # reward.fallback_score=null: skip this step
             self.skipped_steps += 1
             self.monitor.print(f"[skip] step {step}: {err}")
+            self.prefetched = ahead and self._collect_rollout(ahead)  # no update: nothing to sync
             return {"faults/skipped_steps": float(self.skipped_steps)}
         t2 = time.perf_counter()
         # 3. advantages
         advantage_metrics = self.advantages(batch)
         # 4. train (policy and critic concurrently)
-        train_metrics = self.train_or_skip(batch, step)
+        train_metrics = self.train_or_skip(batch, step, staleness)
         t3 = time.perf_counter()
+        if ahead is not None:  # async: the next batch must be done before the engines take weights
+            self.prefetched = self._collect_rollout(ahead)
+        waited = time.perf_counter()
         # 5. sync
         sync_metrics = self.with_engine_recovery("weight sync", self.sync_weights)
         t4 = time.perf_counter()
-        metrics = self._step_metrics(batch, samples, t0, t1, t2, t3, t4)
+        timing = {"timing/generate_s": (t1 - t0) + (waited - t3),  # what the driver waited for
+                  "timing/score_s": t2 - t1, "timing/train_s": t3 - t2, "timing/sync_s": t4 - waited,
+                  "timing/step_s": t4 - t0}
+        if cfg.trainer.async_rollout:  # the next batch's generation time that scoring and training hid
+            timing["timing/generate_hidden_s"] = max(0.0, ahead.engine_s - (waited - t3)) if ahead else 0.0
+            timing["async/staleness"] = float(staleness)
+        metrics = self._step_metrics(batch, samples, timing)
         # which prompts this step drew (a resumed run must draw the same ones)
         metrics["faults/engine_restarts"] = float(self.engines.restarts)
-        metrics["data/prompt_crc"] = float(zlib.crc32("\n".join(r["prompt"] for r in records).encode()))
-        metrics.update(batch.meta)  # reward components (rule / model means)
-        metrics.update(advantage_metrics)
-        metrics.update(train_metrics)
-        metrics.update(sync_metrics)
+        metrics["data/prompt_crc"] = float(zlib.crc32("\n".join(r["prompt"] for r in rollout.records).encode()))
+        for part in (batch.meta, advantage_metrics, train_metrics, sync_metrics):  # batch.meta: reward parts
+            metrics.update(part)
         if cfg.logger.memory_every and (step == 1 or step % cfg.logger.memory_every == 0):
             metrics.update(self.memory())
         if step == 1 or step % cfg.logger.sample_every == 0:
@@ -362,7 +421,37 @@ class RLTrainer:
                                                         cfg.logger.num_samples))
         return metrics
 
-    def _step_metrics(self, batch: Batch, samples: list[dict], t0, t1, t2, t3, t4) -> dict[str, float]:
+    def _launch_rollout(self, step: int) -> Rollout:
+        """Draw the step's prompts and start generating them with the engines' current weights."""
+        ro, sampler_state = self.cfg.rollout, self.sampler.state_dict()
+        records = self.sampler.next_batch()
+        launched = self.launch_generate(records, ro.n_samples_per_prompt, ro.temperature, step)
+        return Rollout(step, records, sampler_state, self.engine_version, launched)
+
+    def _collect_rollout(self, rollout: Rollout) -> Rollout:
+        """Wait for its generation. A dead engine is replaced and given the learner's current weights
+        (with_engine_recovery), and the generation relaunched with them: same prompts, same seeds."""
+        ro = self.cfg.rollout
+
+        def collect():
+            if rollout.launched is None:  # after an engine restart
+                rollout.launched = self.launch_generate(rollout.records, ro.n_samples_per_prompt,
+                                                        ro.temperature, rollout.step)
+                rollout.version = self.engine_version
+            launched, rollout.launched = rollout.launched, None
+            return self.collect_generate(launched)
+
+        rollout.samples, rollout.sample_records, rollout.engine_s = self.with_engine_recovery("generate", collect)
+        return rollout
+
+    def _take_prefetched(self, step: int) -> Rollout | None:
+        rollout, self.prefetched = self.prefetched, None
+        if rollout is not None and rollout.step != step:  # steps run out of order (tests): draw anew
+            self.sampler.load_state_dict(rollout.sampler_state)
+            return None
+        return rollout
+
+    def _step_metrics(self, batch: Batch, samples: list[dict], timing: dict[str, float]) -> dict[str, float]:
         rewards, lengths = batch["rewards"], batch["response_mask"].sum(-1)
         group = rewards.view(-1, self.cfg.rollout.n_samples_per_prompt)
         truncated = sum(s["finish_reason"] == "length" for s in samples) / len(samples)
@@ -372,9 +461,8 @@ class RLTrainer:
             "reward/frac_groups_all_equal": (group.std(-1) == 0).float().mean().item(),
             "response/length_mean": lengths.mean().item(), "response/length_max": lengths.max().item(),
             "response/truncated_frac": truncated,
-            "timing/generate_s": t1 - t0, "timing/score_s": t2 - t1, "timing/train_s": t3 - t2,
-            "timing/sync_s": t4 - t3, "timing/step_s": t4 - t0,
-            "throughput/tokens_per_s": lengths.sum().item() / (t4 - t0),
+            **timing,
+            "throughput/tokens_per_s": lengths.sum().item() / timing["timing/step_s"],
         }
 
     # ------------------------------------------------------------------ eval
@@ -451,11 +539,16 @@ class RLTrainer:
             group.run("load_state", str(path / f"{name}_ds"), timeout_s=timeout)
         state = torch.load(path / "driver.pt", weights_only=True)
         self.load_state_dict(state)
+        self.prefetched = None
         self.weights.sync()
+        self.engine_version = self.policy_version
         return int(state["step"])
 
     def state_dict(self, step: int) -> dict[str, Any]:
-        return {"step": step, "sampler": self.sampler.state_dict(), "generator": self.generator.get_state(),
+        # with a batch prefetched (async), the sampler as it was before drawing it: a resumed run
+        # draws the same prompts, but generates them with the checkpoint's (newer) weights
+        sampler = self.prefetched.sampler_state if self.prefetched else self.sampler.state_dict()
+        return {"step": step, "sampler": sampler, "generator": self.generator.get_state(),
                 "kl_ctl": self.kl_ctl.state_dict(), "reward": self.reward.run("state_dict", timeout_s=60)[0],
                 "wandb_id": self.monitor.wandb_id or "", "bad_steps": self.bad_steps}
 

@@ -73,9 +73,15 @@ class RolloutActor:
             weight_transfer_config={"backend": "ipc"} if sync_transport == "ipc" else None,
         )
         self.init_s = time.perf_counter() - start
+        self.generate_s = 0.0
 
     def ready(self) -> dict[str, Any]:
         return {"init_s": self.init_s, "pid": os.getpid()}
+
+    def last_generate_s(self) -> float:
+        """Seconds the last `generate` spent in vLLM. Called right after it, the call queues behind
+        it (an actor runs one call at a time): how long a generation in the background took."""
+        return self.generate_s
 
     def generate(
         self,
@@ -102,7 +108,9 @@ class RolloutActor:
 
         params = [sampling(seed) for seed in seeds] if seeds is not None else sampling(None)
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids]
+        start = time.perf_counter()
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        self.generate_s = time.perf_counter() - start
         samples = []
         for request in outputs:
             for completion in request.outputs:
