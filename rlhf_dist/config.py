@@ -246,6 +246,12 @@ class ClusterConfig:
     # actors on other nodes through Ray's object store, and weights saved by a learner rank on
     # another node come back to the driver. null = no shared filesystem assumed.
     shared_dir: Optional[str] = None
+    # CPU nodes: cores of the engines and of the training side (learner and critic ranks,
+    # reference), e.g. engine_cores=0 learner_cores=1, so that overlapped generation and training
+    # (trainer.async_rollout) do not compete for cores. null = all cores, shared by a group's
+    # actors on the node (right when the phases run one after another). Ranges: "2-5", lists: "0,2".
+    engine_cores: Optional[str] = None
+    learner_cores: Optional[str] = None
     ship_models: bool = False  # copy through Ray even to actors on the driver's node (tests)
 
 

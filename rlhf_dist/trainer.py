@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from rlhf_dist.actors.cpu import parse_cores, vllm_binding
 from rlhf_dist.actors.critic import CriticActor
 from rlhf_dist.actors.ds_group import DSGroupSpec, merge_rank_metrics, start_ds_group
 from rlhf_dist.actors.files import current_node_id, model_dir
@@ -99,7 +100,8 @@ class RLTrainer:
                       device=cl.device, backend=cfg.learner.backend, bf16=cfg.model.dtype == "bfloat16",
                       gradient_checkpointing=cfg.model.gradient_checkpointing,
                       placement_timeout_s=cl.placement_timeout_s, init_timeout_s=cfg.learner.init_timeout_s,
-                      shared_dir=cl.shared_dir, ship_models=cl.ship_models, seed=cfg.trainer.seed)
+                      shared_dir=cl.shared_dir, ship_models=cl.ship_models, seed=cfg.trainer.seed,
+                      cpu_cores=parse_cores(cl.learner_cores))
         self.learners, init_refs = start_ds_group("learner", LearnerActor, self.model, DSGroupSpec(
             cfg.learner.world_size, cfg.learner.zero_stage, cfg.learner.micro_batch_size,
             optim=asdict(cfg.learner.optim), num_cpus=cl.cpus_per_learner, num_gpus=cl.gpus_per_learner,
@@ -119,7 +121,7 @@ class RLTrainer:
                 "reference", ReferenceActor, 1, cl.cpus_per_aux, cl.gpus_per_aux,
                 cl.placement_timeout_s,
                 [dict(model_path=self.model, dtype=cfg.model.dtype, device=cl.device,
-                      num_threads=os.cpu_count() or 1)], resources=dict(cl.aux_resources or {}))
+                      cpu_cores=parse_cores(cl.learner_cores))], resources=dict(cl.aux_resources or {}))
         if self.use_critic:
             self.critics, critic_refs = start_ds_group(
                 "critic", CriticActor, cfg.critic.model_path or self.model, DSGroupSpec(
@@ -145,16 +147,17 @@ class RLTrainer:
     def _start_engines(self) -> ActorGroup:
         cfg, cl = self.cfg, self.cfg.cluster
         num_engines = cfg.rollout.num_engines
+        tp, cores = cfg.rollout.tensor_parallel_size, parse_cores(cl.engine_cores)
         # vLLM's auto-binding gives each CPU worker its own NUMA node: one engine worker only
-        alone = num_engines == 1 and cfg.rollout.tensor_parallel_size == 1
-        bind = "auto" if alone or cl.device != "cpu" else "nobind"
+        bind = vllm_binding(cores, tp, num_engines == 1 and tp == 1) if cl.device == "cpu" else "auto"
         engine_kwargs = dict(
             model_path=self.model, dtype=cfg.rollout.dtype,
             max_model_len=cfg.rollout.max_new_tokens + cfg.task.max_prompt_len,
             tensor_parallel_size=cfg.rollout.tensor_parallel_size,
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
             kv_cache_gb=cfg.rollout.kv_cache_gb, enforce_eager=cfg.rollout.enforce_eager,
-            device=cl.device, cpu_threads_bind=bind, sync_transport=cfg.rollout.sync_transport,
+            device=cl.device, cpu_threads_bind=bind, cpu_cores=cores,
+            threads_share=tp * (num_engines if cores is None else 1), sync_transport=cfg.rollout.sync_transport,
             sleep_level=cfg.rollout.sleep_level, ignore_eos=cfg.rollout.ignore_eos)
         return ActorGroup(
             "rollout", RolloutActor, num_engines, cl.cpus_per_engine, cl.gpus_per_engine,

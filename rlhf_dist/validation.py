@@ -304,6 +304,24 @@ def _validate_cluster(cfg: Any) -> None:
                 f"cluster.{role}_resources={value!r}: expected custom Ray resources per actor, "
                 f"{{name: amount > 0}}, e.g. cluster.{role}_resources={{node_b:1}} (CPUs and GPUs "
                 "go in cluster.cpus_per_* / gpus_per_*), or null.")
+    _check_cores(cfg.cluster)
+
+
+def _check_cores(cl: Any) -> None:
+    from rlhf_dist.actors.cpu import available_cores, parse_cores
+
+    for role in ("engine", "learner"):
+        key = f"cluster.{role}_cores"
+        cores = parse_cores(getattr(cl, f"{role}_cores"), key)
+        if cores is None:
+            continue
+        if cl.device != "cpu":
+            raise ConfigError(f"{key}={getattr(cl, f'{role}_cores')!r} pins CPU cores, which only CPU "
+                              f"nodes use (cluster.device={cl.device}). Fix: {key}=null.")
+        here = available_cores()
+        if cl.address is None and not set(cores) <= set(here):  # local Ray: this machine's cores
+            raise ConfigError(f"{key}={getattr(cl, f'{role}_cores')!r} names cores {sorted(set(cores) - set(here))} "
+                              f"that this machine does not have (it has {here}). Fix: pick from those.")
 
 
 def _check_gpu_shares(cfg: Any) -> None:

@@ -35,6 +35,7 @@ class DSGroupSpec:
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per rank
     shared_dir: Optional[str] = None  # cluster.shared_dir (rlhf_dist.actors.files)
     ship_models: bool = False  # cluster.ship_models
+    cpu_cores: Optional[list[int]] = None  # cluster.learner_cores, parsed (rlhf_dist.actors.cpu)
 
 
 def start_ds_group(name: str, actor_cls: type, model_path: Union[str, ModelDir],
@@ -49,8 +50,8 @@ def start_ds_group(name: str, actor_cls: type, model_path: Union[str, ModelDir],
         model_path = model_dir(model_path, spec.shared_dir, spec.ship_models)
     group = ActorGroup(name, actor_cls, spec.world_size, spec.num_cpus, spec.num_gpus,
                        spec.placement_timeout_s,
-                       [dict(rank=r, world_size=spec.world_size, model_path=model_path, device=spec.device)
-                        for r in range(spec.world_size)], resources=spec.resources)
+                       [dict(rank=r, world_size=spec.world_size, model_path=model_path, device=spec.device,
+                             cpu_cores=spec.cpu_cores) for r in range(spec.world_size)], resources=spec.resources)
     master_addr, master_port = group.run("address", timeout_s=60)[0]
     backend = spec.backend
     if backend == "auto":

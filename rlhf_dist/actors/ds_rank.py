@@ -12,7 +12,6 @@ micro-batch loop, the finiteness checks and weight access live here once.
 
 from __future__ import annotations
 
-import os
 import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
@@ -21,6 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from rlhf_dist.actors.cpu import use_cores
 from rlhf_dist.actors.files import ModelSpec, local_model_path, read_dir
 from rlhf_dist.data.batch import Batch
 from rlhf_dist.distributed.deepspeed_config import build_deepspeed_config, lr_lambda
@@ -39,11 +39,12 @@ MicroLoss = Callable[[Batch, float, float], tuple[torch.Tensor, dict, dict]]
 class DeepSpeedRank:
     role = "learner"  # names the rank in messages: "learner", "critic"
 
-    def __init__(self, rank: int, world_size: int, model_path: ModelSpec, device: str = "cpu") -> None:
+    def __init__(self, rank: int, world_size: int, model_path: ModelSpec, device: str = "cpu",
+                 cpu_cores: list[int] | None = None) -> None:
         self.rank, self.world_size = rank, world_size
         self.model_path, self.device = local_model_path(model_path), device
-        if device == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        if device == "cpu":  # the ranks share the node's cores (or cluster.learner_cores)
+            use_cores(cpu_cores, world_size)
         self.ds_engine = None
         self.optimizer_steps = 0
         self._skipped_steps = 0  # DeepSpeed's count of steps it skipped (non-finite gradients)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from rlhf_dist.actors.cpu import use_cores
 from rlhf_dist.actors.files import ModelSpec, local_model_path
 from rlhf_dist.data.batch import Batch
 from rlhf_dist.models.hf import batched_forward, disable_dropout, load_causal_lm, response_logprobs
@@ -13,9 +12,9 @@ from rlhf_dist.models.hf import batched_forward, disable_dropout, load_causal_lm
 
 class ReferenceActor:
     def __init__(self, model_path: ModelSpec, dtype: str = "float32", device: str = "cpu",
-                 num_threads: int | None = None) -> None:
+                 cpu_cores: list[int] | None = None) -> None:
         if device == "cpu":
-            torch.set_num_threads(num_threads or os.cpu_count() or 1)
+            use_cores(cpu_cores)
         self.device = device
         model = load_causal_lm(local_model_path(model_path), dtype, device)
         self.model = disable_dropout(model).eval().requires_grad_(False)

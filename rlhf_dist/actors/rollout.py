@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from rlhf_dist.actors.cpu import use_cores
 from rlhf_dist.actors.files import ModelSpec, local_model_path
 from rlhf_dist.actors.vllm_worker import keep_cpu_linear_weights, refresh_cpu_gemm_handles
 from rlhf_dist.errors import WeightSyncError
@@ -39,6 +40,8 @@ class RolloutActor:
         enforce_eager: bool = True,
         device: str = "cpu",
         cpu_threads_bind: str = "auto",
+        cpu_cores: list[int] | None = None,
+        threads_share: int = 1,
         sync_transport: str = "object_store",
         sleep_level: int = 0,
         ignore_eos: bool = False,
@@ -49,6 +52,7 @@ class RolloutActor:
             if kv_cache_gb is not None:
                 os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_threads_bind
+            use_cores(cpu_cores, threads_share)  # Ray's OMP_NUM_THREADS=1 would decode on one thread
             keep_cpu_linear_weights()
         self.device, self.tensor_parallel_size, self.ignore_eos = device, tensor_parallel_size, ignore_eos
         from vllm import LLM

@@ -20,6 +20,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from rlhf_dist.actors.cpu import parse_cores
 from rlhf_dist.actors.ds_group import DSGroupSpec
 from rlhf_dist.data.preferences import load_preference_pairs, load_sft_records
 from rlhf_dist.data.records import render_prompt
@@ -38,6 +39,7 @@ def stage_spec(cfg, batch_size: int, micro_batch_size: int, lr: float, steps: in
                        placement_timeout_s=cfg.cluster.placement_timeout_s,
                        init_timeout_s=cfg.learner.init_timeout_s,
                        resources=dict(cfg.cluster.learner_resources or {}), shared_dir=cfg.cluster.shared_dir,
+                       cpu_cores=parse_cores(cfg.cluster.learner_cores),
                        ship_models=cfg.cluster.ship_models)
 
 
