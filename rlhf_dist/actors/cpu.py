@@ -23,8 +23,8 @@ def parse_cores(spec, key: str = "cores") -> list[int] | None:
     cores: set[int] = set()
     try:
         for part in str(spec).replace(" ", "").split(","):
-            first, _, last = part.partition("-")
-            start, end = int(first), int(last or first)
+            first, dash, last = part.partition("-")
+            start, end = int(first), int(last if dash else first)
             if start < 0 or end < start:
                 raise ValueError(part)
             cores.update(range(start, end + 1))
