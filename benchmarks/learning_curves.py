@@ -1,10 +1,12 @@
-"""PPO and GRPO on the default task, side by side: reward against wall time and against samples.
+"""Runs of the default task side by side (GRPO vs PPO, or synchronous vs overlapped rollout):
+reward against wall time and against samples.
 
     python benchmarks/learning_curves.py                      # GRPO (default job) and experiment=ppo
     python benchmarks/learning_curves.py --steps 100 -- task=copy
+    python benchmarks/learning_curves.py --variants sync,async --steps 60 -- learner.mini_batch_size=768
     python benchmarks/learning_curves.py --from-runs runs/a runs/b   # plot finished runs only
 
-Each algorithm runs the real job (Ray, vLLM, DeepSpeed, warm-up included) through `run_rl` in a
+Each variant runs the real job (Ray, vLLM, DeepSpeed, warm-up included) through `run_rl` in a
 subprocess. Wall time on the x axis is seconds since the first RL step started (the sum of step
 times: actor start-up and evals are left out, and reported separately). Prints a table (first-step
 reward, last-10% reward, gain, time to +0.3, step time, start-up) and writes JSON and a PNG
@@ -20,14 +22,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-ALGOS = {"grpo": [], "ppo": ["experiment=ppo"]}
+VARIANTS = {"grpo": [], "ppo": ["experiment=ppo"], "sync": [], "async": ["trainer.async_rollout=true"]}
 GAIN_TARGET = 0.3
 
 
 def run(name: str, steps: int, overrides: list[str]) -> Path:
     run_dir = Path(tempfile.mkdtemp(prefix=f"curve_{name}_"))
     cmd = [sys.executable, "-m", "rlhf_dist.main", f"hydra.run.dir={run_dir}",
-           f"trainer.total_steps={steps}", "logger.wandb.mode=disabled", *ALGOS[name], *overrides]
+           f"trainer.total_steps={steps}", "logger.wandb.mode=disabled", *VARIANTS[name], *overrides]
     print(f"[{name}] {' '.join(cmd[2:])}", flush=True)
     subprocess.run(cmd, check=True)
     return run_dir
@@ -63,7 +65,7 @@ def _smooth(values: list[float], window: int = 5) -> list[float]:
 
 
 def print_table(curves: dict[str, dict]) -> None:
-    head = (f"{'algo':<6}{'first':>8}{'last10%':>9}{'gain':>8}{'eval':>14}{f'to +{GAIN_TARGET}':>10}"
+    head = (f"{'run':<6}{'first':>8}{'last10%':>9}{'gain':>8}{'eval':>14}{f'to +{GAIN_TARGET}':>10}"
             f"{'step s':>8}{'start s':>9}{'total s':>9}")
     print("\n" + head + "\n" + "-" * len(head))
     for name, c in curves.items():
@@ -74,7 +76,7 @@ def print_table(curves: dict[str, dict]) -> None:
     print(f"(to +{GAIN_TARGET}: RL wall time until the 5-step mean reward is {GAIN_TARGET} above step 1)")
 
 
-def plot(curves: dict[str, dict], path: Path) -> None:
+def plot(curves: dict[str, dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,7 +92,7 @@ def plot(curves: dict[str, dict], path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("PPO vs GRPO on the default task (tiny Qwen2, reverse)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -99,18 +101,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--out", default="bench_results/learning_curves.json")
-    parser.add_argument("--from-runs", nargs=2, metavar=("GRPO_RUN", "PPO_RUN"))
+    parser.add_argument("--variants", default="grpo,ppo", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--from-runs", nargs="+", metavar="RUN_DIR", help="one finished run per variant")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both runs, after --")
     args = parser.parse_args()
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or (args.from_runs and len(args.from_runs) != len(names)):
+        parser.error(f"--variants {args.variants}: expected names from {', '.join(VARIANTS)}"
+                     + (", and one --from-runs dir per variant" if args.from_runs else ""))
     run_dirs = ([Path(p) for p in args.from_runs] if args.from_runs
-                else [run(name, args.steps, args.overrides) for name in ALGOS])
-    curves = {name: curve(run_dir) for name, run_dir in zip(ALGOS, run_dirs)}
+                else [run(name, args.steps, args.overrides) for name in names])
+    curves = {name: curve(run_dir) for name, run_dir in zip(names, run_dirs)}
     print_table(curves)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "learning_curves", "overrides": args.overrides,
+    out.write_text(json.dumps({"benchmark": "learning_curves", "variants": names, "overrides": args.overrides,
                                "curves": curves}, indent=2) + "\n")
-    plot(curves, out.with_suffix(".png"))
+    plot(curves, out.with_suffix(".png"), f"{' vs '.join(names)} on the default task (tiny Qwen2, reverse)"
+         + (f": {' '.join(args.overrides)}" if args.overrides else ""))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 

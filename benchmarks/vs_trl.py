@@ -78,11 +78,13 @@ class Settings:
 
 
 def side_ours(s: Settings) -> dict:
+    import psutil
     from hydra import compose, initialize_config_dir
 
     from rlhf_dist.main import conf_dir, run_rl
 
     run_dir = tempfile.mkdtemp(prefix="vs_trl_ours_")
+    world_size = int(next((o.split("=", 1)[1] for o in s.overrides if o.startswith("learner.world_size=")), 2))
     overrides = [
         f"model.path={s.model_dir}", f"model.dtype={s.dtype}", f"rollout.dtype={s.dtype}",
         "warmup.steps=0", f"trainer.total_steps={s.steps}", f"trainer.prompts_per_step={s.prompts}",
@@ -90,24 +92,33 @@ def side_ours(s: Settings) -> dict:
         f"rollout.ignore_eos={s.lengths == 'fixed'}", f"rollout.temperature={s.temperature}",
         f"learner.optim.lr={s.lr}", "learner.optim.warmup_steps=0", "learner.optim.scheduler=constant",
         f"algo.kl_coef={s.beta}", "algo.kl_loss_estimator=k3", f"learner.mini_batch_size={s.prompts * s.n}",
-        f"learner.micro_batch_size={s.prompts * s.n // 2}",
+        f"learner.micro_batch_size={s.prompts * s.n // world_size}",  # one forward per rank
         f"reward.fn={REWARDS}:{s.reward}", "trainer.eval_every=0", "task.num_eval=8",
         "trainer.save_every=0", f"trainer.run_dir={run_dir}", "logger.wandb.mode=disabled",
         f"trainer.seed={s.seed}", *s.overrides]
     with initialize_config_dir(conf_dir(), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
+    begin = time.perf_counter()
     summary = run_rl(cfg)
+    # process start -> actors ready: interpreter and imports, ray.init and checks before the
+    # trainer starts (run_rl's time outside fit, which also counts the shutdown: an upper bound),
+    # then the actors' own start-up
+    before_run = time.time() - psutil.Process().create_time() - (time.perf_counter() - begin)
+    outside_fit = time.perf_counter() - begin - summary["total_s"]
     rows = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "timing/step_s" in r]
     steps = [{"step_s": r["timing/step_s"], "tokens": r["response/length_mean"] * s.prompts * s.n,
               "reward": r["reward/mean"], "length": r["response/length_mean"],
               **{f"{p}_s": r[f"timing/{p}_s"] for p in PHASES},
-              **{k: r[k] for k in ("timing/generate_hidden_s", "async/staleness", "train/rollout_mismatch_kl")
-                 if k in r}} for r in rows]
-    return {"steps": steps, "startup_s": summary["startup_s"], "overrides": overrides}
+              **{k.split("/")[-1]: r[k] for k in r if k in (
+                  "timing/generate_hidden_s", "async/staleness") or "mismatch" in k or "is_" in k}} for r in rows]
+    return {"steps": steps, "startup_s": summary["startup_s"], "overrides": overrides,
+            "process_to_ready_s": before_run + outside_fit + summary["startup_s"],
+            "startup_parts": {k: v for k, v in summary.items() if k.startswith("startup/")}}
 
 
 def side_trl(s: Settings) -> dict:
+    import psutil
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -117,6 +128,7 @@ def side_trl(s: Settings) -> dict:
     import vs_trl_rewards
 
     start = time.perf_counter()
+    process_start = time.time() - psutil.Process().create_time()
     torch.manual_seed(s.seed)
     model = AutoModelForCausalLM.from_pretrained(s.model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(s.model_dir)
@@ -155,7 +167,8 @@ def side_trl(s: Settings) -> dict:
     steps = [{"step_s": t, "tokens": log["completions/mean_length"] * s.prompts * s.n,
               "reward": log["reward"], "length": log["completions/mean_length"]}
              for t, log in zip(timer.steps, timer.logs)]
-    return {"steps": steps, "startup_s": timer.train_begin - start}
+    return {"steps": steps, "startup_s": timer.train_begin - start, "threads": torch.get_num_threads(),
+            "process_to_ready_s": process_start + timer.train_begin - start}
 
 
 def side_parts(s: Settings) -> dict:
@@ -196,8 +209,8 @@ def side_parts(s: Settings) -> dict:
         ids[i, width - len(seq):], mask[i, width - len(seq):] = torch.tensor(seq), 1
     response = slice(width - s.max_new_tokens - 1, width - 1)
 
-    def token_logprobs(model):
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, response].float()
+    def token_logprobs(model):  # logits of the response positions only, as any trainer would ask
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=s.max_new_tokens + 1).logits[:, :-1].float()
         return torch.log_softmax(logits / s.temperature, -1).gather(-1, ids[:, response.start + 1:, None]).squeeze(-1)
 
     reference = AutoModelForCausalLM.from_pretrained(s.model_dir, dtype=dtype).eval()
@@ -256,7 +269,7 @@ def steady(result: dict) -> dict:
     out = {"step_s": total_s / len(rows), "tokens_per_s": sum(r["tokens"] for r in rows) / total_s,
            "length": sum(r["length"] for r in rows) / len(rows),
            "reward_first": result["steps"][0]["reward"], "reward_last": result["steps"][-1]["reward"]}
-    for phase in PHASES:
+    for phase in (*PHASES, "generate_hidden"):
         if f"{phase}_s" in rows[0]:
             out[f"{phase}_s"] = sum(r[f"{phase}_s"] for r in rows) / len(rows)
     return out
@@ -267,6 +280,7 @@ def summarize(s: Settings, results: dict) -> dict:
     for name in ("ours", "trl"):
         if name in results and "steps" in results[name]:
             summary[name] = {**steady(results[name]), "startup_s": results[name]["startup_s"],
+                             "process_to_ready_s": results[name]["process_to_ready_s"],
                              "wall_s": results[name]["wall_s"]}
     parts = results.get("parts", {})
     if "train_s" in parts:
@@ -284,12 +298,13 @@ def summarize(s: Settings, results: dict) -> dict:
 
 def print_table(s: Settings, summary: dict, title: str) -> None:
     print(f"\n{title}")
-    print(f"{'':<8}{'s/step':>9}{'tok/s':>9}{'len':>7}{'reward 1st->last':>20}{'start-up s':>12}")
+    print(f"{'':<8}{'s/step':>9}{'tok/s':>9}{'len':>7}{'reward 1st->last':>20}{'ready s':>9}{'(process)':>10}")
     for name in ("ours", "trl"):
         if name in summary:
             r = summary[name]
             print(f"{name:<8}{r['step_s']:>9.2f}{r['tokens_per_s']:>9.1f}{r['length']:>7.1f}"
-                  f"{r['reward_first']:>10.3f} -> {r['reward_last']:.3f}{r['startup_s']:>12.1f}")
+                  f"{r['reward_first']:>10.3f} -> {r['reward_last']:.3f}{r['startup_s']:>9.1f}"
+                  f"{r['process_to_ready_s']:>10.1f}")
     if "tokens_per_s_ratio" in summary:
         print(f"tokens/s ours / TRL: {summary['tokens_per_s_ratio']:.2f}x   "
               f"(step time TRL / ours: {summary['step_s_ratio']:.2f}x)")

@@ -312,6 +312,7 @@ def summarize(history: list[dict], first_eval: dict, last_eval: dict, startup: d
         "timing/step_s_mean": mean("timing/step_s", steps),
         "timing/sync_frac": mean("timing/sync_s", steps) / mean("timing/step_s", steps),
         "startup_s": startup["startup/total_s"],
+        **{key: value for key, value in startup.items() if key != "startup/total_s"},
         "total_s": total_s,
         "run_dir": str(run_dir),
     }

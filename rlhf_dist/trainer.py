@@ -137,12 +137,14 @@ class RLTrainer:
         if self.critics is not None:
             self.critics.wait(critic_refs, "critic start-up (DeepSpeed init)", cfg.critic.init_timeout_s)
         self.num_params = learner_info[0]["num_params"]
+        ready = time.perf_counter()
         self.weights = WeightSync(self.learners, self.engines, cfg.rollout, cl.device, cfg.learner.zero_stage)
         self.weights.prepare()
         self._write_placement()
         return {"startup/total_s": time.perf_counter() - start,
                 "startup/engine_init_s": max(e["init_s"] for e in engine_info),
-                "startup/learner_init_s": max(l["init_s"] for l in learner_info)}
+                "startup/learner_init_s": max(l["init_s"] for l in learner_info),
+                "startup/weight_sync_prepare_s": time.perf_counter() - ready}
 
     def _start_engines(self) -> ActorGroup:
         cfg, cl = self.cfg, self.cfg.cluster
