@@ -118,9 +118,17 @@ def test_tensor_parallel_shards_are_checked_against_the_matching_slices():
 def test_checksum_in_chunks_equals_the_one_shot_sum(monkeypatch):
     from rlhf_dist.distributed import checksum
 
+    def one_shot(tensor, modulus=65521):
+        bits = tensor.reshape(-1).view(torch.int32).to(torch.int64)
+        return int((bits * (torch.arange(bits.numel()) % modulus + 1)).sum())
+
+    big = torch.randn(checksum._CHUNK + 1000)  # two chunks with the real constants
+    assert checksum.tensor_checksum(big) == one_shot(big)
     weights = torch.randn(300, 7)
-    bits = weights.view(-1).view(torch.int32).to(torch.int64)
-    one_shot = int((bits * (torch.arange(bits.numel()) % 65521 + 1)).sum())
-    monkeypatch.setattr(checksum, "_CHUNK", 64)  # 33 chunks, the last one partial
-    assert checksum.tensor_checksum(weights) == one_shot
+    # a small modulus and chunk: 150 chunks, the last one partial, one shared weight vector
+    monkeypatch.setattr(checksum, "_MODULUS", 7)
+    monkeypatch.setattr(checksum, "_CHUNK", 14)
+    monkeypatch.setattr(checksum, "_WEIGHTS", {})
+    assert checksum.tensor_checksum(weights) == one_shot(weights, 7)
+    one_shot = one_shot(weights, 7)
     assert checksum.tensor_checksum(weights.t()) != one_shot  # a non-contiguous view is hashed in its own order

@@ -15,28 +15,35 @@ import torch
 _MODULUS = 65521  # largest prime below 2**16: position weights stay small
 
 
-_CHUNK = 1 << 20  # elements hashed at a time: the int64 temporaries stay ~16 MB for any tensor
+# elements hashed at a time: a multiple of the modulus, so every chunk starts at a position
+# weight of 1 and shares one precomputed weight vector (8 MB of int64 per device); the int64
+# temporaries stay ~16 MB for any tensor
+_CHUNK = 16 * _MODULUS
+_WEIGHTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _position_weights(device: torch.device) -> torch.Tensor:
+    if device not in _WEIGHTS:
+        _WEIGHTS[device] = torch.arange(_CHUNK, device=device, dtype=torch.int64) % _MODULUS + 1
+    return _WEIGHTS[device]
 
 
 def tensor_checksum(tensor: torch.Tensor) -> int:
-    """A position-weighted integer sum of the float32 bit patterns.
+    """A position-weighted integer sum of the float32 bit patterns: sum_i bits_i * (i mod 65521 + 1).
 
     Exact (bit-level: any changed bit changes the sum with overwhelming probability), order
     sensitive (a permutation changes it), computed on the tensor's device, and independent of the
     storage dtype as long as both sides up-cast to float32 (bf16 -> fp32 is exact).
     Integer overflow wraps identically on every device, so the result is deterministic.
-    Memory is bounded: the tensor is hashed in chunks of `_CHUNK` elements and nothing is cached
-    (inside an engine that has reserved its memory, a full int64 copy of a 1 GB embedding would
-    not fit).
+    Memory is bounded: the tensor is hashed in chunks of `_CHUNK` elements (inside an engine that
+    has reserved its memory, a full int64 copy of a 1 GB embedding would not fit).
     """
     flat = tensor.detach().reshape(-1)  # a copy only when the tensor is a non-contiguous slice
+    weights = _position_weights(flat.device)
     total = torch.zeros((), dtype=torch.int64, device=flat.device)
     for start in range(0, flat.numel(), _CHUNK):
         chunk = flat[start : start + _CHUNK]
-        bits = chunk.float().view(torch.int32).to(torch.int64)
-        weights = (torch.arange(start, start + chunk.numel(), device=flat.device, dtype=torch.int64)
-                   % _MODULUS + 1)
-        total += (bits * weights).sum()
+        total += (chunk.float().view(torch.int32).to(torch.int64) * weights[: chunk.numel()]).sum()
     return int(total.item())
 
 
