@@ -13,9 +13,10 @@ process, one after the other, so they never share the cores:
 
     ours   rlhf_dist's job (Ray, vLLM engine, reference actor, DeepSpeed ranks) via run_rl
     trl    trl.GRPOTrainer(use_cpu=True): HF generate, reference and training in one process
-    parts  the same work done by each library directly, one phase at a time: vLLM generating
-           the step's prompts, an HF forward over the sequences (reference), HF forward +
-           backward + AdamW step (train), an in-process vLLM weight reload (sync)
+    parts  the same work done by each library directly, one phase at a time, in two processes:
+           vLLM generating the step's prompts and reloading every weight in place (sync);
+           transformers running a forward over the step's sequences (reference) and forward +
+           backward + AdamW step (train)
 
 Fixed lengths (`--lengths fixed`, reward letter_a) make every response max_new_tokens long on
 both sides (vLLM ignore_eos, HF min_new_tokens), so both do the same work; natural lengths
@@ -171,55 +172,83 @@ def side_trl(s: Settings) -> dict:
             "process_to_ready_s": process_start + timer.train_begin - start}
 
 
-def side_parts(s: Settings) -> dict:
-    """Each phase of one step done directly by the libraries, in this process, all cores."""
+def _timed(fn, repeats=2):
+    """(fastest of `repeats` timed calls, the result); the first call warms up and is not timed."""
+    result, best = fn(), float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def _step_prompts(s: Settings, tokenizer) -> list[list[int]]:
+    return [tokenizer(r["prompt"])["input_ids"] for r in s.records()[: s.prompts]]
+
+
+def side_parts_engine(s: Settings) -> dict:
+    """vLLM alone (in this process, all cores): the step's generation, then an in-place reload of
+    every weight (the floor of a weight sync: no transport, no verification)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: reload below
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams, TokensPrompt
 
     from rlhf_dist.actors.vllm_worker import keep_cpu_linear_weights, refresh_cpu_gemm_handles
 
     keep_cpu_linear_weights()
-    dtype = getattr(torch, s.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(s.model_dir)
-    prompts = [tokenizer(r["prompt"])["input_ids"] for r in s.records()[: s.prompts]]
+    prompts = _step_prompts(s, AutoTokenizer.from_pretrained(s.model_dir))
     llm = LLM(model=s.model_dir, dtype=s.dtype, enforce_eager=True, gpu_memory_utilization=0.1,
               max_model_len=256 + s.max_new_tokens, seed=s.seed, enable_prefix_caching=False)
     params = SamplingParams(n=s.n, temperature=s.temperature, max_tokens=s.max_new_tokens,
                             ignore_eos=True, logprobs=0)
+    generate_s, outputs = _timed(lambda: llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                                                      params, use_tqdm=False))
+    dtype = getattr(torch, s.dtype)
+    weights = [(name, t.to(dtype)) for name, t in load_file(Path(s.model_dir, "model.safetensors")).items()]
 
-    def timed(fn, repeats=2):  # first call warms up; the fastest of `repeats` timed calls
-        result = fn()
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            result = fn()
-            best = min(best, time.perf_counter() - start)
-        return best, result
+    def reload(worker):
+        worker.model_runner.reload_weights(weights_iterator=iter(weights))
+        refresh_cpu_gemm_handles(worker.model_runner.model)
 
-    generate_s, outputs = timed(lambda: llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                                                     params, use_tqdm=False))
-    sequences = [list(p) + list(c.token_ids) for p, out in zip(prompts, outputs) for c in out.outputs]
+    sync_s, _ = _timed(lambda: llm.collective_rpc(reload))
+    return {"generate_s": generate_s, "sync_s": sync_s,
+            "tokens": sum(len(c.token_ids) for out in outputs for c in out.outputs)}
+
+
+def side_parts_hf(s: Settings) -> dict:
+    """transformers + torch alone (in this process, all cores): a reference forward over the
+    step's sequences, and a training step (forward, backward, AdamW) over the same tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(s.model_dir)
+    prompts = _step_prompts(s, tokenizer)
+    generator = torch.Generator().manual_seed(s.seed)
+    sequences = [p + torch.randint(3, len(tokenizer), (s.max_new_tokens,), generator=generator).tolist()
+                 for p in prompts for _ in range(s.n)]  # the step's shape: n responses per prompt
     width = max(map(len, sequences))
     ids = torch.full((len(sequences), width), tokenizer.pad_token_id)
     mask = torch.zeros_like(ids)
     for i, seq in enumerate(sequences):  # left-padded like a generation batch
         ids[i, width - len(seq):], mask[i, width - len(seq):] = torch.tensor(seq), 1
-    response = slice(width - s.max_new_tokens - 1, width - 1)
+    targets = ids[:, width - s.max_new_tokens:]  # (B, T)
+    dtype = getattr(torch, s.dtype)
 
     def token_logprobs(model):  # logits of the response positions only, as any trainer would ask
-        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=s.max_new_tokens + 1).logits[:, :-1].float()
-        return torch.log_softmax(logits / s.temperature, -1).gather(-1, ids[:, response.start + 1:, None]).squeeze(-1)
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=s.max_new_tokens + 1).logits
+        logprobs = torch.log_softmax(logits[:, :-1].float() / s.temperature, -1)  # (B, T, V)
+        return logprobs.gather(-1, targets[..., None]).squeeze(-1)
 
     reference = AutoModelForCausalLM.from_pretrained(s.model_dir, dtype=dtype).eval()
     with torch.no_grad():
-        reference_s, _ = timed(lambda: token_logprobs(reference))
+        reference_s, _ = _timed(lambda: token_logprobs(reference))
     del reference
     policy = AutoModelForCausalLM.from_pretrained(s.model_dir, dtype=dtype).train()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=s.lr)
-    advantages = torch.randn(len(sequences), 1)
+    advantages = torch.randn(len(sequences), 1, generator=generator)
 
     def train_step():
         loss = -(token_logprobs(policy) * advantages).mean()
@@ -228,20 +257,12 @@ def side_parts(s: Settings) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    train_s, _ = timed(train_step)
-    weights = [(name, p.detach()) for name, p in policy.named_parameters()]
-
-    def reload(worker):
-        worker.model_runner.reload_weights(weights_iterator=iter(weights))
-        refresh_cpu_gemm_handles(worker.model_runner.model)
-
-    sync_s, _ = timed(lambda: llm.collective_rpc(reload))
-    tokens = sum(len(c.token_ids) for out in outputs for c in out.outputs)
-    return {"generate_s": generate_s, "reference_s": reference_s, "train_s": train_s, "sync_s": sync_s,
-            "tokens": tokens, "sequences": len(sequences), "threads": torch.get_num_threads()}
+    train_s, _ = _timed(train_step)
+    return {"reference_s": reference_s, "train_s": train_s, "sequences": len(sequences),
+            "threads": torch.get_num_threads()}
 
 
-SIDES = {"ours": side_ours, "trl": side_trl, "parts": side_parts}
+SIDES = {"ours": side_ours, "trl": side_trl, "parts_engine": side_parts_engine, "parts_hf": side_parts_hf}
 
 
 # ---------------------------------------------------------------------------- driver
@@ -384,7 +405,10 @@ def main() -> None:
                                   **MODELS[args.model])
     s = Settings(model_dir=str(model_dir), lengths=args.lengths, steps=args.steps, dtype=args.dtype,
                  overrides=args.overrides)
-    results = {name: run_side(name, s) for name in args.sides.split(",")}
+    results = {}
+    for name in args.sides.split(","):  # each standalone part in its own process
+        results[name] = ({**run_side("parts_engine", s), **run_side("parts_hf", s)} if name == "parts"
+                         else run_side(name, s))
     summary = summarize(s, results)
     title = (f"vs TRL: {args.model} model, {s.prompts} prompts x {s.n} completions, <= {s.max_new_tokens} new "
              f"tokens ({args.lengths} lengths), {s.dtype}, {s.steps} steps, {os.cpu_count()} cores"
