@@ -20,7 +20,7 @@ import json
 import os
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -45,27 +45,14 @@ from rlhf_dist.algo import (
     masked_whiten,
 )
 from rlhf_dist.config import critic_micro_batch_size, old_logprobs_source, uses_critic, uses_reference
-from rlhf_dist.data.batch import Batch, collate_rollouts, shard_minibatches, split_evenly
+from rlhf_dist.data.batch import Batch, collate_rollouts, shard_minibatches
 from rlhf_dist.data.prompts import PromptSampler
 from rlhf_dist.errors import ActorDiedError, NonFiniteLossError, RewardSamplesFailedError, RlhfDistError
 from rlhf_dist.monitor import RunMonitor
+from rlhf_dist.rollout_pipeline import Rollout, RolloutPipeline
 
 # metrics that each rank computes as its share of a global-normalised sum: summed over ranks
 _ADDITIVE = ("loss/", "kl/loss_term", "entropy/", "critic/value_loss")
-
-
-@dataclass
-class Rollout:
-    """One step's batch on its way: prompts drawn, generation launched, then collected."""
-
-    step: int
-    records: list[dict]
-    sampler_state: dict  # the sampler before these prompts were drawn (what a checkpoint saves)
-    version: int  # the engines' weight version (RLTrainer.policy_version) when it was launched
-    launched: dict | None  # launch_generate's refs; None once collected
-    samples: list[dict] = field(default_factory=list)
-    sample_records: list[dict] = field(default_factory=list)  # the record each sample answers
-    engine_s: float = 0.0  # seconds the slowest engine spent generating it
 
 
 class RLTrainer:
@@ -84,7 +71,16 @@ class RLTrainer:
         # weight versions (updates applied since start-up) of the learner and of the engines; a
         # rollout records the engines' at launch, so staleness = policy_version - rollout.version
         self.policy_version = self.engine_version = 0
-        self.prefetched: Rollout | None = None  # async_rollout: the next step's batch, generated
+        self.rollouts: RolloutPipeline | None = None  # phase 1 (rlhf_dist.rollout_pipeline), from start()
+
+    @property
+    def prefetched(self) -> Rollout | None:
+        """async_rollout: the next step's batch, already generated (None when there is none)."""
+        return self.rollouts.prefetched if self.rollouts is not None else None
+
+    @prefetched.setter
+    def prefetched(self, rollout: Rollout | None) -> None:
+        self.rollouts.prefetched = rollout
 
     # ------------------------------------------------------------------ start-up
     def start(self) -> dict[str, float]:
@@ -94,6 +90,11 @@ class RLTrainer:
         # model dirs go to actors on other nodes through Ray unless under cluster.shared_dir
         self.model = model_dir(self.model_path, cl.shared_dir, cl.ship_models)
         self.engines = self._start_engines()
+        ro = cfg.rollout
+        self.rollouts = RolloutPipeline(
+            self.engines, self.tokenizer, self.sampler, ro.n_samples_per_prompt, ro.temperature, ro.top_p,
+            ro.max_new_tokens, ro.seed, ro.init_timeout_s, recover=self.with_engine_recovery,
+            engine_version=lambda: self.engine_version)
         seqs = cfg.trainer.prompts_per_step * cfg.rollout.n_samples_per_prompt
         optimizer_steps = cfg.trainer.total_steps * cfg.algo.ppo_epochs * (seqs // cfg.learner.mini_batch_size)
         common = dict(mini_batch_size=cfg.learner.mini_batch_size, total_optimizer_steps=optimizer_steps,
@@ -179,38 +180,7 @@ class RLTrainer:
     def generate(self, records: list[dict], n: int, temperature: float,
                  step: int | None = None) -> tuple[list[dict], list[dict]]:
         """Split prompts across engines; returns (samples, the record each sample answers)."""
-        samples, sample_records, _ = self.collect_generate(self.launch_generate(records, n, temperature, step))
-        return samples, sample_records
-
-    def launch_generate(self, records: list[dict], n: int, temperature: float,
-                        step: int | None = None) -> dict[str, Any]:
-        """Start sampling on the engines (prompts split across them); `collect_generate` waits.
-
-        RL steps sample with one seed per prompt derived from (rollout.seed, step, position), so a
-        step's samples do not depend on the engine's history (a resumed run repeats them).
-        """
-        ro = self.cfg.rollout
-        prompt_ids = [self.tokenizer(r["prompt"])["input_ids"] for r in records]
-        parts = split_evenly(list(range(len(records))), len(self.engines))
-        seeds = ([(ro.seed * 1_000_003 + step * 100_003 + i) % 2**31 for i in range(len(records))]
-                 if step is not None else None)
-        refs = self.engines.call_each("generate", [
-            ([prompt_ids[i] for i in part], n, temperature, ro.top_p, ro.max_new_tokens,
-             [seeds[i] for i in part] if seeds else None) for part in parts])
-        refs += self.engines.call_each("last_generate_s", [() for _ in parts])  # queued behind generate
-        return {"records": records, "n": n, "prompt_ids": prompt_ids, "parts": parts, "refs": refs}
-
-    def collect_generate(self, launched: dict[str, Any]) -> tuple[list[dict], list[dict], float]:
-        """Wait for `launch_generate`: (samples, the record each sample answers, seconds the
-        slowest engine spent generating)."""
-        parts, n, prompt_ids = launched["parts"], launched["n"], launched["prompt_ids"]
-        names = self.engines.names[: len(parts)]
-        results = wait_all(launched["refs"], names * 2, "generate", self.cfg.rollout.init_timeout_s)
-        samples = [s for engine_samples in results[: len(parts)] for s in engine_samples]
-        order = [i for part in parts for i in part for _ in range(n)]  # prompt-major, G contiguous
-        for sample, i in zip(samples, order):
-            sample["prompt_ids"] = prompt_ids[i]
-        return samples, [launched["records"][i] for i in order], max(results[len(parts):])
+        return self.rollouts.generate(records, n, temperature, step)
 
     def score(self, batch: Batch, records: list[dict], texts: list[str]) -> None:
         """Phase 2: rewards, reference logprobs, critic values and old logprobs, all in flight."""
@@ -374,7 +344,7 @@ class RLTrainer:
         collective sync begun while it still generates could run out its deadline)."""
         cfg, t0 = self.cfg, time.perf_counter()
         # 1. generate (async: already done, by the engines' weights of one update ago)
-        rollout = self._take_prefetched(step) or self._collect_rollout(self._launch_rollout(step))
+        rollout = self.rollouts.for_step(step)
         samples, sample_records = rollout.samples, rollout.sample_records
         batch = collate_rollouts([s["prompt_ids"] for s in samples], [s["token_ids"] for s in samples],
                                  [s["logprobs"] for s in samples], self.tokenizer.pad_token_id)
@@ -383,7 +353,7 @@ class RLTrainer:
         if staleness > cfg.trainer.max_staleness:  # one batch in flight keeps it <= 1
             raise RlhfDistError(f"step {step}: batch {staleness} updates stale, above trainer.max_staleness="
                                 f"{cfg.trainer.max_staleness}; the prefetch logic has a bug.")
-        ahead = (self._launch_rollout(step + 1)  # the last step launches nothing nobody would consume
+        ahead = (self.rollouts.launch(step + 1)  # the last step launches nothing nobody would consume
                  if cfg.trainer.async_rollout and step < cfg.trainer.total_steps else None)
         t1 = time.perf_counter()
         # 2. score (+ reference logprobs, critic values, old logprobs)
@@ -393,7 +363,7 @@ class RLTrainer:
         except RewardSamplesFailedError as err:  # reward.fallback_score=null: skip this step
             self.skipped_steps += 1
             self.monitor.print(f"[skip] step {step}: {err}")
-            self.prefetched = ahead and self._collect_rollout(ahead)  # no update: nothing to sync
+            self.rollouts.collect_ahead(ahead)  # no update: nothing to sync
             return {"faults/skipped_steps": float(self.skipped_steps)}
         t2 = time.perf_counter()
         # 3. advantages
@@ -402,7 +372,7 @@ class RLTrainer:
         train_metrics = self.train_or_skip(batch, step, staleness)
         t3 = time.perf_counter()
         if ahead is not None:  # async: the next batch must be done before the engines take weights
-            self.prefetched = self._collect_rollout(ahead)
+            self.rollouts.collect_ahead(ahead)
         waited = time.perf_counter()
         # 5. sync
         sync_metrics = self.with_engine_recovery("weight sync", self.sync_weights)
@@ -425,36 +395,6 @@ class RLTrainer:
             self.monitor.log_samples(step, _sample_rows(sample_records, texts, batch["rewards"],
                                                         cfg.logger.num_samples))
         return metrics
-
-    def _launch_rollout(self, step: int) -> Rollout:
-        """Draw the step's prompts and start generating them with the engines' current weights."""
-        ro, sampler_state = self.cfg.rollout, self.sampler.state_dict()
-        records = self.sampler.next_batch()
-        launched = self.launch_generate(records, ro.n_samples_per_prompt, ro.temperature, step)
-        return Rollout(step, records, sampler_state, self.engine_version, launched)
-
-    def _collect_rollout(self, rollout: Rollout) -> Rollout:
-        """Wait for its generation. A dead engine is replaced and given the learner's current weights
-        (with_engine_recovery), and the generation relaunched with them: same prompts, same seeds."""
-        ro = self.cfg.rollout
-
-        def collect():
-            if rollout.launched is None:  # after an engine restart
-                rollout.launched = self.launch_generate(rollout.records, ro.n_samples_per_prompt,
-                                                        ro.temperature, rollout.step)
-                rollout.version = self.engine_version
-            launched, rollout.launched = rollout.launched, None
-            return self.collect_generate(launched)
-
-        rollout.samples, rollout.sample_records, rollout.engine_s = self.with_engine_recovery("generate", collect)
-        return rollout
-
-    def _take_prefetched(self, step: int) -> Rollout | None:
-        rollout, self.prefetched = self.prefetched, None
-        if rollout is not None and rollout.step != step:  # steps run out of order (tests): draw anew
-            self.sampler.load_state_dict(rollout.sampler_state)
-            return None
-        return rollout
 
     def _step_metrics(self, batch: Batch, samples: list[dict], timing: dict[str, float]) -> dict[str, float]:
         rewards, lengths = batch["rewards"], batch["response_mask"].sum(-1)
@@ -550,10 +490,7 @@ class RLTrainer:
         return int(state["step"])
 
     def state_dict(self, step: int) -> dict[str, Any]:
-        # with a batch prefetched (async), the sampler as it was before drawing it: a resumed run
-        # draws the same prompts, but generates them with the checkpoint's (newer) weights
-        sampler = self.prefetched.sampler_state if self.prefetched else self.sampler.state_dict()
-        return {"step": step, "sampler": sampler, "generator": self.generator.get_state(),
+        return {"step": step, "sampler": self.rollouts.sampler_state(), "generator": self.generator.get_state(),
                 "kl_ctl": self.kl_ctl.state_dict(), "reward": self.reward.run("state_dict", timeout_s=60)[0],
                 "wandb_id": self.monitor.wandb_id or "", "bad_steps": self.bad_steps}
 
