@@ -16,24 +16,17 @@ the loss's truncated importance weights (algo.tis_cap) correct for that.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import zlib
-from dataclasses import asdict
 from typing import Any
 
 import torch
 
-from rlhf_dist.actors.cpu import parse_cores, vllm_binding
-from rlhf_dist.actors.critic import CriticActor
-from rlhf_dist.actors.ds_group import DSGroupSpec, merge_rank_metrics, start_ds_group
-from rlhf_dist.actors.files import current_node_id, model_dir
-from rlhf_dist.actors.group import ActorGroup, wait_all
-from rlhf_dist.actors.learner import LearnerActor
-from rlhf_dist.actors.reference import ReferenceActor
-from rlhf_dist.actors.reward import RewardActor
-from rlhf_dist.actors.rollout import RolloutActor
+from rlhf_dist.actors import launcher
+from rlhf_dist.actors.ds_group import merge_rank_metrics
+from rlhf_dist.actors.files import model_dir
+from rlhf_dist.actors.group import ActorGroup, actors_rss_mb, wait_all
 from rlhf_dist.actors.weight_sync import WeightSync
 from rlhf_dist.algo import (
     compute_advantages,
@@ -84,97 +77,43 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ start-up
     def start(self) -> dict[str, float]:
-        """Create every actor group; engines, reference, learners and critics load concurrently."""
-        cfg, cl = self.cfg, self.cfg.cluster
+        """Create every actor group (rlhf_dist.actors.launcher), then wait for them: engines,
+        reference, learners and critics load concurrently."""
+        cfg, cl, ro = self.cfg, self.cfg.cluster, self.cfg.rollout
         start = time.perf_counter()
         # model dirs go to actors on other nodes through Ray unless under cluster.shared_dir
         self.model = model_dir(self.model_path, cl.shared_dir, cl.ship_models)
-        self.engines = self._start_engines()
-        ro = cfg.rollout
+        self.engines = launcher.start_engines(cfg, self.model)
         self.rollouts = RolloutPipeline(
             self.engines, self.tokenizer, self.sampler, ro.n_samples_per_prompt, ro.temperature, ro.top_p,
             ro.max_new_tokens, ro.seed, ro.init_timeout_s, recover=self.with_engine_recovery,
             engine_version=lambda: self.engine_version)
-        seqs = cfg.trainer.prompts_per_step * cfg.rollout.n_samples_per_prompt
-        optimizer_steps = cfg.trainer.total_steps * cfg.algo.ppo_epochs * (seqs // cfg.learner.mini_batch_size)
-        common = dict(mini_batch_size=cfg.learner.mini_batch_size, total_optimizer_steps=optimizer_steps,
-                      device=cl.device, backend=cfg.learner.backend, bf16=cfg.model.dtype == "bfloat16",
-                      gradient_checkpointing=cfg.model.gradient_checkpointing,
-                      placement_timeout_s=cl.placement_timeout_s, init_timeout_s=cfg.learner.init_timeout_s,
-                      shared_dir=cl.shared_dir, ship_models=cl.ship_models, seed=cfg.trainer.seed,
-                      cpu_cores=parse_cores(cl.learner_cores))
-        self.learners, init_refs = start_ds_group("learner", LearnerActor, self.model, DSGroupSpec(
-            cfg.learner.world_size, cfg.learner.zero_stage, cfg.learner.micro_batch_size,
-            optim=asdict(cfg.learner.optim), num_cpus=cl.cpus_per_learner, num_gpus=cl.gpus_per_learner,
-            resources=dict(cl.learner_resources or {}), **common))
-        rw = cfg.reward
-        self.reward = ActorGroup("reward", RewardActor, 1, cl.cpus_per_aux, cl.gpus_per_aux,
-                                 cl.placement_timeout_s, [dict(
-                                     fn_spec=self.reward_spec,
-                                     model_path=model_dir(rw.model.path, cl.shared_dir, cl.ship_models),
-                                     fn_weight=rw.fn_weight, model_weight=rw.model_weight,
-                                     normalize=rw.normalize, clip=rw.clip,
-                                     batch_size=rw.model.batch_size, device=cl.device,
-                                     fallback_score=rw.fallback_score)],
-                                 resources=dict(cl.aux_resources or {}))
+        self.learners, init_refs = launcher.start_learners(cfg, self.model)
+        self.reward = launcher.start_reward(cfg, self.reward_spec)
         if self.use_reference:
-            self.reference = ActorGroup(
-                "reference", ReferenceActor, 1, cl.cpus_per_aux, cl.gpus_per_aux,
-                cl.placement_timeout_s,
-                [dict(model_path=self.model, dtype=cfg.model.dtype, device=cl.device,
-                      cpu_cores=parse_cores(cl.learner_cores))], resources=dict(cl.aux_resources or {}))
+            self.reference = launcher.start_reference(cfg, self.model)
         if self.use_critic:
-            self.critics, critic_refs = start_ds_group(
-                "critic", CriticActor, cfg.critic.model_path or self.model, DSGroupSpec(
-                    cfg.critic.world_size, cfg.critic.zero_stage, critic_micro_batch_size(cfg),
-                    optim=asdict(cfg.critic.optim), num_cpus=cl.cpus_per_critic,
-                    num_gpus=cl.gpus_per_critic, resources=dict(cl.critic_resources or {}), **common))
-        engine_info = _wait_ready(self.engines, cfg.rollout.init_timeout_s)
-        _wait_ready(self.reward, 120.0)
+            self.critics, critic_refs = launcher.start_critics(cfg, self.model)
+        engine_info = launcher.wait_ready(self.engines, ro.init_timeout_s)
+        launcher.wait_ready(self.reward, 120.0)
         if self.reference is not None:
-            _wait_ready(self.reference, cfg.learner.init_timeout_s)
+            launcher.wait_ready(self.reference, cfg.learner.init_timeout_s)
         learner_info = self.learners.wait(init_refs, "learner start-up (DeepSpeed init)",
                                           cfg.learner.init_timeout_s)
         if self.critics is not None:
             self.critics.wait(critic_refs, "critic start-up (DeepSpeed init)", cfg.critic.init_timeout_s)
         self.num_params = learner_info[0]["num_params"]
         ready = time.perf_counter()
-        self.weights = WeightSync(self.learners, self.engines, cfg.rollout, cl.device, cfg.learner.zero_stage)
+        self.weights = WeightSync(self.learners, self.engines, ro, cl.device, cfg.learner.zero_stage)
         self.weights.prepare()
-        self._write_placement()
+        launcher.write_placement(os.path.join(cfg.trainer.run_dir, "actors.json"), self._groups())
         return {"startup/total_s": time.perf_counter() - start,
                 "startup/engine_init_s": max(e["init_s"] for e in engine_info),
                 "startup/learner_init_s": max(l["init_s"] for l in learner_info),
                 "startup/weight_sync_prepare_s": time.perf_counter() - ready}
 
-    def _start_engines(self) -> ActorGroup:
-        cfg, cl = self.cfg, self.cfg.cluster
-        num_engines = cfg.rollout.num_engines
-        tp, cores = cfg.rollout.tensor_parallel_size, parse_cores(cl.engine_cores)
-        # vLLM's auto-binding gives each CPU worker its own NUMA node: one engine worker only
-        bind = vllm_binding(cores, tp, num_engines == 1 and tp == 1) if cl.device == "cpu" else "auto"
-        engine_kwargs = dict(
-            model_path=self.model, dtype=cfg.rollout.dtype,
-            max_model_len=cfg.rollout.max_new_tokens + cfg.task.max_prompt_len,
-            tensor_parallel_size=cfg.rollout.tensor_parallel_size,
-            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-            kv_cache_gb=cfg.rollout.kv_cache_gb, enforce_eager=cfg.rollout.enforce_eager,
-            device=cl.device, cpu_threads_bind=bind, cpu_cores=cores,
-            threads_share=tp * (num_engines if cores is None else 1), sync_transport=cfg.rollout.sync_transport,
-            sleep_level=cfg.rollout.sleep_level, ignore_eos=cfg.rollout.ignore_eos)
-        return ActorGroup(
-            "rollout", RolloutActor, num_engines, cl.cpus_per_engine, cl.gpus_per_engine,
-            cl.placement_timeout_s,
-            [dict(engine_kwargs, seed=cfg.rollout.seed + i) for i in range(num_engines)],
-            resources=dict(cl.engine_resources or {}))
-
-    def _write_placement(self) -> None:
-        """run_dir/actors.json: the node of every actor and of the driver (multi-node checks)."""
-        groups = [self.engines, self.learners, self.reward, self.reference, self.critics]
-        placement = {"driver_node_id": current_node_id(),
-                     "actors": [row for g in groups if g is not None for row in g.placement()]}
-        with open(os.path.join(self.cfg.trainer.run_dir, "actors.json"), "w") as f:
-            json.dump(placement, f, indent=1)
+    def _groups(self) -> list[ActorGroup | None]:
+        return [self.engines, self.learners, self.reward, self.reference, self.critics]
 
     # ------------------------------------------------------------------ phases
     def generate(self, records: list[dict], n: int, temperature: float,
@@ -442,11 +381,8 @@ class RLTrainer:
         """Resident memory of the driver and every actor process, in MB (memory/<actor>_rss_mb)."""
         import psutil
 
-        groups = [g for g in (self.engines, self.learners, self.reward, self.reference, self.critics) if g]
-        refs = [a.__ray_call__.remote(_rss_mb) for g in groups for a in g.actors]
-        names = [n for g in groups for n in g.names]
-        values = wait_all(refs, names, "memory probe", 60)
-        metrics = {f"memory/{n.replace('[', '').replace(']', '')}_rss_mb": v for n, v in zip(names, values)}
+        rss = actors_rss_mb([g for g in self._groups() if g])
+        metrics = {f"memory/{n.replace('[', '').replace(']', '')}_rss_mb": v for n, v in rss.items()}
         metrics["memory/driver_rss_mb"] = psutil.Process().memory_info().rss / 2**20
         return metrics
 
@@ -509,19 +445,6 @@ class RLTrainer:
                     actors.kill()
                 except Exception:  # noqa: BLE001 - best-effort cleanup after a failure
                     pass
-
-
-def _rss_mb(actor) -> float:
-    """Run inside an actor (`__ray_call__`): its process's resident memory, children included
-    (a tensor-parallel engine's worker processes)."""
-    import psutil
-
-    proc = psutil.Process()
-    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
-
-
-def _wait_ready(group: ActorGroup, timeout_s: float) -> list:
-    return group.wait(group.call("ready"), f"{group.name} start-up", timeout_s)
 
 
 def _sample_rows(records: list[dict], texts: list[str], rewards: torch.Tensor, num: int) -> list[dict[str, Any]]:
