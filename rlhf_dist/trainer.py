@@ -284,7 +284,7 @@ class RLTrainer:
         cfg, t0 = self.cfg, time.perf_counter()
         # 1. generate (async: already done, by the engines' weights of one update ago)
         rollout = self.rollouts.for_step(step)
-        samples, sample_records = rollout.samples, rollout.sample_records
+        samples = rollout.samples
         batch = collate_rollouts([s["prompt_ids"] for s in samples], [s["token_ids"] for s in samples],
                                  [s["logprobs"] for s in samples], self.tokenizer.pad_token_id)
         self.weights.sleep_engines()  # rollout.sleep_level > 0 (GPU): free engine memory until the sync
@@ -296,9 +296,8 @@ class RLTrainer:
                  if cfg.trainer.async_rollout and step < cfg.trainer.total_steps else None)
         t1 = time.perf_counter()
         # 2. score (+ reference logprobs, critic values, old logprobs)
-        texts = [s["text"] for s in samples]
         try:
-            self.score(batch, sample_records, texts)
+            self.score(batch, rollout.sample_records, [s["text"] for s in samples])
         except RewardSamplesFailedError as err:  # reward.fallback_score=null: skip this step
             self.skipped_steps += 1
             self.monitor.print(f"[skip] step {step}: {err}")
@@ -322,24 +321,19 @@ class RLTrainer:
         if cfg.trainer.async_rollout:  # the next batch's generation time that scoring and training hid
             timing["timing/generate_hidden_s"] = max(0.0, ahead.engine_s - (waited - t3)) if ahead else 0.0
             timing["async/staleness"] = float(staleness)
-        metrics = self._step_metrics(batch, samples, timing)
-        # which prompts this step drew (a resumed run must draw the same ones)
-        metrics["faults/engine_restarts"] = float(self.engines.restarts)
-        metrics["data/prompt_crc"] = float(zlib.crc32("\n".join(r["prompt"] for r in rollout.records).encode()))
-        for part in (batch.meta, advantage_metrics, train_metrics, sync_metrics):  # batch.meta: reward parts
-            metrics.update(part)
-        if cfg.logger.memory_every and (step == 1 or step % cfg.logger.memory_every == 0):
-            metrics.update(self.memory())
-        if step == 1 or step % cfg.logger.sample_every == 0:
-            self.monitor.log_samples(step, _sample_rows(sample_records, texts, batch["rewards"],
-                                                        cfg.logger.num_samples))
-        return metrics
+        return self._step_metrics(step, rollout, batch, timing,
+                                  [batch.meta, advantage_metrics, train_metrics, sync_metrics])
 
-    def _step_metrics(self, batch: Batch, samples: list[dict], timing: dict[str, float]) -> dict[str, float]:
+    def _step_metrics(self, step: int, rollout: Rollout, batch: Batch, timing: dict[str, float],
+                      parts: list[dict[str, float]]) -> dict[str, float]:
+        """Rewards, lengths, timing, faults, then each phase's own metrics (`parts`; batch.meta: the
+        reward's parts); every logger.memory_every steps each process's memory. Every
+        logger.sample_every steps a few samples go to the monitor."""
+        cfg, samples = self.cfg, rollout.samples
         rewards, lengths = batch["rewards"], batch["response_mask"].sum(-1)
-        group = rewards.view(-1, self.cfg.rollout.n_samples_per_prompt)
+        group = rewards.view(-1, cfg.rollout.n_samples_per_prompt)
         truncated = sum(s["finish_reason"] == "length" for s in samples) / len(samples)
-        return {
+        metrics = {
             "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
             "reward/max": rewards.max().item(), "reward/min": rewards.min().item(),
             "reward/frac_groups_all_equal": (group.std(-1) == 0).float().mean().item(),
@@ -347,7 +341,19 @@ class RLTrainer:
             "response/truncated_frac": truncated,
             **timing,
             "throughput/tokens_per_s": lengths.sum().item() / timing["timing/step_s"],
+            "faults/engine_restarts": float(self.engines.restarts),
+            # which prompts this step drew (a resumed run must draw the same ones)
+            "data/prompt_crc": float(zlib.crc32("\n".join(r["prompt"] for r in rollout.records).encode())),
         }
+        for part in parts:
+            metrics.update(part)
+        if cfg.logger.memory_every and (step == 1 or step % cfg.logger.memory_every == 0):
+            metrics.update(self.memory())
+        if step == 1 or step % cfg.logger.sample_every == 0:
+            texts = [s["text"] for s in samples]
+            self.monitor.log_samples(step, _sample_rows(rollout.sample_records, texts, rewards,
+                                                        cfg.logger.num_samples))
+        return metrics
 
     # ------------------------------------------------------------------ eval
     def evaluate(self, step: int) -> dict[str, float]:
