@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from rlhf_dist import checkpoint
 from rlhf_dist.actors import launcher
 from rlhf_dist.actors.ds_group import merge_rank_metrics
 from rlhf_dist.actors.files import model_dir
@@ -394,22 +395,13 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int, root: str) -> str:
-        """Everything a resumed run needs, written so the directory is complete or absent.
-
-        Every learner (and critic) rank writes its DeepSpeed state (weights, optimizer moments,
-        LR schedule); rank 0 also the HF weights; the driver its own state. See rlhf_dist/checkpoint.py.
-        """
-        from rlhf_dist import checkpoint
-
-        start, timeout = time.perf_counter(), self.cfg.learner.step_timeout_s
-        partial = checkpoint.begin(root, step)
-        groups = [("policy", self.learners)] + ([("critic", self.critics)] if self.critics else [])
-        for name, group in groups:
-            group.run("save_state", str(partial / f"{name}_ds"), timeout_s=timeout)
-            group.run("save_pretrained", str(partial / name), timeout_s=timeout)
-        torch.save(self.state_dict(step), partial / "driver.pt")
-        final = checkpoint.commit(partial, step, {"algo": self.cfg.algo.name, "groups": [n for n, _ in groups]})
-        checkpoint.prune(root, self.cfg.trainer.keep_last)
+        """Everything a resumed run needs, written so the directory is complete or absent: every
+        learner (and critic) rank's DeepSpeed state, rank 0's HF weights, the driver's state_dict.
+        See rlhf_dist/checkpoint.py."""
+        start = time.perf_counter()
+        final = checkpoint.save(root, step, self._ds_groups(), lambda: self.state_dict(step),
+                                {"algo": self.cfg.algo.name}, self.cfg.trainer.keep_last,
+                                self.cfg.learner.step_timeout_s)
         self.monitor.print(f"[checkpoint] step {step} -> {final} ({time.perf_counter() - start:.1f}s)")
         return str(final)
 
@@ -418,18 +410,16 @@ class RLTrainer:
 
         The engines then get the restored weights by a normal (verified) sync.
         """
-        from pathlib import Path
-
-        timeout, path = self.cfg.learner.step_timeout_s, Path(path)
-        groups = [("policy", self.learners)] + ([("critic", self.critics)] if self.critics else [])
-        for name, group in groups:
-            group.run("load_state", str(path / f"{name}_ds"), timeout_s=timeout)
-        state = torch.load(path / "driver.pt", weights_only=True)
+        state = checkpoint.load(path, self._ds_groups(), self.cfg.learner.step_timeout_s)
         self.load_state_dict(state)
         self.prefetched = None
         self.weights.sync()
         self.engine_version = self.policy_version
         return int(state["step"])
+
+    def _ds_groups(self) -> list[tuple[str, ActorGroup]]:
+        """The DeepSpeed groups a checkpoint holds, by directory name."""
+        return [("policy", self.learners)] + ([("critic", self.critics)] if self.critics else [])
 
     def state_dict(self, step: int) -> dict[str, Any]:
         return {"step": step, "sampler": self.rollouts.sampler_state(), "generator": self.generator.get_state(),
