@@ -26,9 +26,7 @@ import torch
 from rlhf_dist import checkpoint
 from rlhf_dist.actors import launcher
 from rlhf_dist.actors.ds_group import merge_rank_metrics
-from rlhf_dist.actors.files import model_dir
 from rlhf_dist.actors.group import ActorGroup, actors_rss_mb, wait_all
-from rlhf_dist.actors.weight_sync import WeightSync
 from rlhf_dist.algo import (
     compute_advantages,
     explained_variance,
@@ -61,7 +59,7 @@ class RLTrainer:
         self.history: list[dict[str, float]] = []
         self.bad_steps = self.bad_in_a_row = 0  # updates skipped for a non-finite loss/gradient
         self.skipped_steps = 0  # steps skipped because reward.fn raised (reward.fallback_score=null)
-        self.reference = self.critics = None
+        self.engines = self.learners = self.reward = self.reference = self.critics = None  # start()
         # weight versions (updates applied since start-up) of the learner and of the engines; a
         # rollout records the engines' at launch, so staleness = policy_version - rollout.version
         self.policy_version = self.engine_version = 0
@@ -78,40 +76,19 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ start-up
     def start(self) -> dict[str, float]:
-        """Create every actor group (rlhf_dist.actors.launcher), then wait for them: engines,
-        reference, learners and critics load concurrently."""
-        cfg, cl, ro = self.cfg, self.cfg.cluster, self.cfg.rollout
-        start = time.perf_counter()
-        # model dirs go to actors on other nodes through Ray unless under cluster.shared_dir
-        self.model = model_dir(self.model_path, cl.shared_dir, cl.ship_models)
-        self.engines = launcher.start_engines(cfg, self.model)
+        """Create every actor group and wait until all are ready (rlhf_dist.actors.launcher);
+        returns the start-up timings."""
+        actors = launcher.start_rl_actors(self.cfg, self.model_path, self.reward_spec,
+                                          self.use_reference, self.use_critic)
+        self.model, self.weights, self.num_params = actors.model, actors.weights, actors.num_params
+        self.engines, self.learners, self.reward = actors.engines, actors.learners, actors.reward
+        self.reference, self.critics = actors.reference, actors.critics
+        ro = self.cfg.rollout
         self.rollouts = RolloutPipeline(
             self.engines, self.tokenizer, self.sampler, ro.n_samples_per_prompt, ro.temperature, ro.top_p,
             ro.max_new_tokens, ro.seed, ro.init_timeout_s, recover=self.with_engine_recovery,
             engine_version=lambda: self.engine_version)
-        self.learners, init_refs = launcher.start_learners(cfg, self.model)
-        self.reward = launcher.start_reward(cfg, self.reward_spec)
-        if self.use_reference:
-            self.reference = launcher.start_reference(cfg, self.model)
-        if self.use_critic:
-            self.critics, critic_refs = launcher.start_critics(cfg, self.model)
-        engine_info = launcher.wait_ready(self.engines, ro.init_timeout_s)
-        launcher.wait_ready(self.reward, 120.0)
-        if self.reference is not None:
-            launcher.wait_ready(self.reference, cfg.learner.init_timeout_s)
-        learner_info = self.learners.wait(init_refs, "learner start-up (DeepSpeed init)",
-                                          cfg.learner.init_timeout_s)
-        if self.critics is not None:
-            self.critics.wait(critic_refs, "critic start-up (DeepSpeed init)", cfg.critic.init_timeout_s)
-        self.num_params = learner_info[0]["num_params"]
-        ready = time.perf_counter()
-        self.weights = WeightSync(self.learners, self.engines, ro, cl.device, cfg.learner.zero_stage)
-        self.weights.prepare()
-        launcher.write_placement(os.path.join(cfg.trainer.run_dir, "actors.json"), self._groups())
-        return {"startup/total_s": time.perf_counter() - start,
-                "startup/engine_init_s": max(e["init_s"] for e in engine_info),
-                "startup/learner_init_s": max(l["init_s"] for l in learner_info),
-                "startup/weight_sync_prepare_s": time.perf_counter() - ready}
+        return actors.timings
 
     def _groups(self) -> list[ActorGroup | None]:
         return [self.engines, self.learners, self.reward, self.reference, self.critics]
@@ -434,13 +411,8 @@ class RLTrainer:
         self.reward.run("load_state_dict", state["reward"], timeout_s=60)
 
     def shutdown(self) -> None:
-        for group in ("engines", "learners", "reward", "reference", "critics"):
-            actors = getattr(self, group, None)
-            if actors is not None:
-                try:
-                    actors.kill()
-                except Exception:  # noqa: BLE001 - best-effort cleanup after a failure
-                    pass
+        """Kill every actor group started (best effort, also after a failure)."""
+        launcher.kill_all(self._groups())
 
 
 def _sample_rows(records: list[dict], texts: list[str], rewards: torch.Tensor, num: int) -> list[dict[str, Any]]:

@@ -1,16 +1,18 @@
-"""Creating the actor groups of an RL run from its config: rollout engines, policy learner ranks,
-reward, reference and critic ranks.
+"""Starting the actor groups of an RL run from its config: rollout engines, policy learner ranks,
+reward, reference and critic ranks, and the weight sync between learners and engines.
 
 This is where the config becomes actor arguments. Each `start_*` returns once the group's actors
-exist; they load their models in their own processes, so the trainer creates every group first and
-then waits for them (`wait_ready`, and the DeepSpeed init refs `start_ds_group` returns), letting
+exist; they load their models in their own processes, so `start_rl_actors` creates every group
+first and then waits for them (`wait_ready`, and the DeepSpeed init refs `start_ds_group` returns):
 engines, reference, learners and critics load concurrently.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+import os
+import time
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 from rlhf_dist.actors.cpu import parse_cores, vllm_binding
@@ -22,7 +24,62 @@ from rlhf_dist.actors.learner import LearnerActor
 from rlhf_dist.actors.reference import ReferenceActor
 from rlhf_dist.actors.reward import RewardActor
 from rlhf_dist.actors.rollout import RolloutActor
+from rlhf_dist.actors.weight_sync import WeightSync
 from rlhf_dist.config import critic_micro_batch_size
+
+
+@dataclass
+class RLActors:
+    """The actor groups of an RL run, every one ready, and the weight sync prepared."""
+
+    model: ModelDir  # the policy's model dir, as the actors get it
+    engines: ActorGroup
+    learners: ActorGroup
+    reward: ActorGroup
+    reference: Optional[ActorGroup]
+    critics: Optional[ActorGroup]
+    weights: WeightSync
+    num_params: int  # the policy's
+    timings: dict[str, float]  # startup/total_s, startup/engine_init_s, ...
+
+
+def start_rl_actors(cfg, model_path: str, reward_spec: str, use_reference: bool, use_critic: bool) -> RLActors:
+    """Create every group, wait until each is ready, prepare the weight sync and write
+    run_dir/actors.json. On any failure the groups created so far are killed, then the error
+    propagates."""
+    cl, ro = cfg.cluster, cfg.rollout
+    start, groups = time.perf_counter(), {}
+    try:
+        # model dirs go to actors on other nodes through Ray unless under cluster.shared_dir
+        model = model_dir(model_path, cl.shared_dir, cl.ship_models)
+        groups["engines"] = start_engines(cfg, model)
+        groups["learners"], init_refs = start_learners(cfg, model)
+        groups["reward"] = start_reward(cfg, reward_spec)
+        if use_reference:
+            groups["reference"] = start_reference(cfg, model)
+        if use_critic:
+            groups["critics"], critic_refs = start_critics(cfg, model)
+        engine_info = wait_ready(groups["engines"], ro.init_timeout_s)
+        wait_ready(groups["reward"], 120.0)
+        if use_reference:
+            wait_ready(groups["reference"], cfg.learner.init_timeout_s)
+        learner_info = groups["learners"].wait(init_refs, "learner start-up (DeepSpeed init)",
+                                               cfg.learner.init_timeout_s)
+        if use_critic:
+            groups["critics"].wait(critic_refs, "critic start-up (DeepSpeed init)", cfg.critic.init_timeout_s)
+        ready = time.perf_counter()
+        weights = WeightSync(groups["learners"], groups["engines"], ro, cl.device, cfg.learner.zero_stage)
+        weights.prepare()
+        write_placement(os.path.join(cfg.trainer.run_dir, "actors.json"), list(groups.values()))
+    except BaseException:
+        kill_all(list(groups.values()))
+        raise
+    timings = {"startup/total_s": time.perf_counter() - start,
+               "startup/engine_init_s": max(e["init_s"] for e in engine_info),
+               "startup/learner_init_s": max(l["init_s"] for l in learner_info),
+               "startup/weight_sync_prepare_s": time.perf_counter() - ready}
+    return RLActors(model, groups["engines"], groups["learners"], groups["reward"], groups.get("reference"),
+                    groups.get("critics"), weights, learner_info[0]["num_params"], timings)
 
 
 def start_engines(cfg, model: ModelDir) -> ActorGroup:
@@ -114,3 +171,13 @@ def write_placement(path: str, groups: list[Optional[ActorGroup]]) -> None:
                  "actors": [row for g in groups if g is not None for row in g.placement()]}
     with open(path, "w") as f:
         json.dump(placement, f, indent=1)
+
+
+def kill_all(groups: list[Optional[ActorGroup]]) -> None:
+    """Best effort: every actor and placement group of `groups` (after a failure too)."""
+    for group in groups:
+        if group is not None:
+            try:
+                group.kill()
+            except Exception:  # noqa: BLE001 - best-effort cleanup after a failure
+                pass
