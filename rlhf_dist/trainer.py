@@ -42,6 +42,7 @@ from rlhf_dist.data.prompts import PromptSampler
 from rlhf_dist.errors import ActorDiedError, NonFiniteLossError, RewardSamplesFailedError, RlhfDistError
 from rlhf_dist.monitor import RunMonitor
 from rlhf_dist.rollout_pipeline import Rollout, RolloutPipeline
+from rlhf_dist.step_metrics import eval_metrics, rollout_metrics, sample_rows
 
 # metrics that each rank computes as its share of a global-normalised sum: summed over ranks
 _ADDITIVE = ("loss/", "kl/loss_term", "entropy/", "critic/value_loss")
@@ -308,29 +309,19 @@ class RLTrainer:
         reward's parts); every logger.memory_every steps each process's memory. Every
         logger.sample_every steps a few samples go to the monitor."""
         cfg, samples = self.cfg, rollout.samples
-        rewards, lengths = batch["rewards"], batch["response_mask"].sum(-1)
-        group = rewards.view(-1, cfg.rollout.n_samples_per_prompt)
-        truncated = sum(s["finish_reason"] == "length" for s in samples) / len(samples)
-        metrics = {
-            "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
-            "reward/max": rewards.max().item(), "reward/min": rewards.min().item(),
-            "reward/frac_groups_all_equal": (group.std(-1) == 0).float().mean().item(),
-            "response/length_mean": lengths.mean().item(), "response/length_max": lengths.max().item(),
-            "response/truncated_frac": truncated,
-            **timing,
-            "throughput/tokens_per_s": lengths.sum().item() / timing["timing/step_s"],
-            "faults/engine_restarts": float(self.engines.restarts),
-            # which prompts this step drew (a resumed run must draw the same ones)
-            "data/prompt_crc": float(zlib.crc32("\n".join(r["prompt"] for r in rollout.records).encode())),
-        }
+        metrics = rollout_metrics(batch["rewards"], batch["response_mask"], samples,
+                                  cfg.rollout.n_samples_per_prompt, timing)
+        metrics["faults/engine_restarts"] = float(self.engines.restarts)
+        # which prompts this step drew (a resumed run must draw the same ones)
+        metrics["data/prompt_crc"] = float(zlib.crc32("\n".join(r["prompt"] for r in rollout.records).encode()))
         for part in parts:
             metrics.update(part)
         if cfg.logger.memory_every and (step == 1 or step % cfg.logger.memory_every == 0):
             metrics.update(self.memory())
         if step == 1 or step % cfg.logger.sample_every == 0:
             texts = [s["text"] for s in samples]
-            self.monitor.log_samples(step, _sample_rows(rollout.sample_records, texts, rewards,
-                                                        cfg.logger.num_samples))
+            self.monitor.log_samples(step, sample_rows(rollout.sample_records, texts, batch["rewards"],
+                                                       cfg.logger.num_samples))
         return metrics
 
     # ------------------------------------------------------------------ eval
@@ -347,17 +338,7 @@ class RLTrainer:
             return {"eval/reward_mean": nan, "eval/solved_frac": nan, "eval/length_mean": nan}
         if scored["report"]:
             self.monitor.print(scored["report"])
-        rewards = torch.tensor(scored["reward"])
-        rule = torch.tensor(scored["rule"]) if scored["rule"] is not None else rewards
-        metrics = {
-            "eval/reward_mean": rewards.mean().item(),
-            "eval/solved_frac": (rule >= 1.0 - 1e-6).float().mean().item(),  # by the rule (gold)
-            "eval/length_mean": sum(len(s["token_ids"]) for s in samples) / len(samples),
-            "eval/time_s": time.perf_counter() - start,
-        }
-        if scored["model"] is not None:  # learned reward beside the rule (gold) score
-            metrics["eval/model_mean"] = sum(scored["model"]) / len(scored["model"])
-            metrics["eval/rule_mean"] = rule.mean().item()
+        metrics = eval_metrics(scored, samples, time.perf_counter() - start)
         self.monitor.log_eval(step, metrics)
         return metrics
 
@@ -414,8 +395,3 @@ class RLTrainer:
         """Kill every actor group started (best effort, also after a failure)."""
         launcher.kill_all(self._groups())
 
-
-def _sample_rows(records: list[dict], texts: list[str], rewards: torch.Tensor, num: int) -> list[dict[str, Any]]:
-    step = max(1, len(texts) // num)
-    return [{"prompt": records[i]["prompt"], "completion": texts[i], "reward": float(rewards[i])}
-            for i in range(0, len(texts), step)][:num]
