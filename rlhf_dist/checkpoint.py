@@ -11,6 +11,8 @@ Layout under the checkpoint root (`trainer.checkpoint_dir`, default <run_dir>/ch
         critic/, critic_ds/ the same for the critic (PPO)
     .step_00000020.partial-<id>/   being written; ignored, removed by the next save
 
+`save` writes one (`begin`, every group's files, driver.pt, `commit`, `prune`) and `load` reads one
+back; a group is a DeepSpeed ActorGroup whose ranks save_state/load_state and save_pretrained.
 `prune` removes old complete checkpoints only after a newer one is complete (`trainer.keep_last`).
 On several nodes the root must be storage every learner rank can write (each rank writes its own
 DeepSpeed shard files).
@@ -25,11 +27,12 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rlhf_dist.errors import ConfigError
 
 COMPLETE = "COMPLETE.json"
+DRIVER_STATE = "driver.pt"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -63,6 +66,34 @@ def commit(partial: Path, step: int, manifest: dict[str, Any]) -> Path:
     else:
         os.replace(partial, final)
     return final
+
+
+def save(root: Path, step: int, groups: list[tuple[str, Any]], driver_state: Callable[[], dict[str, Any]],
+         manifest: dict[str, Any], keep_last: int, timeout_s: float) -> Path:
+    """Write the checkpoint of `step` under `root`: every rank of each (name, group) its DeepSpeed
+    state (weights, optimizer moments, LR schedule) to <name>_ds/, rank 0 also the HF weights to
+    <name>/; then `driver_state()` to driver.pt. Returns the final path."""
+    import torch
+
+    partial = begin(root, step)
+    for name, group in groups:
+        group.run("save_state", str(partial / f"{name}_ds"), timeout_s=timeout_s)
+        group.run("save_pretrained", str(partial / name), timeout_s=timeout_s)
+    torch.save(driver_state(), partial / DRIVER_STATE)
+    final = commit(partial, step, {**manifest, "groups": [n for n, _ in groups]})
+    prune(root, keep_last)
+    return final
+
+
+def load(path: Path, groups: list[tuple[str, Any]], timeout_s: float) -> dict[str, Any]:
+    """Load each (name, group)'s DeepSpeed state from the checkpoint at `path`; returns the
+    driver's state (tensors and plain values: weights_only)."""
+    import torch
+
+    path = Path(path)
+    for name, group in groups:
+        group.run("load_state", str(path / f"{name}_ds"), timeout_s=timeout_s)
+    return torch.load(path / DRIVER_STATE, weights_only=True)
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:

@@ -16,25 +16,17 @@ the loss's truncated importance weights (algo.tis_cap) correct for that.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from rlhf_dist.actors.cpu import parse_cores, vllm_binding
-from rlhf_dist.actors.critic import CriticActor
-from rlhf_dist.actors.ds_group import DSGroupSpec, merge_rank_metrics, start_ds_group
-from rlhf_dist.actors.files import current_node_id, model_dir
-from rlhf_dist.actors.group import ActorGroup, wait_all
-from rlhf_dist.actors.learner import LearnerActor
-from rlhf_dist.actors.reference import ReferenceActor
-from rlhf_dist.actors.reward import RewardActor
-from rlhf_dist.actors.rollout import RolloutActor
-from rlhf_dist.actors.weight_sync import WeightSync
+from rlhf_dist import checkpoint
+from rlhf_dist.actors import launcher
+from rlhf_dist.actors.ds_group import merge_rank_metrics
+from rlhf_dist.actors.group import ActorGroup, actors_rss_mb, wait_all
 from rlhf_dist.algo import (
     compute_advantages,
     explained_variance,
@@ -45,27 +37,15 @@ from rlhf_dist.algo import (
     masked_whiten,
 )
 from rlhf_dist.config import critic_micro_batch_size, old_logprobs_source, uses_critic, uses_reference
-from rlhf_dist.data.batch import Batch, collate_rollouts, shard_minibatches, split_evenly
+from rlhf_dist.data.batch import Batch, collate_rollouts, shard_minibatches
 from rlhf_dist.data.prompts import PromptSampler
 from rlhf_dist.errors import ActorDiedError, NonFiniteLossError, RewardSamplesFailedError, RlhfDistError
 from rlhf_dist.monitor import RunMonitor
+from rlhf_dist.rollout_pipeline import Rollout, RolloutPipeline
+from rlhf_dist.step_metrics import eval_metrics, rollout_metrics, sample_rows
 
 # metrics that each rank computes as its share of a global-normalised sum: summed over ranks
 _ADDITIVE = ("loss/", "kl/loss_term", "entropy/", "critic/value_loss")
-
-
-@dataclass
-class Rollout:
-    """One step's batch on its way: prompts drawn, generation launched, then collected."""
-
-    step: int
-    records: list[dict]
-    sampler_state: dict  # the sampler before these prompts were drawn (what a checkpoint saves)
-    version: int  # the engines' weight version (RLTrainer.policy_version) when it was launched
-    launched: dict | None  # launch_generate's refs; None once collected
-    samples: list[dict] = field(default_factory=list)
-    sample_records: list[dict] = field(default_factory=list)  # the record each sample answers
-    engine_s: float = 0.0  # seconds the slowest engine spent generating it
 
 
 class RLTrainer:
@@ -80,137 +60,45 @@ class RLTrainer:
         self.history: list[dict[str, float]] = []
         self.bad_steps = self.bad_in_a_row = 0  # updates skipped for a non-finite loss/gradient
         self.skipped_steps = 0  # steps skipped because reward.fn raised (reward.fallback_score=null)
-        self.reference = self.critics = None
+        self.engines = self.learners = self.reward = self.reference = self.critics = None  # start()
         # weight versions (updates applied since start-up) of the learner and of the engines; a
         # rollout records the engines' at launch, so staleness = policy_version - rollout.version
         self.policy_version = self.engine_version = 0
-        self.prefetched: Rollout | None = None  # async_rollout: the next step's batch, generated
+        self.rollouts: RolloutPipeline | None = None  # phase 1 (rlhf_dist.rollout_pipeline), from start()
+
+    @property
+    def prefetched(self) -> Rollout | None:
+        """async_rollout: the next step's batch, already generated (None when there is none)."""
+        return self.rollouts.prefetched if self.rollouts is not None else None
+
+    @prefetched.setter
+    def prefetched(self, rollout: Rollout | None) -> None:
+        self.rollouts.prefetched = rollout
 
     # ------------------------------------------------------------------ start-up
     def start(self) -> dict[str, float]:
-        """Create every actor group; engines, reference, learners and critics load concurrently."""
-        cfg, cl = self.cfg, self.cfg.cluster
-        start = time.perf_counter()
-        # model dirs go to actors on other nodes through Ray unless under cluster.shared_dir
-        self.model = model_dir(self.model_path, cl.shared_dir, cl.ship_models)
-        self.engines = self._start_engines()
-        seqs = cfg.trainer.prompts_per_step * cfg.rollout.n_samples_per_prompt
-        optimizer_steps = cfg.trainer.total_steps * cfg.algo.ppo_epochs * (seqs // cfg.learner.mini_batch_size)
-        common = dict(mini_batch_size=cfg.learner.mini_batch_size, total_optimizer_steps=optimizer_steps,
-                      device=cl.device, backend=cfg.learner.backend, bf16=cfg.model.dtype == "bfloat16",
-                      gradient_checkpointing=cfg.model.gradient_checkpointing,
-                      placement_timeout_s=cl.placement_timeout_s, init_timeout_s=cfg.learner.init_timeout_s,
-                      shared_dir=cl.shared_dir, ship_models=cl.ship_models, seed=cfg.trainer.seed,
-                      cpu_cores=parse_cores(cl.learner_cores))
-        self.learners, init_refs = start_ds_group("learner", LearnerActor, self.model, DSGroupSpec(
-            cfg.learner.world_size, cfg.learner.zero_stage, cfg.learner.micro_batch_size,
-            optim=asdict(cfg.learner.optim), num_cpus=cl.cpus_per_learner, num_gpus=cl.gpus_per_learner,
-            resources=dict(cl.learner_resources or {}), **common))
-        rw = cfg.reward
-        self.reward = ActorGroup("reward", RewardActor, 1, cl.cpus_per_aux, cl.gpus_per_aux,
-                                 cl.placement_timeout_s, [dict(
-                                     fn_spec=self.reward_spec,
-                                     model_path=model_dir(rw.model.path, cl.shared_dir, cl.ship_models),
-                                     fn_weight=rw.fn_weight, model_weight=rw.model_weight,
-                                     normalize=rw.normalize, clip=rw.clip,
-                                     batch_size=rw.model.batch_size, device=cl.device,
-                                     fallback_score=rw.fallback_score)],
-                                 resources=dict(cl.aux_resources or {}))
-        if self.use_reference:
-            self.reference = ActorGroup(
-                "reference", ReferenceActor, 1, cl.cpus_per_aux, cl.gpus_per_aux,
-                cl.placement_timeout_s,
-                [dict(model_path=self.model, dtype=cfg.model.dtype, device=cl.device,
-                      cpu_cores=parse_cores(cl.learner_cores))], resources=dict(cl.aux_resources or {}))
-        if self.use_critic:
-            self.critics, critic_refs = start_ds_group(
-                "critic", CriticActor, cfg.critic.model_path or self.model, DSGroupSpec(
-                    cfg.critic.world_size, cfg.critic.zero_stage, critic_micro_batch_size(cfg),
-                    optim=asdict(cfg.critic.optim), num_cpus=cl.cpus_per_critic,
-                    num_gpus=cl.gpus_per_critic, resources=dict(cl.critic_resources or {}), **common))
-        engine_info = _wait_ready(self.engines, cfg.rollout.init_timeout_s)
-        _wait_ready(self.reward, 120.0)
-        if self.reference is not None:
-            _wait_ready(self.reference, cfg.learner.init_timeout_s)
-        learner_info = self.learners.wait(init_refs, "learner start-up (DeepSpeed init)",
-                                          cfg.learner.init_timeout_s)
-        if self.critics is not None:
-            self.critics.wait(critic_refs, "critic start-up (DeepSpeed init)", cfg.critic.init_timeout_s)
-        self.num_params = learner_info[0]["num_params"]
-        ready = time.perf_counter()
-        self.weights = WeightSync(self.learners, self.engines, cfg.rollout, cl.device, cfg.learner.zero_stage)
-        self.weights.prepare()
-        self._write_placement()
-        return {"startup/total_s": time.perf_counter() - start,
-                "startup/engine_init_s": max(e["init_s"] for e in engine_info),
-                "startup/learner_init_s": max(l["init_s"] for l in learner_info),
-                "startup/weight_sync_prepare_s": time.perf_counter() - ready}
+        """Create every actor group and wait until all are ready (rlhf_dist.actors.launcher);
+        returns the start-up timings."""
+        actors = launcher.start_rl_actors(self.cfg, self.model_path, self.reward_spec,
+                                          self.use_reference, self.use_critic)
+        self.model, self.weights, self.num_params = actors.model, actors.weights, actors.num_params
+        self.engines, self.learners, self.reward = actors.engines, actors.learners, actors.reward
+        self.reference, self.critics = actors.reference, actors.critics
+        ro = self.cfg.rollout
+        self.rollouts = RolloutPipeline(
+            self.engines, self.tokenizer, self.sampler, ro.n_samples_per_prompt, ro.temperature, ro.top_p,
+            ro.max_new_tokens, ro.seed, ro.init_timeout_s, recover=self.with_engine_recovery,
+            engine_version=lambda: self.engine_version)
+        return actors.timings
 
-    def _start_engines(self) -> ActorGroup:
-        cfg, cl = self.cfg, self.cfg.cluster
-        num_engines = cfg.rollout.num_engines
-        tp, cores = cfg.rollout.tensor_parallel_size, parse_cores(cl.engine_cores)
-        # vLLM's auto-binding gives each CPU worker its own NUMA node: one engine worker only
-        bind = vllm_binding(cores, tp, num_engines == 1 and tp == 1) if cl.device == "cpu" else "auto"
-        engine_kwargs = dict(
-            model_path=self.model, dtype=cfg.rollout.dtype,
-            max_model_len=cfg.rollout.max_new_tokens + cfg.task.max_prompt_len,
-            tensor_parallel_size=cfg.rollout.tensor_parallel_size,
-            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-            kv_cache_gb=cfg.rollout.kv_cache_gb, enforce_eager=cfg.rollout.enforce_eager,
-            device=cl.device, cpu_threads_bind=bind, cpu_cores=cores,
-            threads_share=tp * (num_engines if cores is None else 1), sync_transport=cfg.rollout.sync_transport,
-            sleep_level=cfg.rollout.sleep_level, ignore_eos=cfg.rollout.ignore_eos)
-        return ActorGroup(
-            "rollout", RolloutActor, num_engines, cl.cpus_per_engine, cl.gpus_per_engine,
-            cl.placement_timeout_s,
-            [dict(engine_kwargs, seed=cfg.rollout.seed + i) for i in range(num_engines)],
-            resources=dict(cl.engine_resources or {}))
-
-    def _write_placement(self) -> None:
-        """run_dir/actors.json: the node of every actor and of the driver (multi-node checks)."""
-        groups = [self.engines, self.learners, self.reward, self.reference, self.critics]
-        placement = {"driver_node_id": current_node_id(),
-                     "actors": [row for g in groups if g is not None for row in g.placement()]}
-        with open(os.path.join(self.cfg.trainer.run_dir, "actors.json"), "w") as f:
-            json.dump(placement, f, indent=1)
+    def _groups(self) -> list[ActorGroup | None]:
+        return [self.engines, self.learners, self.reward, self.reference, self.critics]
 
     # ------------------------------------------------------------------ phases
     def generate(self, records: list[dict], n: int, temperature: float,
                  step: int | None = None) -> tuple[list[dict], list[dict]]:
         """Split prompts across engines; returns (samples, the record each sample answers)."""
-        samples, sample_records, _ = self.collect_generate(self.launch_generate(records, n, temperature, step))
-        return samples, sample_records
-
-    def launch_generate(self, records: list[dict], n: int, temperature: float,
-                        step: int | None = None) -> dict[str, Any]:
-        """Start sampling on the engines (prompts split across them); `collect_generate` waits.
-
-        RL steps sample with one seed per prompt derived from (rollout.seed, step, position), so a
-        step's samples do not depend on the engine's history (a resumed run repeats them).
-        """
-        ro = self.cfg.rollout
-        prompt_ids = [self.tokenizer(r["prompt"])["input_ids"] for r in records]
-        parts = split_evenly(list(range(len(records))), len(self.engines))
-        seeds = ([(ro.seed * 1_000_003 + step * 100_003 + i) % 2**31 for i in range(len(records))]
-                 if step is not None else None)
-        refs = self.engines.call_each("generate", [
-            ([prompt_ids[i] for i in part], n, temperature, ro.top_p, ro.max_new_tokens,
-             [seeds[i] for i in part] if seeds else None) for part in parts])
-        refs += self.engines.call_each("last_generate_s", [() for _ in parts])  # queued behind generate
-        return {"records": records, "n": n, "prompt_ids": prompt_ids, "parts": parts, "refs": refs}
-
-    def collect_generate(self, launched: dict[str, Any]) -> tuple[list[dict], list[dict], float]:
-        """Wait for `launch_generate`: (samples, the record each sample answers, seconds the
-        slowest engine spent generating)."""
-        parts, n, prompt_ids = launched["parts"], launched["n"], launched["prompt_ids"]
-        names = self.engines.names[: len(parts)]
-        results = wait_all(launched["refs"], names * 2, "generate", self.cfg.rollout.init_timeout_s)
-        samples = [s for engine_samples in results[: len(parts)] for s in engine_samples]
-        order = [i for part in parts for i in part for _ in range(n)]  # prompt-major, G contiguous
-        for sample, i in zip(samples, order):
-            sample["prompt_ids"] = prompt_ids[i]
-        return samples, [launched["records"][i] for i in order], max(results[len(parts):])
+        return self.rollouts.generate(records, n, temperature, step)
 
     def score(self, batch: Batch, records: list[dict], texts: list[str]) -> None:
         """Phase 2: rewards, reference logprobs, critic values and old logprobs, all in flight."""
@@ -374,8 +262,8 @@ class RLTrainer:
         collective sync begun while it still generates could run out its deadline)."""
         cfg, t0 = self.cfg, time.perf_counter()
         # 1. generate (async: already done, by the engines' weights of one update ago)
-        rollout = self._take_prefetched(step) or self._collect_rollout(self._launch_rollout(step))
-        samples, sample_records = rollout.samples, rollout.sample_records
+        rollout = self.rollouts.for_step(step)
+        samples = rollout.samples
         batch = collate_rollouts([s["prompt_ids"] for s in samples], [s["token_ids"] for s in samples],
                                  [s["logprobs"] for s in samples], self.tokenizer.pad_token_id)
         self.weights.sleep_engines()  # rollout.sleep_level > 0 (GPU): free engine memory until the sync
@@ -383,17 +271,16 @@ class RLTrainer:
         if staleness > cfg.trainer.max_staleness:  # one batch in flight keeps it <= 1
             raise RlhfDistError(f"step {step}: batch {staleness} updates stale, above trainer.max_staleness="
                                 f"{cfg.trainer.max_staleness}; the prefetch logic has a bug.")
-        ahead = (self._launch_rollout(step + 1)  # the last step launches nothing nobody would consume
+        ahead = (self.rollouts.launch(step + 1)  # the last step launches nothing nobody would consume
                  if cfg.trainer.async_rollout and step < cfg.trainer.total_steps else None)
         t1 = time.perf_counter()
         # 2. score (+ reference logprobs, critic values, old logprobs)
-        texts = [s["text"] for s in samples]
         try:
-            self.score(batch, sample_records, texts)
+            self.score(batch, rollout.sample_records, [s["text"] for s in samples])
         except RewardSamplesFailedError as err:  # reward.fallback_score=null: skip this step
             self.skipped_steps += 1
             self.monitor.print(f"[skip] step {step}: {err}")
-            self.prefetched = ahead and self._collect_rollout(ahead)  # no update: nothing to sync
+            self.rollouts.collect_ahead(ahead)  # no update: nothing to sync
             return {"faults/skipped_steps": float(self.skipped_steps)}
         t2 = time.perf_counter()
         # 3. advantages
@@ -402,7 +289,7 @@ class RLTrainer:
         train_metrics = self.train_or_skip(batch, step, staleness)
         t3 = time.perf_counter()
         if ahead is not None:  # async: the next batch must be done before the engines take weights
-            self.prefetched = self._collect_rollout(ahead)
+            self.rollouts.collect_ahead(ahead)
         waited = time.perf_counter()
         # 5. sync
         sync_metrics = self.with_engine_recovery("weight sync", self.sync_weights)
@@ -413,62 +300,29 @@ class RLTrainer:
         if cfg.trainer.async_rollout:  # the next batch's generation time that scoring and training hid
             timing["timing/generate_hidden_s"] = max(0.0, ahead.engine_s - (waited - t3)) if ahead else 0.0
             timing["async/staleness"] = float(staleness)
-        metrics = self._step_metrics(batch, samples, timing)
-        # which prompts this step drew (a resumed run must draw the same ones)
+        return self._step_metrics(step, rollout, batch, timing,
+                                  [batch.meta, advantage_metrics, train_metrics, sync_metrics])
+
+    def _step_metrics(self, step: int, rollout: Rollout, batch: Batch, timing: dict[str, float],
+                      parts: list[dict[str, float]]) -> dict[str, float]:
+        """Rewards, lengths, timing, faults, then each phase's own metrics (`parts`; batch.meta: the
+        reward's parts); every logger.memory_every steps each process's memory. Every
+        logger.sample_every steps a few samples go to the monitor."""
+        cfg, samples = self.cfg, rollout.samples
+        metrics = rollout_metrics(batch["rewards"], batch["response_mask"], samples,
+                                  cfg.rollout.n_samples_per_prompt, timing)
         metrics["faults/engine_restarts"] = float(self.engines.restarts)
+        # which prompts this step drew (a resumed run must draw the same ones)
         metrics["data/prompt_crc"] = float(zlib.crc32("\n".join(r["prompt"] for r in rollout.records).encode()))
-        for part in (batch.meta, advantage_metrics, train_metrics, sync_metrics):  # batch.meta: reward parts
+        for part in parts:
             metrics.update(part)
         if cfg.logger.memory_every and (step == 1 or step % cfg.logger.memory_every == 0):
             metrics.update(self.memory())
         if step == 1 or step % cfg.logger.sample_every == 0:
-            self.monitor.log_samples(step, _sample_rows(sample_records, texts, batch["rewards"],
-                                                        cfg.logger.num_samples))
+            texts = [s["text"] for s in samples]
+            self.monitor.log_samples(step, sample_rows(rollout.sample_records, texts, batch["rewards"],
+                                                       cfg.logger.num_samples))
         return metrics
-
-    def _launch_rollout(self, step: int) -> Rollout:
-        """Draw the step's prompts and start generating them with the engines' current weights."""
-        ro, sampler_state = self.cfg.rollout, self.sampler.state_dict()
-        records = self.sampler.next_batch()
-        launched = self.launch_generate(records, ro.n_samples_per_prompt, ro.temperature, step)
-        return Rollout(step, records, sampler_state, self.engine_version, launched)
-
-    def _collect_rollout(self, rollout: Rollout) -> Rollout:
-        """Wait for its generation. A dead engine is replaced and given the learner's current weights
-        (with_engine_recovery), and the generation relaunched with them: same prompts, same seeds."""
-        ro = self.cfg.rollout
-
-        def collect():
-            if rollout.launched is None:  # after an engine restart
-                rollout.launched = self.launch_generate(rollout.records, ro.n_samples_per_prompt,
-                                                        ro.temperature, rollout.step)
-                rollout.version = self.engine_version
-            launched, rollout.launched = rollout.launched, None
-            return self.collect_generate(launched)
-
-        rollout.samples, rollout.sample_records, rollout.engine_s = self.with_engine_recovery("generate", collect)
-        return rollout
-
-    def _take_prefetched(self, step: int) -> Rollout | None:
-        rollout, self.prefetched = self.prefetched, None
-        if rollout is not None and rollout.step != step:  # steps run out of order (tests): draw anew
-            self.sampler.load_state_dict(rollout.sampler_state)
-            return None
-        return rollout
-
-    def _step_metrics(self, batch: Batch, samples: list[dict], timing: dict[str, float]) -> dict[str, float]:
-        rewards, lengths = batch["rewards"], batch["response_mask"].sum(-1)
-        group = rewards.view(-1, self.cfg.rollout.n_samples_per_prompt)
-        truncated = sum(s["finish_reason"] == "length" for s in samples) / len(samples)
-        return {
-            "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
-            "reward/max": rewards.max().item(), "reward/min": rewards.min().item(),
-            "reward/frac_groups_all_equal": (group.std(-1) == 0).float().mean().item(),
-            "response/length_mean": lengths.mean().item(), "response/length_max": lengths.max().item(),
-            "response/truncated_frac": truncated,
-            **timing,
-            "throughput/tokens_per_s": lengths.sum().item() / timing["timing/step_s"],
-        }
 
     # ------------------------------------------------------------------ eval
     def evaluate(self, step: int) -> dict[str, float]:
@@ -484,17 +338,7 @@ class RLTrainer:
             return {"eval/reward_mean": nan, "eval/solved_frac": nan, "eval/length_mean": nan}
         if scored["report"]:
             self.monitor.print(scored["report"])
-        rewards = torch.tensor(scored["reward"])
-        rule = torch.tensor(scored["rule"]) if scored["rule"] is not None else rewards
-        metrics = {
-            "eval/reward_mean": rewards.mean().item(),
-            "eval/solved_frac": (rule >= 1.0 - 1e-6).float().mean().item(),  # by the rule (gold)
-            "eval/length_mean": sum(len(s["token_ids"]) for s in samples) / len(samples),
-            "eval/time_s": time.perf_counter() - start,
-        }
-        if scored["model"] is not None:  # learned reward beside the rule (gold) score
-            metrics["eval/model_mean"] = sum(scored["model"]) / len(scored["model"])
-            metrics["eval/rule_mean"] = rule.mean().item()
+        metrics = eval_metrics(scored, samples, time.perf_counter() - start)
         self.monitor.log_eval(step, metrics)
         return metrics
 
@@ -502,32 +346,20 @@ class RLTrainer:
         """Resident memory of the driver and every actor process, in MB (memory/<actor>_rss_mb)."""
         import psutil
 
-        groups = [g for g in (self.engines, self.learners, self.reward, self.reference, self.critics) if g]
-        refs = [a.__ray_call__.remote(_rss_mb) for g in groups for a in g.actors]
-        names = [n for g in groups for n in g.names]
-        values = wait_all(refs, names, "memory probe", 60)
-        metrics = {f"memory/{n.replace('[', '').replace(']', '')}_rss_mb": v for n, v in zip(names, values)}
+        rss = actors_rss_mb([g for g in self._groups() if g])
+        metrics = {f"memory/{n.replace('[', '').replace(']', '')}_rss_mb": v for n, v in rss.items()}
         metrics["memory/driver_rss_mb"] = psutil.Process().memory_info().rss / 2**20
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int, root: str) -> str:
-        """Everything a resumed run needs, written so the directory is complete or absent.
-
-        Every learner (and critic) rank writes its DeepSpeed state (weights, optimizer moments,
-        LR schedule); rank 0 also the HF weights; the driver its own state. See rlhf_dist/checkpoint.py.
-        """
-        from rlhf_dist import checkpoint
-
-        start, timeout = time.perf_counter(), self.cfg.learner.step_timeout_s
-        partial = checkpoint.begin(root, step)
-        groups = [("policy", self.learners)] + ([("critic", self.critics)] if self.critics else [])
-        for name, group in groups:
-            group.run("save_state", str(partial / f"{name}_ds"), timeout_s=timeout)
-            group.run("save_pretrained", str(partial / name), timeout_s=timeout)
-        torch.save(self.state_dict(step), partial / "driver.pt")
-        final = checkpoint.commit(partial, step, {"algo": self.cfg.algo.name, "groups": [n for n, _ in groups]})
-        checkpoint.prune(root, self.cfg.trainer.keep_last)
+        """Everything a resumed run needs, written so the directory is complete or absent: every
+        learner (and critic) rank's DeepSpeed state, rank 0's HF weights, the driver's state_dict.
+        See rlhf_dist/checkpoint.py."""
+        start = time.perf_counter()
+        final = checkpoint.save(root, step, self._ds_groups(), lambda: self.state_dict(step),
+                                {"algo": self.cfg.algo.name}, self.cfg.trainer.keep_last,
+                                self.cfg.learner.step_timeout_s)
         self.monitor.print(f"[checkpoint] step {step} -> {final} ({time.perf_counter() - start:.1f}s)")
         return str(final)
 
@@ -536,24 +368,19 @@ class RLTrainer:
 
         The engines then get the restored weights by a normal (verified) sync.
         """
-        from pathlib import Path
-
-        timeout, path = self.cfg.learner.step_timeout_s, Path(path)
-        groups = [("policy", self.learners)] + ([("critic", self.critics)] if self.critics else [])
-        for name, group in groups:
-            group.run("load_state", str(path / f"{name}_ds"), timeout_s=timeout)
-        state = torch.load(path / "driver.pt", weights_only=True)
+        state = checkpoint.load(path, self._ds_groups(), self.cfg.learner.step_timeout_s)
         self.load_state_dict(state)
         self.prefetched = None
         self.weights.sync()
         self.engine_version = self.policy_version
         return int(state["step"])
 
+    def _ds_groups(self) -> list[tuple[str, ActorGroup]]:
+        """The DeepSpeed groups a checkpoint holds, by directory name."""
+        return [("policy", self.learners)] + ([("critic", self.critics)] if self.critics else [])
+
     def state_dict(self, step: int) -> dict[str, Any]:
-        # with a batch prefetched (async), the sampler as it was before drawing it: a resumed run
-        # draws the same prompts, but generates them with the checkpoint's (newer) weights
-        sampler = self.prefetched.sampler_state if self.prefetched else self.sampler.state_dict()
-        return {"step": step, "sampler": sampler, "generator": self.generator.get_state(),
+        return {"step": step, "sampler": self.rollouts.sampler_state(), "generator": self.generator.get_state(),
                 "kl_ctl": self.kl_ctl.state_dict(), "reward": self.reward.run("state_dict", timeout_s=60)[0],
                 "wandb_id": self.monitor.wandb_id or "", "bad_steps": self.bad_steps}
 
@@ -565,29 +392,6 @@ class RLTrainer:
         self.reward.run("load_state_dict", state["reward"], timeout_s=60)
 
     def shutdown(self) -> None:
-        for group in ("engines", "learners", "reward", "reference", "critics"):
-            actors = getattr(self, group, None)
-            if actors is not None:
-                try:
-                    actors.kill()
-                except Exception:  # noqa: BLE001 - best-effort cleanup after a failure
-                    pass
+        """Kill every actor group started (best effort, also after a failure)."""
+        launcher.kill_all(self._groups())
 
-
-def _rss_mb(actor) -> float:
-    """Run inside an actor (`__ray_call__`): its process's resident memory, children included
-    (a tensor-parallel engine's worker processes)."""
-    import psutil
-
-    proc = psutil.Process()
-    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
-
-
-def _wait_ready(group: ActorGroup, timeout_s: float) -> list:
-    return group.wait(group.call("ready"), f"{group.name} start-up", timeout_s)
-
-
-def _sample_rows(records: list[dict], texts: list[str], rewards: torch.Tensor, num: int) -> list[dict[str, Any]]:
-    step = max(1, len(texts) // num)
-    return [{"prompt": records[i]["prompt"], "completion": texts[i], "reward": float(rewards[i])}
-            for i in range(0, len(texts), step)][:num]

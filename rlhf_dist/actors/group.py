@@ -193,3 +193,19 @@ class ActorGroup:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         remove_placement_group(self.placement_group)
+
+
+def actors_rss_mb(groups: Sequence[ActorGroup]) -> dict[str, float]:
+    """Resident memory of every actor of `groups`, in MB, by actor name."""
+    refs = [a.__ray_call__.remote(_rss_mb) for g in groups for a in g.actors]
+    names = [n for g in groups for n in g.names]
+    return dict(zip(names, wait_all(refs, names, "memory probe", 60)))
+
+
+def _rss_mb(actor) -> float:
+    """Run inside an actor (`__ray_call__`): its process's resident memory, children included
+    (a tensor-parallel engine's worker processes)."""
+    import psutil
+
+    proc = psutil.Process()
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
