@@ -206,7 +206,7 @@ class LearnerConfig:
     micro_batch_size: int = 64  # sequences per forward/backward on one rank
     # > 0: training micro-batches by padded tokens (rows x trimmed width) per rank instead of
     # micro_batch_size rows; rows grouped by length, so short responses do not pad to the longest.
-    # Applies to the critic too. 0 = off.
+    # Applies to the critic and to the reference actor's forward too. 0 = off.
     max_tokens_per_micro_batch: int = 0
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -106,7 +106,8 @@ class RLTrainer:
         temperature, micro = cfg.rollout.temperature, cfg.learner.micro_batch_size
         jobs = [("rewards", [self.reward.call("score", records, texts)[0]], self.reward.names)]
         if self.reference is not None:
-            jobs.append(("ref_logprobs", self.reference.call("compute_logprobs", batch, temperature, micro),
+            jobs.append(("ref_logprobs", self.reference.call("compute_logprobs", batch, temperature, micro,
+                                                             cfg.learner.max_tokens_per_micro_batch),
                          self.reference.names))
         if self.critics is not None:
             jobs.append(("values", self.critics.call_on_shards("compute_values", batch,

@@ -383,3 +383,27 @@ def test_split_by_tokens_trims_each_micro_batch_to_its_own_longest_response():
     assert sum(m.token_counts()[1] for m in micros) == int(batch["attention_mask"].sum())
     rows = sorted(tuple(r.tolist()) for m in micros for r in m["response_mask"].sum(-1, keepdim=True))
     assert rows == [(1.0,), (2.0,), (11.0,), (12.0,)]
+
+
+def test_batched_forward_by_token_budget_keeps_row_order_and_values():
+    # rows of different lengths grouped by length into budgeted micro-batches must come back in
+    # the batch's order, each value where the row-by-row forward puts it
+    from rlhf_dist.data.batch import collate_rollouts
+    from rlhf_dist.models.hf import batched_forward
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = [5, 1, 9, 3, 9, 2, 7]
+    responses = [torch.randint(3, 90, (n,), generator=gen).tolist() for n in lengths]
+    batch = collate_rollouts([[1, 2]] * len(lengths), responses, [[0.0] * n for n in lengths], 0)
+    calls = []
+
+    def forward(input_ids, attention_mask, prompt_width):  # (b, T_micro): the token ids as values
+        calls.append(tuple(input_ids.shape))
+        return input_ids[:, prompt_width:].float() * attention_mask[:, prompt_width:]
+
+    by_rows = batched_forward(batch, 2, forward)
+    calls.clear()
+    by_tokens = batched_forward(batch, 2, forward, max_tokens=24)
+    assert torch.equal(by_tokens, by_rows)
+    assert all(rows * width <= 24 or rows == 1 for rows, width in calls)
+    assert sorted(w - 2 for _, w in calls)[0] < max(lengths)  # short rows were not padded to 9

@@ -54,6 +54,12 @@ class WeightSync:
         verify = ro.verify_sync if verify is None else verify
         if ro.sleep_level:  # asleep since generation: weights back first, KV cache after the sync
             self.engines.wait(self.engines.call("wake_up", ["weights"]), "engine wake-up", ro.sync_timeout_s)
+        # The learner hashes its weights (an actor runs its calls in order): on GPU after sending,
+        # while the engines load; on CPU before sending, since hashing beside the engine's reload
+        # on the same cores made both slower (113M: 2.4 s sync with the overlap, ~1 s without).
+        hash_first = verify and self.device == "cpu"
+        if hash_first:
+            sum_refs = self._learner_checksums()
         if transport == "collective":
             sends = [r.broadcast_weights.remote(self.plan, ro.dtype, ro.sync_timeout_s) for r in self.ranks]
             loads = self.engines.call("receive_weights", self.plan, ro.dtype, ro.sync_timeout_s, verify)
@@ -68,9 +74,8 @@ class WeightSync:
             # engines get the manifest ref itself (in a list, so Ray does not resolve it here) and
             # start loading as soon as it resolves
             loads = self.engines.call("load_published", [pairs[0][0]], ro.sync_timeout_s, verify)
-        if verify:  # the learner hashes its weights while the engines load them
-            sum_refs = [r.weight_checksums.remote(self.plan, ro.dtype, self.packed_modules, self.layouts)
-                        for r in self.ranks]
+        if verify and not hash_first:
+            sum_refs = self._learner_checksums()
         results = wait_all(sends + loads, self.rank_names + self.engines.names, "weight sync",
                            ro.sync_timeout_s + 30)
         sent, loaded = results[0], results[len(sends):]
@@ -87,6 +92,10 @@ class WeightSync:
             self._compare(expected, loaded)
             metrics["sync/verified_tensors"] = float(sum(len(e) for e in expected))
         return metrics
+
+    def _learner_checksums(self) -> list:
+        return [r.weight_checksums.remote(self.plan, self.cfg.dtype, self.packed_modules, self.layouts)
+                for r in self.ranks]
 
     def sleep_engines(self) -> None:
         """After generation (rollout.sleep_level > 0): engines free their GPU memory for training."""

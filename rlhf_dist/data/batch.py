@@ -45,12 +45,14 @@ class Batch:
         size = len(self) // num
         return [self.select(range(i * size, (i + 1) * size)) for i in range(num)]
 
-    def split_by_tokens(self, max_tokens: int, num_parts: int = 0) -> list["Batch"]:
-        """Trimmed micro-batches of at most `max_tokens` padded tokens (`token_budget_parts`)."""
+    def split_by_tokens(self, max_tokens: int, num_parts: int = 0, with_rows: bool = False):
+        """Trimmed micro-batches of at most `max_tokens` padded tokens (`token_budget_parts`);
+        with `with_rows`, (the rows of each, the micro-batches)."""
         mask = self.tensors["response_mask"] > 0  # (B, T), a prefix of each row
         lengths = (mask * torch.arange(1, mask.shape[1] + 1)).amax(-1).clamp(min=1).tolist()
         parts = token_budget_parts(lengths, self.prompt_width, max_tokens, num_parts)
-        return [self.select(rows).trimmed() for rows in parts]
+        micros = [self.select(rows).trimmed() for rows in parts]
+        return (parts, micros) if with_rows else micros
 
     def token_counts(self) -> tuple[int, int]:
         """(padded, real) tokens a forward pass sees: over every attention mask of the batch."""

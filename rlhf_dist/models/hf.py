@@ -150,16 +150,25 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def batched_forward(batch, micro_batch_size: int, forward) -> torch.Tensor:
+def batched_forward(batch, micro_batch_size: int, forward, max_tokens: int = 0) -> torch.Tensor:
     """Run `forward(input_ids, attention_mask, prompt_width) -> (b, T)` over micro-batches.
 
-    `batch` is a rlhf_dist Batch; its padding-only response columns are trimmed first. Returns
-    the concatenated (B, T') float32 CPU tensor; callers pad it back to the batch's width.
+    `batch` is a rlhf_dist Batch; its padding-only response columns are trimmed first. Micro-batches
+    are `micro_batch_size` rows in order, or with `max_tokens` > 0 rows grouped by length into at
+    most that many padded tokens each (`Batch.split_by_tokens`: short responses are not padded to
+    the longest). Returns the (B, T') float32 CPU tensor in the batch's row order; callers pad it
+    back to the batch's width.
     """
     batch = batch.trimmed()
-    chunks = []
-    for start in range(0, len(batch), micro_batch_size):
-        rows = list(range(start, min(start + micro_batch_size, len(batch))))
-        part = batch.select(rows, ["input_ids", "attention_mask"])
-        chunks.append(forward(part["input_ids"], part["attention_mask"], batch.prompt_width).float().cpu())
-    return torch.cat(chunks)
+    width = batch["response_mask"].shape[1]
+    if max_tokens > 0:
+        rows, micros = batch.split_by_tokens(max_tokens, with_rows=True)
+    else:
+        rows = [list(range(start, min(start + micro_batch_size, len(batch))))
+                for start in range(0, len(batch), micro_batch_size)]
+        micros = [batch.select(part, ["input_ids", "attention_mask"]) for part in rows]
+    out = torch.zeros(len(batch), width)
+    for part, micro in zip(rows, micros):
+        values = forward(micro["input_ids"], micro["attention_mask"], batch.prompt_width).float().cpu()
+        out[torch.as_tensor(part), : values.shape[1]] = values
+    return out
