@@ -64,6 +64,7 @@ class Settings:
     dtype: str = "float32"
     seed: int = 0
     overrides: list[str] = field(default_factory=list)  # extra Hydra overrides for our side
+    trl_vllm: bool = False  # TRL generates with vLLM (vllm_mode="colocate") instead of HF generate
 
     @property
     def reward(self) -> str:
@@ -142,7 +143,9 @@ def side_trl(s: Settings) -> dict:
         learning_rate=s.lr, lr_scheduler_type="constant", warmup_steps=0, beta=s.beta,
         num_iterations=1, max_steps=s.steps, logging_steps=1, report_to="none", save_strategy="no",
         seed=s.seed, disable_dropout=True, dataloader_num_workers=0,
-        generation_kwargs={"min_new_tokens": s.max_new_tokens} if fixed else None)
+        generation_kwargs={"min_new_tokens": s.max_new_tokens} if fixed else None,
+        **(dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.1,
+                vllm_max_model_length=256 + s.max_new_tokens) if s.trl_vllm else {}))
 
     class Timer(TrainerCallback):
         def __init__(self):
@@ -389,6 +392,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--sides", default="ours,trl,parts", help="comma-separated: ours, trl, parts")
     parser.add_argument("--tag", default="", help="suffix of the result files")
+    parser.add_argument("--trl-vllm", action="store_true", help="TRL generates with vLLM (colocate mode)")
     parser.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side in this process
     parser.add_argument("--settings", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -404,7 +408,7 @@ def main() -> None:
     model_dir = ensure_tiny_model(Path("~/.cache/rlhf_dist/models").expanduser() / f"vs_trl_{args.model}",
                                   **MODELS[args.model])
     s = Settings(model_dir=str(model_dir), lengths=args.lengths, steps=args.steps, dtype=args.dtype,
-                 overrides=args.overrides)
+                 overrides=args.overrides, trl_vllm=args.trl_vllm)
     results = {}
     for name in args.sides.split(","):  # each standalone part in its own process
         results[name] = ({**run_side("parts_engine", s), **run_side("parts_hf", s)} if name == "parts"
