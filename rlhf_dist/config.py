@@ -248,7 +248,8 @@ class ClusterConfig:
     shared_dir: Optional[str] = None
     # CPU nodes: cores of the engines and of the training side (learner and critic ranks,
     # reference), e.g. engine_cores=0 learner_cores=1, so that overlapped generation and training
-    # (trainer.async_rollout) do not compete for cores. null = all cores, shared by a group's
+    # (trainer.async_rollout) do not compete for cores; several engines split engine_cores equally.
+    # null = all cores, shared by a group's
     # actors on the node (right when the phases run one after another). Ranges: "2-5", lists: "0,2".
     engine_cores: Optional[str] = None
     learner_cores: Optional[str] = None

@@ -304,12 +304,13 @@ def _validate_cluster(cfg: Any) -> None:
                 f"cluster.{role}_resources={value!r}: expected custom Ray resources per actor, "
                 f"{{name: amount > 0}}, e.g. cluster.{role}_resources={{node_b:1}} (CPUs and GPUs "
                 "go in cluster.cpus_per_* / gpus_per_*), or null.")
-    _check_cores(cfg.cluster)
+    _check_cores(cfg)
 
 
-def _check_cores(cl: Any) -> None:
+def _check_cores(cfg: Any) -> None:
     from rlhf_dist.actors.cpu import available_cores, parse_cores
 
+    cl, ro = cfg.cluster, cfg.rollout
     for role in ("engine", "learner"):
         key = f"cluster.{role}_cores"
         cores = parse_cores(getattr(cl, f"{role}_cores"), key)
@@ -322,6 +323,11 @@ def _check_cores(cl: Any) -> None:
         if cl.address is None and not set(cores) <= set(here):  # local Ray: this machine's cores
             raise ConfigError(f"{key}={getattr(cl, f'{role}_cores')!r} names cores {sorted(set(cores) - set(here))} "
                               f"that this machine does not have (it has {here}). Fix: pick from those.")
+        if role == "engine" and len(cores) < ro.num_engines * ro.tensor_parallel_size:
+            raise ConfigError(
+                f"{key}={cl.engine_cores!r} gives {len(cores)} core(s) to {ro.num_engines} engine(s) x "
+                f"{ro.tensor_parallel_size} worker(s); each engine gets an equal share, at least one core "
+                f"per worker. Fix: name more cores, or {key}=null.")
 
 
 def _check_gpu_shares(cfg: Any) -> None:

@@ -38,7 +38,24 @@ def test_bad_core_settings_are_refused_with_the_fix():
         validate(compose([f"cluster.learner_cores={missing}"]))
     with pytest.raises(ConfigError, match="only CPU nodes use"):
         validate(compose(["cluster=gpu8", "cluster.engine_cores=0"]))
+    with pytest.raises(ConfigError, match=r"gives 1 core\(s\) to 2 engine\(s\)"):
+        validate(compose(["cluster.engine_cores=0", "rollout.num_engines=2"]))
     validate(compose(["cluster.engine_cores=0", "cluster.learner_cores=0"]))
+
+
+def test_each_engine_gets_its_own_share_of_the_engine_cores(monkeypatch):
+    from rlhf_dist.actors import launcher
+
+    captured = {}
+
+    class Group:  # records the per-engine arguments instead of starting actors
+        def __init__(self, name, cls, num, cpus, gpus, timeout, kwargs, resources):
+            captured["kwargs"] = kwargs
+
+    monkeypatch.setattr(launcher, "ActorGroup", Group)
+    launcher.start_engines(compose(["cluster.engine_cores=0-3", "rollout.num_engines=2"]), "/model")
+    assert [(k["cpu_cores"], k["cpu_threads_bind"], k["threads_share"]) for k in captured["kwargs"]] == [
+        ([0, 1], "0,1", 1), ([2, 3], "2,3", 1)]
 
 
 def test_use_cores_pins_the_process_and_sets_the_threads():

@@ -87,21 +87,28 @@ def start_engines(cfg, model: ModelDir) -> ActorGroup:
     cl, ro = cfg.cluster, cfg.rollout
     num_engines = ro.num_engines
     tp, cores = ro.tensor_parallel_size, parse_cores(cl.engine_cores)
-    # vLLM's auto-binding gives each CPU worker its own NUMA node: one engine worker only
-    bind = vllm_binding(cores, tp, num_engines == 1 and tp == 1) if cl.device == "cpu" else "auto"
+    # cluster.engine_cores: each engine its own equal share of them; else every engine shares
+    # the node's cores (threads divided by the engines and their workers)
+    per_engine = [cores[i * (len(cores) // num_engines):(i + 1) * (len(cores) // num_engines)]
+                  for i in range(num_engines)] if cores else [None] * num_engines
+
+    def placement(engine_cores):  # vLLM's auto-binding gives each worker its own NUMA node: one only
+        bind = vllm_binding(engine_cores, tp, num_engines == 1 and tp == 1) if cl.device == "cpu" else "auto"
+        return dict(cpu_threads_bind=bind, cpu_cores=engine_cores,
+                    threads_share=tp * (num_engines if engine_cores is None else 1))
+
     engine_kwargs = dict(
         model_path=model, dtype=ro.dtype,
         max_model_len=ro.max_new_tokens + cfg.task.max_prompt_len,
         tensor_parallel_size=ro.tensor_parallel_size,
         gpu_memory_utilization=ro.gpu_memory_utilization,
         kv_cache_gb=ro.kv_cache_gb, enforce_eager=ro.enforce_eager,
-        device=cl.device, cpu_threads_bind=bind, cpu_cores=cores,
-        threads_share=tp * (num_engines if cores is None else 1), sync_transport=ro.sync_transport,
+        device=cl.device, sync_transport=ro.sync_transport,
         sleep_level=ro.sleep_level, ignore_eos=ro.ignore_eos)
     return ActorGroup(
         "rollout", RolloutActor, num_engines, cl.cpus_per_engine, cl.gpus_per_engine,
         cl.placement_timeout_s,
-        [dict(engine_kwargs, seed=ro.seed + i) for i in range(num_engines)],
+        [dict(engine_kwargs, seed=ro.seed + i, **placement(per_engine[i])) for i in range(num_engines)],
         resources=dict(cl.engine_resources or {}))
 
 
