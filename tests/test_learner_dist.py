@@ -65,8 +65,9 @@ def make_minibatch(tiny_model_dir, prompt_lens=None, response_lens=None):
     return batch
 
 
-def _torch_reference_step(model_dir, batch, loss_cfg=LOSS_CFG):
-    """Plain torch: loss of the whole mini-batch, one AdamW step."""
+def _torch_reference_step(model_dir, batch, loss_cfg=LOSS_CFG, grad_clip=None, norms=None):
+    """Plain torch: loss of the whole mini-batch, one AdamW step (gradients clipped to a global
+    norm of `grad_clip` if given; the pre-clip norm is appended to `norms`)."""
     model = disable_dropout(load_causal_lm(str(model_dir)))
     logprobs, entropy = response_logprobs(model, batch["input_ids"], batch["attention_mask"],
                                           batch.prompt_width, with_entropy=True)
@@ -76,18 +77,22 @@ def _torch_reference_step(model_dir, batch, loss_cfg=LOSS_CFG):
                                   entropy=entropy, **cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, weight_decay=0.0)
     loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    if norms is not None:
+        norms.append(norm.item())
     optimizer.step()
     return {n: p.detach() for n, p in model.named_parameters()}
 
 
-def _ds_step(model_dir, batch, ranks, micro, zero_stage, max_tokens=0, loss_cfg=LOSS_CFG):
+def _ds_step(model_dir, batch, ranks, micro, zero_stage, max_tokens=0, loss_cfg=LOSS_CFG, optim=OPTIM,
+             bf16=False):
     """One optimizer step on `ranks` learner ranks; returns (group, train metrics, init info)."""
     group = ActorGroup("learner", LearnerActor, ranks, 0.4, 0.0, 60,
                        [dict(rank=r, world_size=ranks, model_path=str(model_dir)) for r in range(ranks)])
     addr, port = group.run("address", timeout_s=60)[0]
     grad_accum = MINI // ranks // micro
-    info = group.wait(group.call("init", addr, port, "gloo", zero_stage, micro, grad_accum, OPTIM, 1,
-                                 False, False, 300), "init", 600)
+    info = group.wait(group.call("init", addr, port, "gloo", zero_stage, micro, grad_accum, optim, 1,
+                                 bf16, False, 300), "init", 600)
     num_tokens, num_seqs = count_normalizers(batch["response_mask"])
     shards = batch.chunk(ranks)
     metrics = group.wait(group.call_each("train_step", [
@@ -181,3 +186,24 @@ def test_token_budget_micro_batches_give_the_fixed_size_update_with_less_padding
     assert padded == {0: 2 * 18 + 2 * 17 + 2 * 18 + 2 * 16, BUDGET: (18 + 17 + 7 + 7) + (18 + 17 + 16 + 15)}
     assert budget[0]["perf/padded_token_frac"] < fixed[0]["perf/padded_token_frac"]
     assert all(m["entropy/mean"] > 0 for m in budget)
+
+
+@pytest.mark.parametrize("zero_stage,bf16", [(0, False), (2, False), (3, False), (0, True), (2, True)])
+def test_grad_norm_is_the_global_pre_clip_norm_and_clipping_uses_it(ray_local, tiny_model_dir, minibatch,
+                                                                     zero_stage, bf16):
+    """`optim/grad_norm` is the norm torch's clip_grad_norm_ returns on the unsplit mini-batch's
+    gradient (before clipping), under every ZeRO stage and dtype, and the clipped step equals
+    torch's. (DeepSpeed 0.19.8 returns no norm under ZeRO-0 fp32: it was logged as 0.0.)"""
+    clip = 0.05
+    norms = []
+    expected = _torch_reference_step(tiny_model_dir, minibatch, grad_clip=clip, norms=norms)
+    group, metrics, _ = _ds_step(tiny_model_dir, minibatch, ranks=2, micro=2, zero_stage=zero_stage,
+                                 optim=dict(OPTIM, grad_clip=clip), bf16=bf16)
+    weights = group.run("get_weights", timeout_s=60)
+    group.kill()
+    assert norms[0] > 10 * clip, "the test needs a gradient that the clip binds"
+    for rank_metrics in metrics:
+        assert rank_metrics["optim/grad_norm"] == pytest.approx(norms[0], rel=0.03 if bf16 else 1e-4)
+    if not bf16:  # Adam with eps >> |g| moves by ~ lr * g / eps: a wrong clip norm shows here
+        for name, want in expected.items():
+            torch.testing.assert_close(weights[0][name], want, rtol=1e-4, atol=1e-6, msg=name)

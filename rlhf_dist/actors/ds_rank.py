@@ -106,6 +106,7 @@ class DeepSpeedRank:
         counts: dict[str, int] = defaultdict(int)
         extremes: dict[str, float] = {}
         grad_norms, padded, real, forwards = [], 0, 0, 0
+        zero0_norm = None
         try:
             for shard, num_tokens, num_seqs in minibatches:
                 micros = self._micro_batches(shard, max_tokens)
@@ -117,12 +118,12 @@ class DeepSpeedRank:
                     # global-normalised sum (module docstring); no division by the micro-batch count.
                     self.ds_engine.backward(loss * self.world_size, scale_wrt_gas=False)
                     if self.ds_engine.is_gradient_accumulation_boundary():
-                        self._check_finite_gradients(step)
+                        zero0_norm = self._zero0_grad_norm(step)
                     self.ds_engine.step()
                     _accumulate(sums, counts, extremes, metrics, stats)
                     micro_padded, micro_real = micro.token_counts()
                     padded, real, forwards = padded + micro_padded, real + micro_real, forwards + 1
-                grad_norms.append(self._grad_norm_after_step(step))
+                grad_norms.append(self._grad_norm_after_step(step, zero0_norm))
                 self.optimizer_steps += 1
         except NonFiniteLossError:
             # every rank gets here together (the checks all-reduce). ZeRO 1-3: DeepSpeed skipped
@@ -173,23 +174,29 @@ class DeepSpeedRank:
                 f"({self.role}.optim.lr), rewards with NaN/inf, or bf16 overflow. Lower the LR or "
                 "check reward.fn.")
 
-    def _check_finite_gradients(self, step: int) -> None:
-        """ZeRO-0 applies NaN/inf gradients (ZeRO 1-3 skip such a step): check before it does."""
+    def _zero0_grad_norm(self, step: int) -> float | None:
+        """ZeRO-0: the global pre-clip gradient norm, from the all-reduced `.grad`s, before the
+        step. DeepSpeed computes it while clipping but drops it in fp32 (`get_global_grad_norm()`
+        is None), and ZeRO-0 applies NaN/inf gradients (ZeRO 1-3 skip such a step): a non-finite
+        norm stops the step here. ZeRO 1-3: None (DeepSpeed's own norm is used)."""
         if self.zero_stage != 0:
-            return
-        finite = all(bool(torch.isfinite(p.grad).all()) for p in self.ds_engine.module.parameters()
-                     if p.grad is not None)
-        flag = torch.tensor([float(finite)], device=next(self.ds_engine.module.parameters()).device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        if flag.item() < 1.0:
+            return None
+        grads = [p.grad for p in self.ds_engine.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0).float().reshape(1)
+        finite = torch.isfinite(norm).float()
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1.0:
             self._raise_non_finite_gradient(step)
+        return norm.item()
 
-    def _grad_norm_after_step(self, step: int) -> float:
-        """The global gradient norm of the step just taken; ZeRO 1-3 skip a non-finite one."""
+    def _grad_norm_after_step(self, step: int, zero0_norm: float | None) -> float:
+        """The global pre-clip gradient norm of the step just taken; ZeRO 1-3 skip a non-finite one."""
         norm = self.ds_engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else 0.0
+        norm = float(norm) if norm is not None else zero0_norm
         skipped = getattr(self.ds_engine, "skipped_steps", 0)
         newly_skipped, self._skipped_steps = skipped > self._skipped_steps, skipped
+        if norm is None:
+            raise RuntimeError(f"DeepSpeed reported no gradient norm under ZeRO-{self.zero_stage}")
         if newly_skipped or not torch.isfinite(torch.tensor(norm)):
             self._raise_non_finite_gradient(step)
         return norm
