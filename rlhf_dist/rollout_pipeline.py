@@ -18,6 +18,7 @@ from typing import Any, Callable
 from rlhf_dist.actors.group import ActorGroup, wait_all
 from rlhf_dist.data.batch import split_evenly
 from rlhf_dist.data.prompts import PromptSampler
+from rlhf_dist.seeding import sample_seeds
 
 
 @dataclass
@@ -55,23 +56,24 @@ class RolloutPipeline:
         self.prefetched: Rollout | None = None  # async_rollout: the next step's batch, generated
 
     # ------------------------------------------------------------------ one generation
-    def generate(self, records: list[dict], n: int, temperature: float,
-                 step: int | None = None) -> tuple[list[dict], list[dict]]:
+    def generate(self, records: list[dict], n: int, temperature: float, step: int | None = None,
+                 stream: str = "train") -> tuple[list[dict], list[dict]]:
         """Split prompts across engines; returns (samples, the record each sample answers)."""
-        samples, sample_records, _ = self.collect_generate(self.launch_generate(records, n, temperature, step))
+        launched = self.launch_generate(records, n, temperature, step, stream)
+        samples, sample_records, _ = self.collect_generate(launched)
         return samples, sample_records
 
-    def launch_generate(self, records: list[dict], n: int, temperature: float,
-                        step: int | None = None) -> dict[str, Any]:
+    def launch_generate(self, records: list[dict], n: int, temperature: float, step: int | None = None,
+                        stream: str = "train") -> dict[str, Any]:
         """Start sampling on the engines (prompts split across them); `collect_generate` waits.
 
-        RL steps sample with one seed per prompt derived from (rollout.seed, step, position), so a
-        step's samples do not depend on the engine's history (a resumed run repeats them).
+        With a `step`, sample j of the i-th prompt draws from its own random stream, seeded from
+        (rollout.seed, stream, step, i, j) (rlhf_dist.seeding): no two samples of a run share one,
+        and a step's samples do not depend on the engine's history (a resumed run repeats them).
         """
         prompt_ids = [self.tokenizer(r["prompt"])["input_ids"] for r in records]
         parts = split_evenly(list(range(len(records))), len(self.engines))
-        seeds = ([(self.seed * 1_000_003 + step * 100_003 + i) % 2**31 for i in range(len(records))]
-                 if step is not None else None)
+        seeds = sample_seeds(self.seed, stream, step, len(records), n) if step is not None else None
         refs = self.engines.call_each("generate", [
             ([prompt_ids[i] for i in part], n, temperature, self.top_p, self.max_new_tokens,
              [seeds[i] for i in part] if seeds else None) for part in parts])

@@ -95,10 +95,10 @@ class RLTrainer:
         return [self.engines, self.learners, self.reward, self.reference, self.critics]
 
     # ------------------------------------------------------------------ phases
-    def generate(self, records: list[dict], n: int, temperature: float,
-                 step: int | None = None) -> tuple[list[dict], list[dict]]:
+    def generate(self, records: list[dict], n: int, temperature: float, step: int | None = None,
+                 stream: str = "train") -> tuple[list[dict], list[dict]]:
         """Split prompts across engines; returns (samples, the record each sample answers)."""
-        return self.rollouts.generate(records, n, temperature, step)
+        return self.rollouts.generate(records, n, temperature, step, stream)
 
     def score(self, batch: Batch, records: list[dict], texts: list[str]) -> None:
         """Phase 2: rewards, reference logprobs, critic values and old logprobs, all in flight."""
@@ -329,7 +329,7 @@ class RLTrainer:
     def evaluate(self, step: int) -> dict[str, float]:
         """Greedy decoding on the held-out prompts, scored by the same reward function."""
         start = time.perf_counter()
-        samples, records = self.generate(self.eval_records, 1, 0.0)
+        samples, records = self.generate(self.eval_records, 1, 0.0, step, stream="eval")
         texts = [s["text"] for s in samples]
         try:
             scored = self.reward.run("score", records, texts, False, timeout_s=self.cfg.reward.timeout_s)[0]

@@ -94,23 +94,37 @@ class RolloutActor:
         temperature: float,
         top_p: float,
         max_new_tokens: int,
-        seeds: list[int] | None = None,
+        seeds: list[list[int]] | None = None,
     ) -> list[dict[str, Any]]:
         """Sample `n` responses per prompt. Returns one dict per sample, prompt-major order.
 
-        `seeds` (one per prompt) make the samples a function of (weights, prompt, seed) alone,
-        not of what the engine sampled before: a resumed run draws what the uninterrupted one did.
+        `seeds[i][j]` seeds sample j of prompt i (rlhf_dist.seeding): each sample is sent as its own
+        n=1 request, so every sample has its own random stream (vLLM would seed the children of
+        one n=G request with seed + j, shared with the neighbouring prompts' seeds), and a sample
+        is a function of (weights, prompt, seed) alone: a resumed run draws what the
+        uninterrupted one did. Without seeds, one n-sample request per prompt from the engine's
+        own generator.
         """
         from vllm import SamplingParams, TokensPrompt
 
         greedy = temperature == 0.0
 
-        def sampling(seed):
+        def sampling(count, seed):
             return SamplingParams(
-                n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed,
-                ignore_eos=self.ignore_eos, logprobs=None if greedy else 0)  # 0 = only the sampled token's logprob
+                n=count, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed,
+                # fixed lengths: EOS is masked until max_new_tokens (as HF's min_new_tokens), not
+                # sampled mid-response and kept in the loss
+                ignore_eos=self.ignore_eos, min_tokens=max_new_tokens if self.ignore_eos else 0,
+                logprobs=None if greedy else 0)  # 0 = only the sampled token's logprob
 
-        params = [sampling(seed) for seed in seeds] if seeds is not None else sampling(None)
+        if seeds is not None:
+            if len(seeds) != len(prompt_token_ids) or any(len(row) != n for row in seeds):
+                raise ValueError(f"generate: need {len(prompt_token_ids)} x {n} seeds, got "
+                                 f"{[len(row) for row in seeds]}")
+            prompt_token_ids = [ids for ids in prompt_token_ids for _ in range(n)]
+            params = [sampling(1, seed) for row in seeds for seed in row]
+        else:
+            params = sampling(n, None)
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids]
         start = time.perf_counter()
         outputs = self.llm.generate(prompts, params, use_tqdm=False)

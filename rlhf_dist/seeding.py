@@ -1,0 +1,36 @@
+"""Per-sample random streams for the rollout engines.
+
+Every sample a run draws (RL step, prompt position, child) gets a seed of its own, mixed from
+(rollout.seed, stream, step, prompt, child) by numpy's SeedSequence (a hash, not a sum), so
+
+- no two samples of a run, nor of two runs with different `rollout.seed`, share a random stream;
+- a sample's seed depends only on those five numbers: a resumed run, or a batch regenerated after
+  an engine restart, draws what the uninterrupted run drew.
+
+Why not `base + prompt` with `SamplingParams(n=G, seed=...)`: vLLM seeds child j of a request
+with `seed + j` (vllm/v1/engine/parallel_sampling.py), so sample (i, j) got stream base + i + j
+and the 64 samples of an 8 x 8 step shared 15 streams; with a near-uniform policy the same stream
+picks the same tokens whatever the prompt. The engine therefore receives one seed per sample and
+sends each as its own n=1 request (vLLM fans n > 1 out into such requests anyway).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Independent families of streams within one run: RL training batches, and evaluation sampling.
+STREAMS = {"train": 0, "eval": 1}
+
+
+def sample_seed(run_seed: int, stream: str, step: int, prompt: int, child: int) -> int:
+    """The seed of sample `child` of the `prompt`-th prompt of `step`: a 63-bit integer."""
+    words = np.random.SeedSequence(run_seed, spawn_key=(STREAMS[stream], step, prompt, child)).generate_state(
+        2, np.uint32)
+    return (int(words[0]) << 32 | int(words[1])) & (2**63 - 1)
+
+
+def sample_seeds(run_seed: int, stream: str, step: int, num_prompts: int, n: int) -> list[list[int]]:
+    """(num_prompts, n) seeds: row i holds the seeds of prompt i's n samples at `step`."""
+    if run_seed < 0 or step < 0:
+        raise ValueError(f"seeds need a non-negative run seed and step, got rollout.seed={run_seed}, step={step}")
+    return [[sample_seed(run_seed, stream, step, i, j) for j in range(n)] for i in range(num_prompts)]
