@@ -97,7 +97,7 @@ def side_ours(s: Settings) -> dict:
         f"learner.micro_batch_size={s.prompts * s.n // world_size}",  # one forward per rank
         f"reward.fn={REWARDS}:{s.reward}", "trainer.eval_every=0", "task.num_eval=8",
         "trainer.save_every=0", f"trainer.run_dir={run_dir}", "logger.wandb.mode=disabled",
-        f"trainer.seed={s.seed}", *s.overrides]
+        f"trainer.seed={s.seed}", f"rollout.seed={s.seed}", *s.overrides]
     with initialize_config_dir(conf_dir(), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     begin = time.perf_counter()
@@ -110,7 +110,7 @@ def side_ours(s: Settings) -> dict:
     rows = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "timing/step_s" in r]
     steps = [{"step_s": r["timing/step_s"], "tokens": r["response/length_mean"] * s.prompts * s.n,
-              "reward": r["reward/mean"], "length": r["response/length_mean"],
+              "reward": r["reward/mean"], "length": r["response/length_mean"], "kl": r.get("kl/mean"),
               **{f"{p}_s": r[f"timing/{p}_s"] for p in PHASES},
               **{k.split("/")[-1]: r[k] for k in r if k in (
                   "timing/generate_hidden_s", "async/staleness") or "mismatch" in k or "is_" in k}} for r in rows]
@@ -169,7 +169,7 @@ def side_trl(s: Settings) -> dict:
                           train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
     trainer.train()
     steps = [{"step_s": t, "tokens": log["completions/mean_length"] * s.prompts * s.n,
-              "reward": log["reward"], "length": log["completions/mean_length"]}
+              "reward": log["reward"], "length": log["completions/mean_length"], "kl": log.get("kl")}
              for t, log in zip(timer.steps, timer.logs)]
     return {"steps": steps, "startup_s": timer.train_begin - start, "threads": torch.get_num_threads(),
             "process_to_ready_s": process_start + timer.train_begin - start}

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from rlhf_dist.actors.files import ModelDir, model_dir
+from rlhf_dist.actors.ds_rank import STATS_WEIGHT
 from rlhf_dist.actors.group import ActorGroup
 
 
@@ -65,7 +66,13 @@ def start_ds_group(name: str, actor_cls: type, model_path: Union[str, ModelDir],
 
 def merge_rank_metrics(results: list[dict[str, float]], additive: tuple[str, ...]) -> dict[str, float]:
     """One dict from every rank's: keys starting with `additive` (each rank's share of a
-    global-normalised sum) are summed, `*_max` / `*_min` keep the extreme, the rest average."""
+    global-normalised sum) are summed, `*_max` / `*_min` keep the extreme, the rest average,
+    weighted by each rank's response tokens where the ranks report them (`STATS_WEIGHT`: a stat
+    such as clip_frac is a mean over tokens, and the shards of a mini-batch hold different counts)."""
+    weight_key = next((k for k in results[0] if k.endswith(STATS_WEIGHT)), None)
+    weights = [r[weight_key] for r in results] if weight_key else [1.0] * len(results)
+    if sum(weights) <= 0:
+        weights = [1.0] * len(results)
     merged = {}
     for key in results[0]:
         values = [r[key] for r in results]
@@ -75,6 +82,8 @@ def merge_rank_metrics(results: list[dict[str, float]], additive: tuple[str, ...
             merged[key] = min(values)
         elif key.startswith(additive):
             merged[key] = sum(values)
-        else:
+        elif key == weight_key:
             merged[key] = sum(values) / len(values)
+        else:
+            merged[key] = sum(w * v for w, v in zip(weights, values)) / sum(weights)
     return merged

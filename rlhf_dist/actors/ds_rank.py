@@ -34,6 +34,8 @@ from rlhf_dist.models.hf import disable_dropout
 # micro-step counter in `engine.forward`, and without it every micro-batch's gradient overwrites
 # the previous one instead of accumulating (found by tests/test_learner_dist.py).
 MicroLoss = Callable[[Batch, float, float], tuple[torch.Tensor, dict, dict]]
+# the response tokens a rank's stats averaged over: merge_rank_metrics weights the ranks by it
+STATS_WEIGHT = "perf/response_tokens_per_rank"
 
 
 class DeepSpeedRank:
@@ -106,7 +108,7 @@ class DeepSpeedRank:
         counts: dict[str, int] = defaultdict(int)
         extremes: dict[str, float] = {}
         grad_norms, padded, real, forwards = [], 0, 0, 0
-        zero0_norm = None
+        zero0_norm, response_tokens = None, 0
         try:
             for shard, num_tokens, num_seqs in minibatches:
                 micros = self._micro_batches(shard, max_tokens)
@@ -120,7 +122,9 @@ class DeepSpeedRank:
                     if self.ds_engine.is_gradient_accumulation_boundary():
                         zero0_norm = self._zero0_grad_norm(step)
                     self.ds_engine.step()
-                    _accumulate(sums, counts, extremes, metrics, stats)
+                    tokens = int(micro["response_mask"].sum()) if "response_mask" in micro.tensors else len(micro)
+                    _accumulate(sums, counts, extremes, metrics, stats, tokens)
+                    response_tokens += tokens
                     micro_padded, micro_real = micro.token_counts()
                     padded, real, forwards = padded + micro_padded, real + micro_real, forwards + 1
                 grad_norms.append(self._grad_norm_after_step(step, zero0_norm))
@@ -133,13 +137,14 @@ class DeepSpeedRank:
                 self.ds_engine.module.zero_grad(set_to_none=True)
             raise
         num_minibatches = max(1, len(minibatches))
-        result = {k: (v / counts[k] if k in counts else v / num_minibatches) for k, v in sums.items()}
+        result = {k: (v / max(counts[k], 1) if k in counts else v / num_minibatches) for k, v in sums.items()}
         result.update(extremes)
         result["optim/lr"] = self.ds_engine.get_lr()[0]
         result["optim/grad_norm"] = sum(grad_norms) / max(1, len(grad_norms))
         result["optim/grad_norm_max"] = max(grad_norms, default=0.0)
         result["perf/padded_tokens_per_rank"] = float(padded)  # rows x trimmed width, all passes
         result["perf/forwards_per_rank"] = float(forwards)
+        result[STATS_WEIGHT] = float(response_tokens)  # weights this rank's stats in merge_rank_metrics
         result["perf/padded_token_frac"] = 1.0 - real / max(1, padded)
         return {k if k.startswith(prefix) else f"{prefix}{k}": v for k, v in result.items()}
 
@@ -254,8 +259,10 @@ class DeepSpeedRank:
         return batched_forward(batch, micro_batch_size, forward)
 
 
-def _accumulate(sums: dict, counts: dict, extremes: dict, metrics: dict, stats: dict) -> None:
-    """Add one micro-batch's additive metrics and stats to the running totals."""
+def _accumulate(sums: dict, counts: dict, extremes: dict, metrics: dict, stats: dict, tokens: int) -> None:
+    """Add one micro-batch's additive metrics and stats to the running totals. Stats are masked
+    means over the micro-batch's response tokens: weighted by `tokens`, their mean is that over
+    every token of the pass, whatever the micro-batch sizes."""
     for key, value in metrics.items():
         sums[key] += float(value)
     for key, value in stats.items():
@@ -264,8 +271,8 @@ def _accumulate(sums: dict, counts: dict, extremes: dict, metrics: dict, stats: 
             pick = max if key.endswith("_max") else min
             extremes[key] = pick(extremes.get(key, value), value)
         else:
-            sums[key] += value
-            counts[key] += 1
+            sums[key] += value * tokens
+            counts[key] += tokens
 
 
 @contextmanager
