@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--tag", default="")
+    parser.add_argument("--from-json", help="summarize the raw runs a previous call wrote (its .json)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for our side, after --")
     args = parser.parse_args()
 
@@ -142,8 +143,17 @@ def main() -> None:
     model_dir = ensure_tiny_model(Path("~/.cache/rlhf_dist/models").expanduser() / f"vs_trl_{args.model}",
                                   **MODELS[args.model])
     seeds = [int(x) for x in args.seeds.split(",")]
+    stem = f"vs_trl_learning_{args.model}_{args.lengths}_{args.dtype}" + (f"_{args.tag}" if args.tag else "")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    settings = asdict(Settings(model_dir=str(model_dir), lengths=args.lengths, steps=args.steps,
+                               dtype=args.dtype, overrides=args.overrides))
+    record = {"settings": {**settings, "seeds": seeds},
+              "machine": {"cores": os.cpu_count(), "platform": platform.platform()}}
     results: dict[str, list[dict]] = {name: [] for name in SIDES}
-    for seed in seeds:
+    if args.from_json:
+        record = json.loads(Path(args.from_json).read_text())
+        results, seeds = record["results"], record["settings"]["seeds"]
+    for seed in seeds if not args.from_json else []:
         s = Settings(model_dir=str(model_dir), lengths=args.lengths, steps=args.steps, dtype=args.dtype,
                      seed=seed, overrides=args.overrides)
         for name in SIDES:
@@ -151,18 +161,14 @@ def main() -> None:
             if "steps" not in result:
                 raise SystemExit(f"{name} (seed {seed}) failed: {result.get('error')}")
             results[name].append(result)
+            # every finished run is on disk at once: a failure later loses nothing (--from-json)
+            (RESULTS / f"{stem}.json").write_text(json.dumps({**record, "results": results}, indent=1))
     summary = summarize(results)
     title = (f"learning vs TRL: {args.model} model, 8 prompts x 8 completions, <= 64 new tokens "
              f"({args.lengths} lengths), {args.dtype}, seeds {args.seeds}, {os.cpu_count()} cores"
              + (f", ours: {' '.join(args.overrides)}" if args.overrides else ""))
     print_table(summary, title)
-    stem = f"vs_trl_learning_{args.model}_{args.lengths}_{args.dtype}" + (f"_{args.tag}" if args.tag else "")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    settings = asdict(Settings(model_dir=str(model_dir), lengths=args.lengths, steps=args.steps,
-                               dtype=args.dtype, overrides=args.overrides))
-    (RESULTS / f"{stem}.json").write_text(json.dumps(
-        {"settings": {**settings, "seeds": seeds}, "machine": {"cores": os.cpu_count(), "platform": platform.platform()},
-         "summary": summary, "results": results}, indent=1))
+    (RESULTS / f"{stem}.json").write_text(json.dumps({**record, "summary": summary, "results": results}, indent=1))
     plot(summary, results, RESULTS / f"{stem}.png", title)
     print(f"wrote {RESULTS / stem}.json and .png")
 
