@@ -50,3 +50,25 @@ def start_trainer(run_dir: Path, model_dir: Path, overrides: list[str]):
                         inputs["train"], inputs["eval"], inputs["reward_spec"], monitor)
     trainer.start()
     return trainer
+
+
+def assert_rises(values: list[float], head: int, tail: int, k: float = 3.0,
+                 within_sd: list[float] | None = None, batch: int = 1) -> None:
+    """The mean of the last `tail` values exceeds that of the first `head` by `k` standard errors
+    of the difference, so a policy that learns nothing fails (~1% of the time at k=3), whatever
+    the seed. Each window's standard error is the larger of its step-to-step spread / sqrt(n) and,
+    given the within-batch standard deviations of `batch` samples a step, mean sd / sqrt(n * batch)."""
+    import statistics
+
+    def mean_and_se(part: list[float], sds: list[float] | None) -> tuple[float, float]:
+        se = statistics.stdev(part) / len(part) ** 0.5
+        if sds:
+            se = max(se, statistics.fmean(sds) / (len(part) * batch) ** 0.5)
+        return statistics.fmean(part), se
+
+    first, first_se = mean_and_se(values[:head], within_sd[:head] if within_sd else None)
+    last, last_se = mean_and_se(values[-tail:], within_sd[-tail:] if within_sd else None)
+    margin = k * (first_se**2 + last_se**2) ** 0.5
+    assert last - first > margin, (
+        f"no rise beyond noise: first {head} steps {first:.3f}, last {tail} {last:.3f}, "
+        f"needed +{margin:.3f} ({k} standard errors); values {[round(v, 3) for v in values]}")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, assert_rises, run_cli
 
 STARTED = "[start]"  # printed just before actors are created
 
@@ -173,6 +173,10 @@ def test_default_job_learns(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["reward/last_10pct"] >= summary["reward/first_step"] + 0.3, summary
     assert summary["eval/reward_end"] > summary["eval/reward_start"] + 0.1, summary
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward/std" in r]
+    assert_rises([r["reward/mean"] for r in steps], head=10, tail=20,
+                 within_sd=[r["reward/std"] for r in steps], batch=768)
     assert summary["timing/sync_frac"] < 0.1, summary
 
 
@@ -191,6 +195,9 @@ def test_ppo_learns(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["reward/last_10pct"] >= summary["reward/first_step"] + 0.2, summary
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rewarded = [r for r in rows if "reward/std" in r]
+    assert_rises([r["reward/mean"] for r in rewarded], head=5, tail=5,
+                 within_sd=[r["reward/std"] for r in rewarded], batch=768)
     steps = [r for r in rows if "critic/explained_variance" in r]
     assert len(steps) == 40
     late = sum(r["critic/explained_variance"] for r in steps[-5:]) / 5
@@ -215,9 +222,14 @@ def test_full_recipe_short(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["sft/eval_loss_end"] < summary["sft/eval_loss_start"] - 1.5, summary
-    assert summary["rm/eval_accuracy"] >= 0.58, summary  # chance is 0.5 (22% of pairs are gold ties)
+    # 750 held-out pairs: a reward model at chance (0.5; 22% of pairs are gold ties) scores
+    # 0.5 +- 0.018, so 0.58 is 4.4 standard errors above it
+    assert summary["rm/eval_accuracy"] >= 0.58, summary
     assert summary["best_demo_gold"] == 0.75
-    assert summary["rl/learned_reward_last_10pct"] > summary["rl/learned_reward_first_step"], summary
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    learned = [r["reward/model_mean"] for r in rows if "reward/model_mean" in r]
+    assert len(learned) == 20
+    assert_rises(learned, head=5, tail=5)
     for key in ("final_policy/eval_gold", "final_policy/eval_learned_reward", "sft_policy/eval_gold"):
         assert key in summary
     assert (run_dir / "recipe.png").stat().st_size > 10_000

@@ -11,11 +11,12 @@ import math
 
 import pytest
 import ray
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from rlhf_dist.actors.cluster import init_ray
-from rlhf_dist.algo import make_kl_controller
+from rlhf_dist.algo import compute_advantages, kl_penalty, make_kl_controller, masked_whiten
 from rlhf_dist.config import uses_critic
 from rlhf_dist.main import conf_dir, prepare
 from rlhf_dist.models.hf import load_tokenizer
@@ -23,7 +24,11 @@ from rlhf_dist.models.hf import load_tokenizer
 from conftest import REPO
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-PRESETS = ["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gspo", "ppo"]
+# preset -> (advantage estimator, policy loss) it must run: a preset that fell back to GRPO fails
+PRESETS = {"grpo": ("grpo", "clipped"), "dr_grpo": ("dr_grpo", "clipped"), "rloo": ("rloo", "clipped"),
+           "reinforce_pp": ("reinforce_pp", "clipped"),
+           "reinforce_pp_baseline": ("reinforce_pp_baseline", "clipped"), "gspo": ("grpo", "gspo"),
+           "ppo": ("gae", "clipped")}
 
 
 def _cfg(run_dir, model_dir, *overrides):
@@ -59,14 +64,44 @@ def _use_algo(trainer, algo):
     trainer.critics = trainer.all_critics if uses_critic(trainer.cfg) else None
 
 
+def _advantages_by(name, batch, algo, coef, group_size):
+    """What estimator `name` gives on the step's batch, from the same inputs as the trainer."""
+    mask = batch["response_mask"]
+    penalty = torch.zeros_like(mask)
+    if algo.kl_in_reward:
+        old_logprobs = batch.tensors.get("old_logprobs", batch["rollout_logprobs"])
+        penalty = coef * kl_penalty(old_logprobs, batch["ref_logprobs"], algo.kl_reward_estimator) * mask
+    advantages, _ = compute_advantages(name, scores=batch["rewards"], kl_penalty=penalty, response_mask=mask,
+                                       values=batch.tensors.get("values"), group_size=group_size,
+                                       gamma=algo.gamma, lam=algo.lam)
+    return masked_whiten(advantages, mask) * mask if algo.whiten_advantages else advantages
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_estimator_runs_end_to_end(trainer, tiny_model_dir, tmp_path, preset):
     algo = _cfg(tmp_path, tiny_model_dir, f"algo={preset}").algo
+    assert (algo.advantage, algo.policy_loss) == PRESETS[preset]
     _use_algo(trainer, algo)
-    for step in (1, 2):
-        metrics = trainer.step(step)
-        bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
-        assert not bad, f"{preset}: non-finite metrics {bad}"
+    seen, advantages = {}, trainer.advantages
+
+    def keep_batch(batch):  # the batch phase 3 saw, kept for the check below
+        seen["batch"] = batch
+        return advantages(batch)
+
+    trainer.advantages = keep_batch
+    try:
+        for step in (1, 2):
+            metrics = trainer.step(step)
+            bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+            assert not bad, f"{preset}: non-finite metrics {bad}"
+    finally:
+        del trainer.advantages
+    batch, group_size = seen["batch"], trainer.cfg.rollout.n_samples_per_prompt
+    used = _advantages_by(PRESETS[preset][0], batch, algo, metrics["kl/coef"], group_size)
+    torch.testing.assert_close(batch["advantages"], used, msg=f"{preset}: not the {PRESETS[preset][0]} advantages")
+    if PRESETS[preset][0] != "grpo":
+        grpo = _advantages_by("grpo", batch, algo, metrics["kl/coef"], group_size)
+        assert not torch.allclose(batch["advantages"], grpo, atol=1e-4), f"{preset}: GRPO's advantages"
     for key in ("reward/mean", "advantages/mean", "advantages/std", "loss/policy", "policy/approx_kl",
                 "policy/clip_frac_low", "policy/clip_frac_high", "policy/clip_frac_dual",
                 "policy/ratio_min", "policy/ratio_max", "entropy/mean", "optim/grad_norm",
