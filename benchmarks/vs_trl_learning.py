@@ -61,9 +61,14 @@ def summarize(results: dict[str, list[dict]]) -> dict:
         times = [time_to(run, target) for run in runs]
         summary[name]["time_to_target_s"] = times
         reached = [t for t in times if t is not None]
-        summary[name]["time_to_target_mean_s"] = statistics.fmean(reached) if len(reached) == len(times) else None
-    if all(summary[n]["time_to_target_mean_s"] for n in SIDES):
-        summary["time_to_target_ratio"] = summary["trl"]["time_to_target_mean_s"] / summary["ours"]["time_to_target_mean_s"]
+        every = len(reached) == len(times)
+        summary[name]["time_to_target_mean_s"] = statistics.fmean(reached) if every else None
+        # the same with each run's start-up (actors ready / trainer built) added
+        summary[name]["time_to_target_with_startup_mean_s"] = (
+            statistics.fmean(t + run["startup_s"] for t, run in zip(times, runs)) if every else None)
+    for key in ("time_to_target_mean_s", "time_to_target_with_startup_mean_s"):
+        if all(summary[n][key] for n in SIDES):
+            summary[key.replace("_mean_s", "_ratio")] = summary["trl"][key] / summary["ours"][key]
     summary["step_s_ratio"] = summary["trl"]["step_s"] / summary["ours"]["step_s"]
     # per step, is our seed-mean reward inside TRL's min..max over seeds?
     summary["ours_within_trl_spread"] = [
@@ -90,7 +95,8 @@ def print_table(summary: dict, title: str) -> None:
         times = ", ".join("never" if x is None else f"{x:.0f}" for x in summary[name]["time_to_target_s"])
         print(f"time to reward {target:.3f}, {name}: {times} s")
     if "time_to_target_ratio" in summary:
-        print(f"time to reward {target:.3f}, TRL / ours: {summary['time_to_target_ratio']:.2f}x")
+        print(f"time to reward {target:.3f}, TRL / ours: {summary['time_to_target_ratio']:.2f}x "
+              f"(with start-up: {summary.get('time_to_target_with_startup_ratio', float('nan')):.2f}x)")
     inside = summary["ours_within_trl_spread"]
     print(f"our seed-mean reward inside TRL's seed range at {sum(inside)} of {len(inside)} steps")
 
@@ -150,9 +156,11 @@ def main() -> None:
     record = {"settings": {**settings, "seeds": seeds},
               "machine": {"cores": os.cpu_count(), "platform": platform.platform()}}
     results: dict[str, list[dict]] = {name: [] for name in SIDES}
-    if args.from_json:
+    if args.from_json:  # the file's own settings name the output (not this call's flags)
         record = json.loads(Path(args.from_json).read_text())
         results, seeds = record["results"], record["settings"]["seeds"]
+        stem, args.seeds = Path(args.from_json).stem, ",".join(map(str, seeds))
+        args.lengths, args.dtype = record["settings"]["lengths"], record["settings"]["dtype"]
     for seed in seeds if not args.from_json else []:
         s = Settings(model_dir=str(model_dir), lengths=args.lengths, steps=args.steps, dtype=args.dtype,
                      seed=seed, overrides=args.overrides)

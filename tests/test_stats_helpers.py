@@ -16,13 +16,16 @@ from rlhf_dist.data.batch import Batch, collate_rollouts, shard_minibatches
 def test_rank_stats_are_weighted_by_tokens():
     """clip_frac is a mean over tokens: rank 0 clips 5 of 10 tokens, rank 1 none of 30, so the
     batch's clip_frac is 5 / 40, not the mean of 0.5 and 0.0."""
-    ranks = [{"policy/clip_frac": 0.5, "loss/policy": 0.2, "policy/ratio_max": 1.3, STATS_WEIGHT: 10.0},
-             {"policy/clip_frac": 0.0, "loss/policy": 0.1, "policy/ratio_max": 1.1, STATS_WEIGHT: 30.0}]
+    ranks = [{"policy/clip_frac": 0.5, "loss/policy": 0.2, "policy/ratio_max": 1.3, STATS_WEIGHT: 10.0,
+              "perf/forwards_per_rank": 2.0},
+             {"policy/clip_frac": 0.0, "loss/policy": 0.1, "policy/ratio_max": 1.1, STATS_WEIGHT: 30.0,
+              "perf/forwards_per_rank": 4.0}]
     merged = merge_rank_metrics(ranks, ("loss/",))
     assert merged["policy/clip_frac"] == pytest.approx(5 / 40)
     assert merged["loss/policy"] == pytest.approx(0.3)  # additive: each rank's share of one sum
     assert merged["policy/ratio_max"] == 1.3
-    # critic ranks prefix their keys; without a weight (SFT, reward model) ranks count equally
+    assert merged["perf/forwards_per_rank"] == 3.0  # a per-rank figure: plain mean
+    # critic ranks prefix their keys; without a weight ranks count equally
     critic = [{"critic/value_clip_frac": 1.0, f"critic/{STATS_WEIGHT}": 1.0},
               {"critic/value_clip_frac": 0.0, f"critic/{STATS_WEIGHT}": 3.0}]
     assert merge_rank_metrics(critic, ())["critic/value_clip_frac"] == pytest.approx(0.25)

@@ -82,8 +82,8 @@ def merge_rank_metrics(results: list[dict[str, float]], additive: tuple[str, ...
             merged[key] = min(values)
         elif key.startswith(additive):
             merged[key] = sum(values)
-        elif key == weight_key:
-            merged[key] = sum(values) / len(values)
+        elif key == weight_key or key.startswith(("perf/", "optim/")) or "/perf/" in key or "/optim/" in key:
+            merged[key] = sum(values) / len(values)  # per-rank figures, not means over tokens
         else:
             merged[key] = sum(w * v for w, v in zip(weights, values)) / sum(weights)
     return merged
