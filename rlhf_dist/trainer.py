@@ -65,6 +65,9 @@ class RLTrainer:
         # rollout records the engines' at launch, so staleness = policy_version - rollout.version
         self.policy_version = self.engine_version = 0
         self.rollouts: RolloutPipeline | None = None  # phase 1 (rlhf_dist.rollout_pipeline), from start()
+        # fixed lengths (rollout.ignore_eos): the engine masks EOS until max_new_tokens, so every
+        # logprob of the policy (learner, old, reference) is taken without it
+        self.banned_token_id = tokenizer.eos_token_id if cfg.rollout.ignore_eos else None
 
     @property
     def prefetched(self) -> Rollout | None:
@@ -107,14 +110,15 @@ class RLTrainer:
         jobs = [("rewards", [self.reward.call("score", records, texts)[0]], self.reward.names)]
         if self.reference is not None:
             jobs.append(("ref_logprobs", self.reference.call("compute_logprobs", batch, temperature, micro,
-                                                             cfg.learner.max_tokens_per_micro_batch),
+                                                             cfg.learner.max_tokens_per_micro_batch,
+                                                             self.banned_token_id),
                          self.reference.names))
         if self.critics is not None:
             jobs.append(("values", self.critics.call_on_shards("compute_values", batch,
                                                    critic_micro_batch_size(cfg)), self.critics.names))
         if cfg.algo.recompute_old_logprobs:
-            jobs.append(("old_logprobs", self.learners.call_on_shards("compute_logprobs", batch,
-                                                         temperature, micro), self.learners.names))
+            jobs.append(("old_logprobs", self.learners.call_on_shards("compute_logprobs", batch, temperature,
+                                                         micro, self.banned_token_id), self.learners.names))
         refs = [ref for _, job_refs, _ in jobs for ref in job_refs]
         names = [name for _, job_refs, job_names in jobs for name in job_names[: len(job_refs)]]
         timeout = max(cfg.reward.timeout_s, cfg.learner.step_timeout_s)
@@ -175,7 +179,7 @@ class RLTrainer:
             kl_loss_estimator=algo.kl_loss_estimator, entropy_coef=algo.entropy_coef,
             loss_agg=algo.loss_agg, horizon=cfg.rollout.max_new_tokens,
             old_logprobs_source=source, tis_cap=algo.tis_cap if source != "rollout" else None,
-            same_weights_as_engine=staleness == 0)
+            same_weights_as_engine=staleness == 0, banned_token_id=self.banned_token_id)
         keys = ["input_ids", "attention_mask", "response_mask", "rollout_logprobs", "advantages"]
         keys += [k for k in ("ref_logprobs", "old_logprobs") if k in batch.tensors]
         orders = [torch.randperm(len(batch), generator=self.generator) for _ in range(algo.ppo_epochs)]

@@ -123,7 +123,8 @@ def peaked_model_dir(tiny_model_dir, tmp_path_factory):
     return out
 
 
-def _learner_next_token_logprobs(model_dir, prompt_ids: list[int], temperature: float) -> torch.Tensor:
+def _learner_next_token_logprobs(model_dir, prompt_ids: list[int], temperature: float,
+                                 banned_token_id: int | None = None) -> torch.Tensor:
     """(V,) log p(token | prompt) as the learner computes it (response_logprobs at `temperature`),
     every vocabulary entry scored as a one-token response."""
     model = load_causal_lm(str(model_dir)).eval()
@@ -131,7 +132,7 @@ def _learner_next_token_logprobs(model_dir, prompt_ids: list[int], temperature: 
     input_ids = torch.tensor([prompt_ids + [token] for token in range(vocab)])  # (V, P + 1)
     with torch.no_grad():
         logprobs, _ = response_logprobs(model, input_ids, torch.ones_like(input_ids), len(prompt_ids),
-                                        temperature=temperature)
+                                        temperature=temperature, banned_token_id=banned_token_id)
     return logprobs[:, 0]  # (V,)
 
 
@@ -151,13 +152,15 @@ def _chi_square_critical(df: int, z: float = 3.09) -> float:
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
 
-def test_engine_samples_the_learners_distribution_at_temperature(ray_local, peaked_model_dir):
+@pytest.mark.parametrize("fixed_lengths", [False, True])
+def test_engine_samples_the_learners_distribution_at_temperature(ray_local, peaked_model_dir, fixed_lengths):
     """4000 first tokens drawn by the engine at T=0.7 (each its own stream) against the learner's
     softmax(logits / 0.7) for the same weights: the chi-square test accepts it, and the same counts
     reject softmax(logits) (T=1), so the test can tell a temperature error. Every logprob the engine
-    reports is the learner's for that token."""
+    reports is the learner's for that token. With fixed lengths (rollout.ignore_eos) the engine masks
+    EOS (min_tokens) and the learner must too (banned_token_id), or every ratio is off by 1 - p(EOS)."""
     temperature, n, copies = 0.7, 8, 500
-    engines = _engine(peaked_model_dir, ignore_eos=False)
+    engines = _engine(peaked_model_dir, ignore_eos=fixed_lengths)
     try:
         tokenizer = load_tokenizer(str(peaked_model_dir))
         record = _records(1)[0]
@@ -166,8 +169,9 @@ def test_engine_samples_the_learners_distribution_at_temperature(ray_local, peak
     finally:
         engines.kill()
     prompt_ids = tokenizer(record["prompt"])["input_ids"]
-    learner = _learner_next_token_logprobs(peaked_model_dir, prompt_ids, temperature)  # (V,)
-    untempered = _learner_next_token_logprobs(peaked_model_dir, prompt_ids, 1.0)
+    banned = tokenizer.eos_token_id if fixed_lengths else None
+    learner = _learner_next_token_logprobs(peaked_model_dir, prompt_ids, temperature, banned)  # (V,)
+    untempered = _learner_next_token_logprobs(peaked_model_dir, prompt_ids, 1.0, banned)
     first = torch.tensor([s["token_ids"][0] for s in samples])
     counts = torch.bincount(first, minlength=len(learner)).double()
     assert counts.sum() == copies * n
@@ -182,3 +186,7 @@ def test_engine_samples_the_learners_distribution_at_temperature(ray_local, peak
     reported = torch.tensor([s["logprobs"][0] for s in samples])
     gap = (reported - learner[first]).abs().max().item()
     assert gap < 1e-4, f"engine-reported logprobs differ from the learner's by {gap}"
+    if fixed_lengths:
+        assert counts[tokenizer.eos_token_id] == 0
+        unmasked = _learner_next_token_logprobs(peaked_model_dir, prompt_ids, temperature)
+        assert (reported - unmasked[first]).abs().max().item() > 10 * gap, "EOS carried no mass to tell"

@@ -30,11 +30,13 @@ class LearnerActor(DeepSpeedRank):
         self.publisher = WeightPublisher(self.ds_engine.module, self.rank, self.zero_stage)
         return info
 
-    def compute_logprobs(self, batch: Batch, temperature: float, micro_batch_size: int) -> torch.Tensor:
+    def compute_logprobs(self, batch: Batch, temperature: float, micro_batch_size: int,
+                         banned_token_id: int | None = None) -> torch.Tensor:
         """log pi_theta of every response token of this rank's shard, before any update."""
         def forward(input_ids, attention_mask, prompt_width):
             return response_logprobs(self.ds_engine.module, input_ids.to(self.device),
-                                     attention_mask.to(self.device), prompt_width, temperature)[0]
+                                     attention_mask.to(self.device), prompt_width, temperature,
+                                     banned_token_id=banned_token_id)[0]
 
         return self.forward_batch(batch, micro_batch_size, forward)
 
@@ -46,6 +48,7 @@ class LearnerActor(DeepSpeedRank):
         (`DeepSpeedRank.run_minibatches`)."""
         loss_cfg = dict(loss_cfg)
         temperature, tis_cap = loss_cfg.pop("temperature"), loss_cfg.pop("tis_cap")
+        banned_token_id = loss_cfg.pop("banned_token_id", None)  # EOS under fixed lengths
         # where log pi_old comes from (rlhf_dist.config.old_logprobs_source); whether the engine
         # sampled with the weights this step starts from (not with async rollout after step 1)
         source = loss_cfg.pop("old_logprobs_source", None)
@@ -57,7 +60,8 @@ class LearnerActor(DeepSpeedRank):
             logprobs, entropy = response_logprobs(  # through the engine: ZeRO-3 counts micro-steps there
                 self.ds_engine, tensors["input_ids"], tensors["attention_mask"],
                 micro.prompt_width, temperature, with_entropy=True,
-                entropy_grad=loss_cfg["entropy_coef"] > 0)  # else a metric only: no (B, T, V) graph
+                entropy_grad=loss_cfg["entropy_coef"] > 0,  # else a metric only: no (B, T, V) graph
+                banned_token_id=banned_token_id)
             old_logprobs, is_weights, is_stats = rollout_correction(
                 logprobs, tensors["rollout_logprobs"], mask,
                 source or ("recomputed" if "old_logprobs" in tensors else "rollout"),

@@ -24,11 +24,12 @@ class ReferenceActor:
 
     @torch.inference_mode()
     def compute_logprobs(self, batch: Batch, temperature: float, micro_batch_size: int,
-                         max_tokens: int = 0) -> torch.Tensor:
+                         max_tokens: int = 0, banned_token_id: int | None = None) -> torch.Tensor:
         """log pi_ref of every response token, (B, T'), float32 on CPU (T' = trimmed width);
         `max_tokens` > 0: micro-batches by padded-token budget, rows grouped by length."""
         def forward(input_ids, attention_mask, prompt_width):
             return response_logprobs(self.model, input_ids.to(self.device),
-                                     attention_mask.to(self.device), prompt_width, temperature)[0]
+                                     attention_mask.to(self.device), prompt_width, temperature,
+                                     banned_token_id=banned_token_id)[0]
 
         return batched_forward(batch, micro_batch_size, forward, max_tokens)

@@ -52,6 +52,7 @@ def response_logprobs(
     with_entropy: bool = False,
     entropy_grad: bool = True,
     chunk_tokens: int = LOGPROB_CHUNK_TOKENS,
+    banned_token_id: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(y_t | x, y_<t) for every response position.
 
@@ -61,6 +62,9 @@ def response_logprobs(
     (`logprobs_mode="processed_logprobs"`).
     Returns logprobs (B, T) and, if asked, the entropy of each position's distribution (B, T);
     `entropy_grad=False` returns it without a gradient (a metric only).
+    `banned_token_id`: a token the engine could not sample at any response position (EOS under
+    fixed lengths, vLLM `min_tokens`): its logit is removed before normalising, as vLLM's processed
+    logprobs remove it, so that the policy trained is the one sampled from.
 
     Memory: the model computes logits for the last T+1 positions only (`logits_to_keep`), never
     for the prompt, and `_TokenLogprobs` turns them into fp32 `chunk_tokens` (row, position) pairs
@@ -77,7 +81,8 @@ def response_logprobs(
     targets = input_ids[:, prompt_width:]  # (B, T)
     step = max(1, chunk_tokens // len(input_ids))
     # outputs.logits: (B, T+1, V) in the model's dtype, position t predicting response token t
-    logprobs, entropy = _TokenLogprobs.apply(outputs.logits, targets, temperature, step, with_entropy)
+    logprobs, entropy = _TokenLogprobs.apply(outputs.logits, targets, temperature, step, with_entropy,
+                                             banned_token_id)
     if with_entropy and not entropy_grad:
         entropy = entropy.detach()
     return logprobs, entropy
@@ -95,19 +100,19 @@ class _TokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, temperature: float, step: int, with_entropy: bool):
+    def forward(ctx, logits, targets, temperature: float, step: int, with_entropy: bool, banned: int | None):
         ctx.set_materialize_grads(False)  # an unused output (the entropy metric) gets no gradient
         log_norm = logits.new_empty(targets.shape, dtype=torch.float32)  # (B, T)
         logprobs = torch.empty_like(log_norm)
         entropy = torch.empty_like(log_norm) if with_entropy else None
         for part in _chunks(targets.shape[1], step):
-            z = logits[:, part].float() / temperature  # (B, C, V)
+            z = _scaled(logits[:, part], temperature, banned)  # (B, C, V)
             log_norm[:, part] = torch.logsumexp(z, dim=-1)
             logprobs[:, part] = z.gather(-1, targets[:, part, None]).squeeze(-1) - log_norm[:, part]
             if with_entropy:
                 entropy[:, part] = log_norm[:, part] - (F.softmax(z, dim=-1) * z).sum(-1)
         ctx.save_for_backward(logits, targets, log_norm, entropy)
-        ctx.temperature, ctx.step = temperature, step
+        ctx.temperature, ctx.step, ctx.banned = temperature, step, banned
         return logprobs, entropy
 
     @staticmethod
@@ -116,7 +121,7 @@ class _TokenLogprobs(torch.autograd.Function):
         grad_logits = torch.empty_like(logits)
         grad_logits[:, targets.shape[1] :] = 0  # positions past the response predict nothing
         for part in _chunks(targets.shape[1], ctx.step):
-            log_probs = logits[:, part].float() / ctx.temperature - log_norm[:, part, None]  # (B, C, V)
+            log_probs = _scaled(logits[:, part], ctx.temperature, ctx.banned) - log_norm[:, part, None]  # (B, C, V)
             probs = log_probs.exp()
             grad = torch.zeros_like(probs)
             if grad_logprobs is not None:
@@ -125,7 +130,20 @@ class _TokenLogprobs(torch.autograd.Function):
             if grad_entropy is not None:
                 grad.sub_(probs * (log_probs + entropy[:, part, None]) * grad_entropy[:, part, None])
             grad_logits[:, part] = grad / ctx.temperature
-        return grad_logits, None, None, None, None
+        return grad_logits, None, None, None, None, None
+
+
+# a banned token's scaled logit: exp() of it is 0 in fp32, and unlike -inf it keeps a banned target
+# (padding, when pad = EOS) finite, so masking it by multiplication leaves 0, not NaN
+_BANNED_LOGIT = -1e4
+
+
+def _scaled(logits: torch.Tensor, temperature: float, banned: int | None) -> torch.Tensor:
+    """fp32 logits / temperature, a banned token's set to _BANNED_LOGIT: (B, C, V)."""
+    z = logits.float() / temperature
+    if banned is not None:
+        z[..., banned] = _BANNED_LOGIT
+    return z
 
 
 def _chunks(length: int, step: int) -> list[slice]:
