@@ -56,8 +56,8 @@ def _stop_rss_sampler(actor_self) -> dict:
 def bench_size(name: str, args) -> list[dict]:
     import ray
 
-    from rlhf_dist.actors.ds_group import DSGroupSpec, start_ds_group
-    from rlhf_dist.actors.group import ActorGroup
+    from rlhf_dist.runtime.ds_group import DSGroupSpec, start_ds_group
+    from rlhf_dist.runtime.group import ActorGroup
     from rlhf_dist.actors.learner import LearnerActor
     from rlhf_dist.actors.rollout import RolloutActor
     from rlhf_dist.actors.weight_sync import WeightSync

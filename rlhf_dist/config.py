@@ -241,7 +241,7 @@ class ClusterConfig:
     learner_resources: Any = None  # warm-up/SFT/RM ranks too
     critic_resources: Any = None
     aux_resources: Any = None  # reference and reward actors
-    # Model directories (rlhf_dist.actors.files): paths under shared_dir are the same on every
+    # Model directories (rlhf_dist.runtime.files): paths under shared_dir are the same on every
     # node (NFS, a dir baked into the image) and are read in place; any other model dir goes to
     # actors on other nodes through Ray's object store, and weights saved by a learner rank on
     # another node come back to the driver. null = no shared filesystem assumed.

@@ -176,7 +176,7 @@ def ray_session(cfg: RLConfig):
     """Local Ray (or `cluster.address`) for the whole job, checked to fit every actor."""
     import ray
 
-    from rlhf_dist.actors.cluster import check_resources, init_ray
+    from rlhf_dist.runtime.cluster import check_resources, init_ray
 
     if cfg.cluster.device == "cpu":  # DeepSpeed need not guess the device (and warn about it)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -275,7 +275,7 @@ def fit(trainer, cfg: RLConfig, monitor, resume: Path | None = None) -> dict:
             trainer.save_checkpoint(step, str(checkpoint_root(cfg)))
     last_eval = trainer.evaluate(tr.total_steps)
     if cfg.trainer.save_final:
-        from rlhf_dist.actors.files import bring_back
+        from rlhf_dist.runtime.files import bring_back
 
         final = str(Path(cfg.trainer.run_dir) / "final")
         trainer.learners.run("save_pretrained", final, timeout_s=600)

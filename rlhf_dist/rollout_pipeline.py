@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from rlhf_dist.actors.group import ActorGroup, wait_all
+from rlhf_dist.runtime.group import ActorGroup, wait_all
 from rlhf_dist.data.batch import split_evenly
 from rlhf_dist.data.prompts import PromptSampler
 from rlhf_dist.seeding import sample_seeds

@@ -25,8 +25,8 @@ import torch
 
 from rlhf_dist import checkpoint
 from rlhf_dist.actors import launcher
-from rlhf_dist.actors.ds_group import merge_rank_metrics
-from rlhf_dist.actors.group import ActorGroup, actors_rss_mb, wait_all
+from rlhf_dist.runtime.ds_group import merge_rank_metrics
+from rlhf_dist.runtime.group import ActorGroup, actors_rss_mb, wait_all
 from rlhf_dist.algo import (
     compute_advantages,
     explained_variance,

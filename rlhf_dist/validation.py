@@ -308,7 +308,7 @@ def _validate_cluster(cfg: Any) -> None:
 
 
 def _check_cores(cfg: Any) -> None:
-    from rlhf_dist.actors.cpu import available_cores, parse_cores
+    from rlhf_dist.runtime.cpu import available_cores, parse_cores
 
     cl, ro = cfg.cluster, cfg.rollout
     for role in ("engine", "learner"):

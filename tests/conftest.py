@@ -32,7 +32,7 @@ def start_trainer(run_dir: Path, model_dir: Path, overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from rlhf_dist.actors.cluster import init_ray
+    from rlhf_dist.runtime.cluster import init_ray
     from rlhf_dist.main import conf_dir, prepare
     from rlhf_dist.models.hf import load_tokenizer
     from rlhf_dist.monitor import RunMonitor

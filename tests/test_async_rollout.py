@@ -8,7 +8,7 @@ state, an engine killed with a batch in flight, the timing metrics and that the 
 import pytest
 import ray
 
-from rlhf_dist.actors.cpu import available_cores
+from rlhf_dist.runtime.cpu import available_cores
 from rlhf_dist.data.prompts import PromptSampler
 
 from conftest import assert_rises, start_trainer

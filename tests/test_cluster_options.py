@@ -10,7 +10,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from rlhf_dist.actors.cluster import required_resources
+from rlhf_dist.runtime.cluster import required_resources
 from rlhf_dist.config import ModelConfig, RLConfig, RolloutConfig
 from rlhf_dist.errors import ConfigError
 from rlhf_dist.main import conf_dir

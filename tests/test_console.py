@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from rlhf_dist import console
-from rlhf_dist.actors.cluster import quiet_env
+from rlhf_dist.runtime.cluster import quiet_env
 
 from conftest import REPO
 

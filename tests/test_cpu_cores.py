@@ -1,4 +1,4 @@
-"""Core lists of cluster.engine_cores / cluster.learner_cores (rlhf_dist/actors/cpu.py): parsing,
+"""Core lists of cluster.engine_cores / cluster.learner_cores (rlhf_dist/runtime/cpu.py): parsing,
 vLLM's binding string, validation, and pinning a process."""
 
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from rlhf_dist.actors.cpu import available_cores, parse_cores, vllm_binding
+from rlhf_dist.runtime.cpu import available_cores, parse_cores, vllm_binding
 from rlhf_dist.errors import ConfigError
 from rlhf_dist.validation import validate
 
@@ -59,7 +59,7 @@ def test_each_engine_gets_its_own_share_of_the_engine_cores(monkeypatch):
 
 
 def test_use_cores_pins_the_process_and_sets_the_threads():
-    code = ("import os, torch; from rlhf_dist.actors.cpu import use_cores; "
+    code = ("import os, torch; from rlhf_dist.runtime.cpu import use_cores; "
             "n = use_cores([0], 1); print(n, torch.get_num_threads(), sorted(os.sched_getaffinity(0)), "
             "os.environ['OMP_NUM_THREADS'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

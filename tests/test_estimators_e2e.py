@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from rlhf_dist.actors.cluster import init_ray
+from rlhf_dist.runtime.cluster import init_ray
 from rlhf_dist.algo import compute_advantages, kl_penalty, make_kl_controller, masked_whiten
 from rlhf_dist.config import uses_critic
 from rlhf_dist.main import conf_dir, prepare

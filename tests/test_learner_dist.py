@@ -11,7 +11,7 @@ import pytest
 import ray
 import torch
 
-from rlhf_dist.actors.group import ActorGroup
+from rlhf_dist.runtime.group import ActorGroup
 from rlhf_dist.actors.learner import LearnerActor
 from rlhf_dist.algo import count_normalizers
 from rlhf_dist.algo.objective import policy_objective

@@ -115,7 +115,7 @@ def test_kuberay_manifest_has_what_kuberay_needs():
 
 # ------------------------------------------------------------------ joining a cluster
 def test_unreachable_address_fails_within_the_timeout_naming_it():
-    from rlhf_dist.actors.connect import join_cluster
+    from rlhf_dist.runtime.connect import join_cluster
     from rlhf_dist.errors import ClusterConnectError
 
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
@@ -126,7 +126,7 @@ def test_unreachable_address_fails_within_the_timeout_naming_it():
 
 
 def test_auto_names_the_address_it_resolved(monkeypatch):
-    from rlhf_dist.actors.connect import join_cluster
+    from rlhf_dist.runtime.connect import join_cluster
     from rlhf_dist.errors import ClusterConnectError
 
     address = f"127.0.0.1:{free_port()}"
@@ -136,7 +136,7 @@ def test_auto_names_the_address_it_resolved(monkeypatch):
 
 
 def test_dashboard_address_is_refused_with_the_right_one():
-    from rlhf_dist.actors.connect import join_cluster
+    from rlhf_dist.runtime.connect import join_cluster
     from rlhf_dist.errors import ClusterConnectError
 
     with pytest.raises(ClusterConnectError, match="dashboard .* address"):
@@ -168,7 +168,7 @@ def test_resource_shortfall_says_needed_and_existing_per_resource():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from rlhf_dist.actors.cluster import required_resources, resource_shortfall
+    from rlhf_dist.runtime.cluster import required_resources, resource_shortfall
     from rlhf_dist.main import conf_dir
 
     with initialize_config_dir(conf_dir(), version_base="1.3"):
@@ -220,7 +220,7 @@ class _Saver:
     filesystem, so "its node's" `path` is `path + ".node"` here."""
 
     def __init__(self, model_path):
-        from rlhf_dist.actors.files import local_model_path
+        from rlhf_dist.runtime.files import local_model_path
 
         self.model_path = local_model_path(model_path)
 
@@ -233,15 +233,15 @@ class _Saver:
         Path(path + ".node", "sub", "tokenizer.json").write_text("{}")
 
     def read_dir(self, path: str) -> dict:
-        from rlhf_dist.actors.files import read_dir
+        from rlhf_dist.runtime.files import read_dir
 
         return read_dir(path + ".node")
 
 
 @pytest.mark.ray
 def test_model_dir_is_shipped_to_a_content_addressed_copy_and_back(local_ray, tmp_path):
-    from rlhf_dist.actors.files import bring_back, model_dir
-    from rlhf_dist.actors.group import ActorGroup
+    from rlhf_dist.runtime.files import bring_back, model_dir
+    from rlhf_dist.runtime.group import ActorGroup
 
     source = tmp_path / "model"
     (source / "sub").mkdir(parents=True)
@@ -278,7 +278,7 @@ def test_model_dir_is_shipped_to_a_content_addressed_copy_and_back(local_ray, tm
 
 @pytest.mark.ray
 def test_placement_timeout_says_needed_and_existing_per_resource(local_ray):
-    from rlhf_dist.actors.group import ActorGroup
+    from rlhf_dist.runtime.group import ActorGroup
     from rlhf_dist.errors import ClusterResourceError
 
     start = time.monotonic()

@@ -7,7 +7,7 @@ import pytest
 import ray
 import torch
 
-from rlhf_dist.actors.cluster import check_resources
+from rlhf_dist.runtime.cluster import check_resources
 from rlhf_dist.distributed.checksum import diff_checksums, expected_checksums, fuse_like_engine, narrow_to
 from rlhf_dist.errors import ActorDiedError, ClusterResourceError, WeightSyncError
 
@@ -83,8 +83,8 @@ def _threads_and_cores(actor) -> tuple[int, list[int]]:
 
 def test_compute_actors_use_every_core_of_the_node(trainer):
     # Ray starts a fractional-CPU actor with OMP_NUM_THREADS=1; the lone engine must still decode
-    # on all cores (rlhf_dist/actors/cpu.py) and the 2 learner ranks share them
-    from rlhf_dist.actors.cpu import available_cores
+    # on all cores (rlhf_dist/runtime/cpu.py) and the 2 learner ranks share them
+    from rlhf_dist.runtime.cpu import available_cores
 
     cores = available_cores()
     assert _threads_and_cores(trainer.engines.actors[0]) == (len(cores), cores)

@@ -1,5 +1,5 @@
 """A driver killed with SIGKILL leaves no process of its local Ray session behind, and no process of
-another Ray session on the machine is touched (rlhf_dist/actors/reaper.py, started by init_ray).
+another Ray session on the machine is touched (rlhf_dist/runtime/reaper.py, started by init_ray).
 
 Without the watchdog the raylet's dashboard agent and runtime-env agent outlive the driver.
 """
@@ -19,7 +19,7 @@ from conftest import REPO
 
 DRIVER = """
 import sys, time, types, ray
-from rlhf_dist.actors.cluster import init_ray
+from rlhf_dist.runtime.cluster import init_ray
 init_ray(types.SimpleNamespace(address=None, num_cpus=1))
 @ray.remote(num_cpus=0.1)
 class Sleeper:

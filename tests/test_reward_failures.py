@@ -74,7 +74,7 @@ def local_ray():
 
 
 def _reward_group(spec: str, fallback_score):
-    from rlhf_dist.actors.group import ActorGroup
+    from rlhf_dist.runtime.group import ActorGroup
     from rlhf_dist.actors.reward import RewardActor
 
     return ActorGroup("reward", RewardActor, 1, 0.1, 0.0, 60.0,

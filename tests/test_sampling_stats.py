@@ -19,7 +19,7 @@ import pytest
 import ray
 import torch
 
-from rlhf_dist.actors.group import ActorGroup
+from rlhf_dist.runtime.group import ActorGroup
 from rlhf_dist.actors.rollout import RolloutActor
 from rlhf_dist.data.tasks import get_task
 from rlhf_dist.models.hf import load_causal_lm, load_tokenizer, response_logprobs

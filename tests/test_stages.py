@@ -12,7 +12,7 @@ import pytest
 import ray
 import torch
 
-from rlhf_dist.actors.ds_group import DSGroupSpec
+from rlhf_dist.runtime.ds_group import DSGroupSpec
 from rlhf_dist.data.preferences import PreferencePair, ranking_to_pairs
 from rlhf_dist.data.tasks import get_task
 from rlhf_dist.models.hf import load_causal_lm

@@ -7,8 +7,9 @@ from collections import defaultdict
 import pytest
 import torch
 
-from rlhf_dist.actors.ds_group import merge_rank_metrics
-from rlhf_dist.actors.ds_rank import STATS_WEIGHT, _accumulate
+from rlhf_dist.runtime.ds_group import merge_rank_metrics
+from rlhf_dist.actors.ds_rank import _accumulate
+from rlhf_dist.runtime.ds_group import STATS_WEIGHT
 from rlhf_dist.actors.reward import RewardActor, RunningNorm
 from rlhf_dist.data.batch import Batch, collate_rollouts, shard_minibatches
 

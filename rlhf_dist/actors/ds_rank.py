@@ -20,8 +20,9 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from rlhf_dist.actors.cpu import use_cores
-from rlhf_dist.actors.files import ModelSpec, local_model_path, read_dir
+from rlhf_dist.runtime.cpu import use_cores
+from rlhf_dist.runtime.ds_group import STATS_WEIGHT
+from rlhf_dist.runtime.files import ModelSpec, local_model_path, read_dir
 from rlhf_dist.data.batch import Batch
 from rlhf_dist.distributed.deepspeed_config import build_deepspeed_config, lr_lambda
 from rlhf_dist.distributed.process_group import free_port, init_learner_process_group, node_ip
@@ -34,8 +35,6 @@ from rlhf_dist.models.hf import disable_dropout
 # micro-step counter in `engine.forward`, and without it every micro-batch's gradient overwrites
 # the previous one instead of accumulating (found by tests/test_learner_dist.py).
 MicroLoss = Callable[[Batch, float, float], tuple[torch.Tensor, dict, dict]]
-# the response tokens a rank's stats averaged over: merge_rank_metrics weights the ranks by it
-STATS_WEIGHT = "perf/response_tokens_per_rank"
 
 
 class DeepSpeedRank:

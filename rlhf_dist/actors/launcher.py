@@ -15,11 +15,11 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-from rlhf_dist.actors.cpu import parse_cores, vllm_binding
+from rlhf_dist.runtime.cpu import parse_cores, vllm_binding
 from rlhf_dist.actors.critic import CriticActor
-from rlhf_dist.actors.ds_group import DSGroupSpec, start_ds_group
-from rlhf_dist.actors.files import ModelDir, current_node_id, model_dir
-from rlhf_dist.actors.group import ActorGroup
+from rlhf_dist.runtime.ds_group import DSGroupSpec, start_ds_group
+from rlhf_dist.runtime.files import ModelDir, current_node_id, model_dir
+from rlhf_dist.runtime.group import ActorGroup
 from rlhf_dist.actors.learner import LearnerActor
 from rlhf_dist.actors.reference import ReferenceActor
 from rlhf_dist.actors.reward import RewardActor

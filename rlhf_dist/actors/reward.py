@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from rlhf_dist.actors.files import ModelSpec, local_model_path
+from rlhf_dist.runtime.files import ModelSpec, local_model_path
 from rlhf_dist.data.reward_fn import format_failures, load_reward_fn, score_samples
 from rlhf_dist.errors import RewardSamplesFailedError
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from rlhf_dist.actors.cpu import use_cores
-from rlhf_dist.actors.files import ModelSpec, local_model_path
+from rlhf_dist.runtime.cpu import use_cores
+from rlhf_dist.runtime.files import ModelSpec, local_model_path
 from rlhf_dist.actors.vllm_worker import keep_cpu_linear_weights, refresh_cpu_gemm_handles
 from rlhf_dist.errors import WeightSyncError
 
@@ -46,7 +46,7 @@ class RolloutActor:
         sleep_level: int = 0,
         ignore_eos: bool = False,
     ) -> None:
-        model_path = local_model_path(model_path)  # a copy on this node if shipped (actors.files)
+        model_path = local_model_path(model_path)  # a copy on this node if shipped (runtime.files)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if device == "cpu":
             if kv_cache_gb is not None:

@@ -13,9 +13,9 @@ from typing import Callable
 
 import torch
 
-from rlhf_dist.actors.ds_group import DSGroupSpec, merge_rank_metrics, start_ds_group
-from rlhf_dist.actors.files import bring_back
-from rlhf_dist.actors.group import ActorGroup
+from rlhf_dist.runtime.ds_group import DSGroupSpec, merge_rank_metrics, start_ds_group
+from rlhf_dist.runtime.files import bring_back
+from rlhf_dist.runtime.group import ActorGroup
 from rlhf_dist.data.batch import Batch, shard_minibatches
 
 

@@ -20,8 +20,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from rlhf_dist.actors.cpu import parse_cores
-from rlhf_dist.actors.ds_group import DSGroupSpec
+from rlhf_dist.runtime.cpu import parse_cores
+from rlhf_dist.runtime.ds_group import DSGroupSpec
 from rlhf_dist.data.preferences import load_preference_pairs, load_sft_records
 from rlhf_dist.data.records import render_prompt
 from rlhf_dist.errors import DatasetError

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from rlhf_dist.actors.ds_group import DSGroupSpec
+from rlhf_dist.runtime.ds_group import DSGroupSpec
 from rlhf_dist.actors.reward_model import RewardModelTrainerActor
 from rlhf_dist.data.batch import Batch
 from rlhf_dist.data.records import render_prompt

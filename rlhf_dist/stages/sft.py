@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from rlhf_dist.actors.ds_group import DSGroupSpec
+from rlhf_dist.runtime.ds_group import DSGroupSpec
 from rlhf_dist.actors.sft import SFTActor
 from rlhf_dist.data.batch import Batch, collate_rollouts
 from rlhf_dist.errors import DatasetError

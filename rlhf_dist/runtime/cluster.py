@@ -19,11 +19,11 @@ def init_ray(cluster) -> None:
         ray.init(num_cpus=cluster.num_cpus or os.cpu_count(), include_dashboard=False,
                  runtime_env=env, log_to_driver=True, configure_logging=True,
                  logging_level="WARNING")
-        from rlhf_dist.actors.reaper import start_reaper
+        from rlhf_dist.runtime.reaper import start_reaper
 
         start_reaper()  # ends this Ray session's processes if the driver is killed (kill -9)
     else:  # within cluster.connect_timeout_s, or a message naming the address
-        from rlhf_dist.actors.connect import join_cluster
+        from rlhf_dist.runtime.connect import join_cluster
 
         join_cluster(cluster.address, cluster.connect_timeout_s, env)
 

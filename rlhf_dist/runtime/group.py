@@ -13,7 +13,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlhf_dist.actors.files import ModelDir, ship_to
+from rlhf_dist.runtime.files import ModelDir, ship_to
 from rlhf_dist.errors import ActorDiedError, ClusterResourceError, RlhfDistError
 
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from rlhf_dist.actors.files import ModelDir, model_dir
-from rlhf_dist.actors.ds_rank import STATS_WEIGHT
-from rlhf_dist.actors.group import ActorGroup
+from rlhf_dist.runtime.files import ModelDir, model_dir
+from rlhf_dist.runtime.group import ActorGroup
+
+# the response tokens a rank's stats averaged over (DeepSpeedRank.run_minibatches): merge_rank_metrics
+# weights the ranks by it
+STATS_WEIGHT = "perf/response_tokens_per_rank"
 
 
 @dataclass
@@ -34,15 +37,15 @@ class DSGroupSpec:
     init_timeout_s: float = 600.0
     seed: int = 0  # torch's seed while the model is built (new heads are initialised at random)
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per rank
-    shared_dir: Optional[str] = None  # cluster.shared_dir (rlhf_dist.actors.files)
+    shared_dir: Optional[str] = None  # cluster.shared_dir (rlhf_dist.runtime.files)
     ship_models: bool = False  # cluster.ship_models
-    cpu_cores: Optional[list[int]] = None  # cluster.learner_cores, parsed (rlhf_dist.actors.cpu)
+    cpu_cores: Optional[list[int]] = None  # cluster.learner_cores, parsed (rlhf_dist.runtime.cpu)
 
 
 def start_ds_group(name: str, actor_cls: type, model_path: Union[str, ModelDir],
                    spec: DSGroupSpec) -> tuple[ActorGroup, list]:
     """Create `spec.world_size` ranks of `actor_cls` and start DeepSpeed on them. A ModelDir
-    path is shipped to ranks on other nodes (rlhf_dist.actors.files).
+    path is shipped to ranks on other nodes (rlhf_dist.runtime.files).
 
     Returns the group and the init refs (wait on them with `group.wait`, so several groups can
     load concurrently).

@@ -4,7 +4,7 @@
 Ray ties its GCS and raylet to the driver, but the raylet's dashboard agent and runtime-env agent
 (~200 MB together) outlive a driver killed with SIGKILL, adopted by init. `start_reaper` runs
 
-    python rlhf_dist/actors/reaper.py <driver pid> <session dir>
+    python rlhf_dist/runtime/reaper.py <driver pid> <session dir>
 
 detached (its own session, so a signal to the driver's process group spares it). Once a second,
 while the driver lives, it notes the session's processes: those whose command line holds the
