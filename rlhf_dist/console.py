@@ -80,7 +80,7 @@ def quiet_actor_output() -> None:
     """Drop NOISE lines (and blank ones) from the actor output Ray prints on the driver.
 
     Call after `ray.init`. Ray has no public hook for this; if its internals move, the lines
-    simply come through again (tests/test_console.py fails then).
+    simply come through again (tests/e2e/test_console.py fails then).
     """
     if verbose():
         return

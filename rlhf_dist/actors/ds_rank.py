@@ -33,7 +33,7 @@ from rlhf_dist.models.hf import disable_dropout
 # (micro-batch, global tokens, global sequences) -> (loss, additive metrics, averaged stats).
 # The training forward must call the DeepSpeed engine, not `ds_engine.module`: ZeRO-3 advances its
 # micro-step counter in `engine.forward`, and without it every micro-batch's gradient overwrites
-# the previous one instead of accumulating (found by tests/test_learner_dist.py).
+# the previous one instead of accumulating (found by tests/ray/test_learner_dist.py).
 MicroLoss = Callable[[Batch, float, float], tuple[torch.Tensor, dict, dict]]
 
 

@@ -20,7 +20,7 @@ from rlhf_dist.models.tiny import (
     ensure_tiny_model,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 ALL_PRINTABLE = "".join(chr(code) for code in range(32, 127))
 ROUND_TRIP_TEXTS = ["", " ", "rev abc=", "  two  spaces ", " lead", "trail ", "a<b>c",
                     ALL_PRINTABLE]

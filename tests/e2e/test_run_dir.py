@@ -3,7 +3,7 @@ unless trainer.resume continues it; an empty or new directory is fine."""
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 from rlhf_dist.errors import ConfigError
 from rlhf_dist.validation import check_run_dir
 

@@ -3,6 +3,8 @@
 from pathlib import Path
 
 import pytest
+
+from helpers import compose_config
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -15,10 +17,7 @@ CONF = Path(conf_dir())
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
 
 
-def _compose(overrides: list[str]) -> RLConfig:
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["trainer.run_dir=/tmp/unused", *overrides])
-    return OmegaConf.to_object(cfg)
+_compose = compose_config
 
 
 def test_expected_groups_exist():

@@ -9,7 +9,7 @@ import pytest
 from rlhf_dist.errors import ConfigError
 from rlhf_dist.monitor import check_wandb_credentials
 
-from conftest import REPO
+from helpers import REPO
 
 NO_KEY = ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "NETRC", "WANDB_MODE")
 

@@ -30,13 +30,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 TOKENS = 16  # every response exactly this long (ignore_eos)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
 def _engine(model_dir, ignore_eos: bool) -> ActorGroup:
     engines = ActorGroup("rollout", RolloutActor, 1, 0.5, 0.0, 60,
                          [dict(model_path=str(model_dir), ignore_eos=ignore_eos, max_model_len=128)])
@@ -65,7 +58,7 @@ def _agreement(a: list[int], b: list[int]) -> float:
 
 
 @pytest.fixture(scope="module")
-def uniform_engine(ray_local, tiny_model_dir):
+def uniform_engine(local_ray, tiny_model_dir):
     engines = _engine(tiny_model_dir, ignore_eos=True)
     yield engines
     engines.kill()
@@ -153,7 +146,7 @@ def _chi_square_critical(df: int, z: float = 3.09) -> float:
 
 
 @pytest.mark.parametrize("fixed_lengths", [False, True])
-def test_engine_samples_the_learners_distribution_at_temperature(ray_local, peaked_model_dir, fixed_lengths):
+def test_engine_samples_the_learners_distribution_at_temperature(local_ray, peaked_model_dir, fixed_lengths):
     """4000 first tokens drawn by the engine at T=0.7 (each its own stream) against the learner's
     softmax(logits / 0.7) for the same weights: the chi-square test accepts it, and the same counts
     reject softmax(logits) (T=1), so the test can tell a temperature error. Every logprob the engine

@@ -11,8 +11,7 @@ import ray
 from rlhf_dist.runtime.cpu import available_cores
 from rlhf_dist.data.prompts import PromptSampler
 
-from conftest import assert_rises, start_trainer
-from test_ray_wiring import _threads_and_cores
+from helpers import assert_rises, start_trainer, threads_and_cores
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -29,8 +28,8 @@ def test_async_rollout_overlaps_generation_and_learns(tiny_model_dir, tmp_path):
         *(["cluster.engine_cores=0", "cluster.learner_cores=1"] if split else [])])
     try:
         if split:  # the engine on core 0 with one thread, both learner ranks on core 1
-            assert _threads_and_cores(trainer.engines.actors[0]) == (1, [0])
-            assert [_threads_and_cores(a) for a in trainer.learners.actors] == [(1, [1])] * 2
+            assert threads_and_cores(trainer.engines.actors[0]) == (1, [0])
+            assert [threads_and_cores(a) for a in trainer.learners.actors] == [(1, [1])] * 2
         rows = []
         for step in range(1, STEPS + 1):
             rows.append(trainer.step(step))

@@ -10,7 +10,7 @@ from rlhf_dist.runtime.cpu import available_cores, parse_cores, vllm_binding
 from rlhf_dist.errors import ConfigError
 from rlhf_dist.validation import validate
 
-from test_config import _compose as compose
+from helpers import compose_config as compose
 
 
 def test_core_lists_parse_ids_ranges_and_lists():

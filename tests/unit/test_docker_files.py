@@ -28,7 +28,7 @@ from rlhf_dist.runtime.cluster import required_resources
 from rlhf_dist.main import conf_dir
 from rlhf_dist.validation import check_override_keys, validate
 
-from conftest import REPO
+from helpers import REPO
 
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 COMPOSE = REPO / "docker" / "compose.yaml"

@@ -16,7 +16,9 @@ from rlhf_dist.errors import ConfigError
 from rlhf_dist.main import conf_dir
 from rlhf_dist.validation import validate
 
-from conftest import REPO
+from helpers import REPO
+
+pytestmark = pytest.mark.slow  # one `rlhf-dist --cfg job` subprocess per test
 
 CLUSTER_OPTIONS = sorted(p.stem for p in (Path(conf_dir()) / "cluster").glob("*.yaml"))
 GPUS_PER_OPTION = {"gpu1": 1, "gpu8": 8}  # what each GPU option is named for

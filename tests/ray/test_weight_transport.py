@@ -13,7 +13,7 @@ import torch
 from rlhf_dist.distributed.checksum import diff_checksums, expected_checksums, fuse_like_engine, narrow_to
 from rlhf_dist.errors import WeightSyncError
 
-from conftest import start_trainer
+from helpers import start_trainer
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

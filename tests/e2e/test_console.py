@@ -11,7 +11,7 @@ import pytest
 from rlhf_dist import console
 from rlhf_dist.runtime.cluster import quiet_env
 
-from conftest import REPO
+from helpers import REPO
 
 # What a default run printed before (2 cores, Ray 2.60, vLLM 0.32 CPU, DeepSpeed 0.19).
 THIRD_PARTY = (

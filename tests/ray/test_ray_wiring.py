@@ -11,7 +11,7 @@ from rlhf_dist.runtime.cluster import check_resources
 from rlhf_dist.distributed.checksum import diff_checksums, expected_checksums, fuse_like_engine, narrow_to
 from rlhf_dist.errors import ActorDiedError, ClusterResourceError, WeightSyncError
 
-from conftest import start_trainer
+from helpers import start_trainer, threads_and_cores
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -72,24 +72,15 @@ def test_engine_samples_from_the_synced_weights(trainer, tiny_model_dir):
     assert gap < 1e-3, f"engine logprobs differ from the learner's weights by {gap}"
 
 
-def _threads_and_cores(actor) -> tuple[int, list[int]]:
-    def probe(_self):
-        import os
-
-        import torch
-        return torch.get_num_threads(), sorted(os.sched_getaffinity(0))
-    return ray.get(actor.__ray_call__.remote(probe), timeout=60)
-
-
 def test_compute_actors_use_every_core_of_the_node(trainer):
     # Ray starts a fractional-CPU actor with OMP_NUM_THREADS=1; the lone engine must still decode
     # on all cores (rlhf_dist/runtime/cpu.py) and the 2 learner ranks share them
     from rlhf_dist.runtime.cpu import available_cores
 
     cores = available_cores()
-    assert _threads_and_cores(trainer.engines.actors[0]) == (len(cores), cores)
+    assert threads_and_cores(trainer.engines.actors[0]) == (len(cores), cores)
     for learner in trainer.learners.actors:
-        assert _threads_and_cores(learner) == (max(1, len(cores) // 2), cores)
+        assert threads_and_cores(learner) == (max(1, len(cores) // 2), cores)
 
 
 def test_verification_catches_a_corrupted_bucket(trainer):

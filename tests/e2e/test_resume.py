@@ -3,17 +3,13 @@ step with an uninterrupted run of the same seed. PPO, so the checkpoint must car
 (its values shape the advantages, hence the policy). Real Ray, vLLM and DeepSpeed."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli, start_cli
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -40,13 +36,8 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(tiny_model_dir, tmp_pa
     done = run_cli(_args(whole, tiny_model_dir), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    driver = subprocess.Popen([sys.executable, "-m", "rlhf_dist.main", *_args(cut, tiny_model_dir)],
-                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = cut / "checkpoints" / "step_00000002" / "COMPLETE.json"
-    deadline = time.time() + 600
-    while not checkpoint.exists() and driver.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
+    driver = start_cli(_args(cut, tiny_model_dir), tmp_path, until=checkpoint.exists, capture=False)
     driver.send_signal(signal.SIGKILL)  # mid-run: steps 3-4 are in flight
     driver.wait(60)
     assert checkpoint.exists(), "the run never wrote its step-2 checkpoint"

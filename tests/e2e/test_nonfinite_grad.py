@@ -12,7 +12,9 @@ import textwrap
 import pytest
 import torch
 
-from conftest import REPO
+from helpers import REPO
+
+pytestmark = pytest.mark.slow  # DeepSpeed ranks in subprocesses, ~75 s
 
 SCRIPT = textwrap.dedent("""
     import sys, torch

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 
 SUBMIT = REPO / "launch" / "submit.py"
 VENV_BIN = Path(sys.executable).parent

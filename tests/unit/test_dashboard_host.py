@@ -1,13 +1,13 @@
 """Where the Ray dashboard (job API) listens in every launch file: 127.0.0.1 unless the file needs
 more, and then only behind a private network and token authentication (launch/README.md).
-The local Ray of `rlhf-dist` starts no dashboard: tests/test_reaper.py checks that no process of
+The local Ray of `rlhf-dist` starts no dashboard: tests/e2e/test_reaper.py checks that no process of
 its session listens on the dashboard port."""
 
 import re
 
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 
 LAUNCH_FILES = sorted(p for d in ("launch", "docker") for p in (REPO / d).iterdir() if p.is_file())
 SLURM = REPO / "launch" / "slurm.sbatch"

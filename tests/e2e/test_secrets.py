@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import REPO
+from helpers import REPO
 from rlhf_dist.main import conf_dir
 from rlhf_dist.redact import MASK, looks_secret, redact, redact_text
 

@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 DRIVER = """
 import sys, time, types, ray

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from rlhf_dist.main import conf_dir
 from rlhf_dist.validation import check_override_keys, validate
 
-from conftest import REPO
+from helpers import REPO
 
 CONF = Path(conf_dir())
 

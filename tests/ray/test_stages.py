@@ -26,14 +26,7 @@ def _spec(mini, micro, lr, steps):
     return DSGroupSpec(2, 2, micro, mini, optim, steps, 0.4, 0.0)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
-def test_sft_lowers_held_out_loss_on_two_ranks(ray_local, tiny_model_dir, tmp_path):
+def test_sft_lowers_held_out_loss_on_two_ranks(local_ray, tiny_model_dir, tmp_path):
     from rlhf_dist.stages.sft import run_sft
 
     task = get_task("reverse")
@@ -59,7 +52,7 @@ def _synthetic_pairs(num, seed):
     return pairs
 
 
-def test_reward_model_learns_a_preference_and_is_served_with_the_same_scores(ray_local, tiny_model_dir, tmp_path):
+def test_reward_model_learns_a_preference_and_is_served_with_the_same_scores(local_ray, tiny_model_dir, tmp_path):
     from rlhf_dist.actors.reward import RewardActor
     from rlhf_dist.models.hf import load_tokenizer
     from rlhf_dist.models.reward_model import load_reward_model, reward_model_inputs, sequence_rewards

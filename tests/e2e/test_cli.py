@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, assert_rises, run_cli
+from helpers import REPO, assert_rises, run_cli
 
 STARTED = "[start]"  # printed just before actors are created
 

@@ -21,7 +21,7 @@ from rlhf_dist.config import uses_critic
 from rlhf_dist.main import conf_dir, prepare
 from rlhf_dist.models.hf import load_tokenizer
 
-from conftest import REPO
+from helpers import REPO
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 # preset -> (advantage estimator, policy loss) it must run: a preset that fell back to GRPO fails

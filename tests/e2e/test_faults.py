@@ -1,42 +1,28 @@
 """Faults during a run that must not end it: a killed rollout engine (replaced, weights re-sent,
 the phase retried, the restart counted) and a reward function raising on some samples."""
 
-import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
-import psutil
 import pytest
 
-from conftest import REPO
+from helpers import REPO, actor_pids, read_metrics, run_cli, start_cli
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def _logged_steps(run_dir):
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if '"reward/mean"' in line]
+    return read_metrics(run_dir, "reward/mean")
 
 
 def test_a_killed_engine_is_replaced_and_the_run_finishes(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
     args = ["experiment=smoke", f"model.path={tiny_model_dir}", f"trainer.run_dir={run_dir}",
             f"reward.fn={REPO / 'tests' / 'data' / 'slow_reward.py'}:score", "trainer.total_steps=5"]
-    driver = subprocess.Popen([sys.executable, "-m", "rlhf_dist.main", *args], cwd=tmp_path,
-                              env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 600
-    while len(_logged_steps(run_dir)) < 2 and driver.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    engines = [p for p in psutil.Process(driver.pid).children(recursive=True)
-               if "RolloutActor" in " ".join(p.cmdline())]
-    assert len(engines) == 1, [p.cmdline() for p in engines]
-    os.kill(engines[0].pid, signal.SIGKILL)
+    driver = start_cli(args, tmp_path, until=lambda: len(_logged_steps(run_dir)) >= 2)
+    engines = actor_pids(driver, "RolloutActor")
+    assert len(engines) == 1, engines
+    os.kill(engines[0], signal.SIGKILL)
     output, _ = driver.communicate(timeout=900)
     assert driver.returncode == 0, output[-4000:]
     assert "[fault] rollout[0] died during" in output
@@ -47,8 +33,6 @@ def test_a_killed_engine_is_replaced_and_the_run_finishes(tiny_model_dir, tmp_pa
 
 
 def test_a_reward_function_that_raises_on_some_samples_does_not_end_the_run(tiny_model_dir, tmp_path):
-    from conftest import run_cli
-
     run_dir = tmp_path / "run"
     result = run_cli(["experiment=smoke", f"model.path={tiny_model_dir}", f"trainer.run_dir={run_dir}",
                       f"reward.fn={REPO / 'tests' / 'data' / 'flaky_reward.py'}:score"], cwd=tmp_path)
@@ -59,22 +43,13 @@ def test_a_reward_function_that_raises_on_some_samples_does_not_end_the_run(tiny
 
 
 def test_a_dead_learner_rank_stops_the_run_with_the_command_that_resumes_it(tiny_model_dir, tmp_path):
-    from conftest import run_cli
-
     run_dir = tmp_path / "run"
     args = ["experiment=smoke", f"model.path={tiny_model_dir}", f"trainer.run_dir={run_dir}",
             f"reward.fn={REPO / 'tests' / 'data' / 'slow_reward.py'}:score", "trainer.total_steps=6",
             "trainer.save_every=2"]
-    driver = subprocess.Popen([sys.executable, "-m", "rlhf_dist.main", *args], cwd=tmp_path,
-                              env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
     checkpoint = run_dir / "checkpoints" / "step_00000002" / "COMPLETE.json"
-    deadline = time.time() + 600
-    while not checkpoint.exists() and driver.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    learners = [p for p in psutil.Process(driver.pid).children(recursive=True)
-                if "LearnerActor" in " ".join(p.cmdline())]
-    os.kill(learners[0].pid, signal.SIGKILL)
+    driver = start_cli(args, tmp_path, until=checkpoint.exists)
+    os.kill(actor_pids(driver, "LearnerActor")[0], signal.SIGKILL)
     output, _ = driver.communicate(timeout=600)
     assert driver.returncode == 2, output[-3000:]
     assert "learner[0] died during" in output and "The last complete checkpoint is step" in output
