@@ -83,7 +83,8 @@ def side_ours(s: Settings) -> dict:
     import psutil
     from hydra import compose, initialize_config_dir
 
-    from rlhf_dist.main import conf_dir, run_rl
+    from rlhf_dist.session import conf_dir
+    from rlhf_dist.stages.rl import run_rl
 
     run_dir = tempfile.mkdtemp(prefix="vs_trl_ours_")
     world_size = int(next((o.split("=", 1)[1] for o in s.overrides if o.startswith("learner.world_size=")), 2))

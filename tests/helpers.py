@@ -35,10 +35,10 @@ def start_trainer(run_dir: Path, model_dir: Path, overrides: list[str]):
     from omegaconf import OmegaConf
 
     from rlhf_dist.runtime.cluster import init_ray
-    from rlhf_dist.main import conf_dir, prepare
+    from rlhf_dist.session import conf_dir, prepare
     from rlhf_dist.models.hf import load_tokenizer
     from rlhf_dist.monitor import RunMonitor
-    from rlhf_dist.trainer import RLTrainer
+    from rlhf_dist.rl.trainer import RLTrainer
 
     with initialize_config_dir(conf_dir(), version_base="1.3"):
         cfg = OmegaConf.to_object(compose("config", overrides=[

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from rlhf_dist.runtime.cluster import required_resources
 from rlhf_dist.config import ModelConfig, RLConfig, RolloutConfig
 from rlhf_dist.errors import ConfigError
-from rlhf_dist.main import conf_dir
+from rlhf_dist.session import conf_dir
 from rlhf_dist.validation import validate
 
 from helpers import REPO

@@ -169,7 +169,7 @@ def test_resource_shortfall_says_needed_and_existing_per_resource():
     from omegaconf import OmegaConf
 
     from rlhf_dist.runtime.cluster import required_resources, resource_shortfall
-    from rlhf_dist.main import conf_dir
+    from rlhf_dist.session import conf_dir
 
     with initialize_config_dir(conf_dir(), version_base="1.3"):
         cfg = OmegaConf.to_object(compose("config", overrides=[
@@ -191,7 +191,7 @@ def test_custom_resources_must_be_positive_amounts_of_named_resources(value):
     from omegaconf import OmegaConf
 
     from rlhf_dist.errors import ConfigError
-    from rlhf_dist.main import conf_dir
+    from rlhf_dist.session import conf_dir
     from rlhf_dist.validation import validate
 
     with initialize_config_dir(conf_dir(), version_base="1.3"):

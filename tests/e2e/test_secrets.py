@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from helpers import REPO
-from rlhf_dist.main import conf_dir
+from rlhf_dist.session import conf_dir
 from rlhf_dist.redact import MASK, looks_secret, redact, redact_text
 
 WANDB_KEY = "wandb-key-0123456789abcdef"

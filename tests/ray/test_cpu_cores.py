@@ -44,7 +44,7 @@ def test_bad_core_settings_are_refused_with_the_fix():
 
 
 def test_each_engine_gets_its_own_share_of_the_engine_cores(monkeypatch):
-    from rlhf_dist.actors import launcher
+    from rlhf_dist.rl import launcher
 
     captured = {}
 

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from rlhf_dist.runtime.cluster import init_ray
 from rlhf_dist.algo import compute_advantages, kl_penalty, make_kl_controller, masked_whiten
 from rlhf_dist.config import uses_critic
-from rlhf_dist.main import conf_dir, prepare
+from rlhf_dist.session import conf_dir, prepare
 from rlhf_dist.models.hf import load_tokenizer
 
 from helpers import REPO
@@ -42,7 +42,7 @@ def _cfg(run_dir, model_dir, *overrides):
 @pytest.fixture(scope="module")
 def trainer(tiny_model_dir, tmp_path_factory):
     from rlhf_dist.monitor import RunMonitor
-    from rlhf_dist.trainer import RLTrainer
+    from rlhf_dist.rl.trainer import RLTrainer
 
     run_dir = tmp_path_factory.mktemp("run")
     cfg = _cfg(run_dir, tiny_model_dir, "algo=ppo")

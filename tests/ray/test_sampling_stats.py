@@ -16,14 +16,13 @@ import math
 from itertools import combinations
 
 import pytest
-import ray
 import torch
 
 from rlhf_dist.runtime.group import ActorGroup
 from rlhf_dist.actors.rollout import RolloutActor
 from rlhf_dist.data.tasks import get_task
 from rlhf_dist.models.hf import load_causal_lm, load_tokenizer, response_logprobs
-from rlhf_dist.rollout_pipeline import RolloutPipeline
+from rlhf_dist.rl.generation import RolloutPipeline
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

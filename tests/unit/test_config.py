@@ -5,13 +5,11 @@ from pathlib import Path
 import pytest
 
 from helpers import compose_config
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from rlhf_dist.config import RLConfig
 from rlhf_dist.validation import check_override_keys, validate
 from rlhf_dist.errors import ConfigError
-from rlhf_dist.main import conf_dir
+from rlhf_dist.session import conf_dir
 
 CONF = Path(conf_dir())
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())

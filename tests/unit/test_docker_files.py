@@ -25,7 +25,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from rlhf_dist.runtime.cluster import required_resources
-from rlhf_dist.main import conf_dir
+from rlhf_dist.session import conf_dir
 from rlhf_dist.validation import check_override_keys, validate
 
 from helpers import REPO

@@ -11,7 +11,7 @@ from rlhf_dist.runtime.ds_group import merge_rank_metrics
 from rlhf_dist.actors.ds_rank import _accumulate
 from rlhf_dist.runtime.ds_group import STATS_WEIGHT
 from rlhf_dist.actors.reward import RewardActor, RunningNorm
-from rlhf_dist.data.batch import Batch, collate_rollouts, shard_minibatches
+from rlhf_dist.data.batch import collate_rollouts, shard_minibatches
 
 
 def test_rank_stats_are_weighted_by_tokens():

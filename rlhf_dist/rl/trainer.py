@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from rlhf_dist import checkpoint
-from rlhf_dist.actors import launcher
+from rlhf_dist.rl import launcher
 from rlhf_dist.runtime.ds_group import merge_rank_metrics
 from rlhf_dist.runtime.group import ActorGroup, actors_rss_mb, wait_all
 from rlhf_dist.algo import (
@@ -41,8 +41,8 @@ from rlhf_dist.data.batch import Batch, collate_rollouts, shard_minibatches
 from rlhf_dist.data.prompts import PromptSampler
 from rlhf_dist.errors import ActorDiedError, NonFiniteLossError, RewardSamplesFailedError, RlhfDistError
 from rlhf_dist.monitor import RunMonitor
-from rlhf_dist.rollout_pipeline import Rollout, RolloutPipeline
-from rlhf_dist.step_metrics import eval_metrics, rollout_metrics, sample_rows
+from rlhf_dist.rl.generation import Rollout, RolloutPipeline
+from rlhf_dist.rl.metrics import eval_metrics, rollout_metrics, sample_rows
 
 # metrics that each rank computes as its share of a global-normalised sum: summed over ranks
 _ADDITIVE = ("loss/", "kl/loss_term", "entropy/", "critic/value_loss")
@@ -64,7 +64,7 @@ class RLTrainer:
         # weight versions (updates applied since start-up) of the learner and of the engines; a
         # rollout records the engines' at launch, so staleness = policy_version - rollout.version
         self.policy_version = self.engine_version = 0
-        self.rollouts: RolloutPipeline | None = None  # phase 1 (rlhf_dist.rollout_pipeline), from start()
+        self.rollouts: RolloutPipeline | None = None  # phase 1 (rlhf_dist.rl.generation), from start()
         # fixed lengths (rollout.ignore_eos): the engine masks EOS until max_new_tokens, so every
         # logprob of the policy (learner, old, reference) is taken without it
         self.banned_token_id = tokenizer.eos_token_id if cfg.rollout.ignore_eos else None
@@ -80,7 +80,7 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ start-up
     def start(self) -> dict[str, float]:
-        """Create every actor group and wait until all are ready (rlhf_dist.actors.launcher);
+        """Create every actor group and wait until all are ready (rlhf_dist.rl.launcher);
         returns the start-up timings."""
         actors = launcher.start_rl_actors(self.cfg, self.model_path, self.reward_spec,
                                           self.use_reference, self.use_critic)
