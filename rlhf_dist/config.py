@@ -149,7 +149,7 @@ class CriticOptimConfig(OptimConfig):
 class AlgoConfig:
     """The RL algorithm. Each conf/algo/<name>.yaml is a preset of these fields (README table)."""
 
-    name: str = "grpo"  # preset: grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline | gspo | ppo
+    name: str = "grpo"  # a label for logs and checkpoints: the preset (conf/algo/) that filled this section
     advantage: str = "grpo"  # estimator in rlhf_dist.algo.advantages ("gae" needs the critic)
     policy_loss: str = "clipped"  # clipped (PPO, + dual-clip) | gspo (sequence-level ratio)
     loss_agg: str = "token_mean"  # token_mean | seq_mean_token_sum | seq_mean_token_mean | seq_mean_token_sum_norm
@@ -291,10 +291,8 @@ class TrainerConfig:
     max_engine_restarts: int = 3  # a dead rollout engine is replaced and the phase retried, this often per run
     # engines generate batch k+1 while the learner trains on batch k (one batch in flight). A resumed
     # run is then not bit-exact: the batch after the checkpoint is regenerated with newer weights.
+    # (one batch in flight: each batch from step 2 on is exactly one policy update stale)
     async_rollout: bool = False
-    # async: policy updates between the weights that generated a batch and those trained on it;
-    # one batch in flight makes it exactly 1 from step 2 on, and 1 is the only value supported
-    max_staleness: int = 1
 
 
 @dataclass
@@ -364,8 +362,10 @@ def register_configs() -> None:
 
 
 def uses_critic(cfg: Any) -> bool:
-    """PPO-style estimators need state values, hence a critic."""
-    return cfg.algo.advantage == "gae"
+    """An estimator that needs state values (its registry entry says so: gae) needs a critic."""
+    from rlhf_dist.algo import estimator_needs
+
+    return estimator_needs(cfg.algo.advantage).values
 
 
 def critic_micro_batch_size(cfg: Any) -> int:

@@ -273,9 +273,9 @@ class RLTrainer:
                                  [s["logprobs"] for s in samples], self.tokenizer.pad_token_id)
         self.weights.sleep_engines()  # rollout.sleep_level > 0 (GPU): free engine memory until the sync
         staleness = self.policy_version - rollout.version
-        if staleness > cfg.trainer.max_staleness:  # one batch in flight keeps it <= 1
-            raise RlhfDistError(f"step {step}: batch {staleness} updates stale, above trainer.max_staleness="
-                                f"{cfg.trainer.max_staleness}; the prefetch logic has a bug.")
+        if staleness > 1:  # one batch in flight keeps it <= 1
+            raise RlhfDistError(f"step {step}: batch {staleness} updates stale, above the 1 of one "
+                                "batch in flight; the prefetch logic has a bug.")
         ahead = (self.rollouts.launch(step + 1)  # the last step launches nothing nobody would consume
                  if cfg.trainer.async_rollout and step < cfg.trainer.total_steps else None)
         t1 = time.perf_counter()

@@ -39,7 +39,7 @@ def test_unknown_experiment_lists_the_ones_that_exist(tmp_path):
 
 
 def test_ppo_without_critic_ranks_says_what_is_missing(tmp_path):
-    _fails_early(["algo=ppo", "critic.world_size=0"], tmp_path, "needs a critic, but critic.world_size=0")
+    _fails_early(["algo=ppo", "critic.world_size=0"], tmp_path, "needs state values from a critic, but critic.world_size=0")
 
 
 def test_ppo_critic_that_does_not_fit_the_cluster(tmp_path):
