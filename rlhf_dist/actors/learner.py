@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from rlhf_dist.actors.ds_rank import DeepSpeedRank
-from rlhf_dist.algo.objective import policy_objective, rollout_correction
+from rlhf_dist.algo.objective import PolicyLossConfig, policy_objective, rollout_correction
 from rlhf_dist.data.batch import Batch
 from rlhf_dist.distributed.publisher import WeightPublisher
 from rlhf_dist.models.hf import load_causal_lm, response_logprobs
@@ -40,46 +40,41 @@ class LearnerActor(DeepSpeedRank):
 
         return self.forward_batch(batch, micro_batch_size, forward)
 
-    def train_step(self, minibatches: list[tuple[Batch, float, float]], loss_cfg: dict[str, Any],
+    def train_step(self, minibatches: list[tuple[Batch, float, float]], loss: PolicyLossConfig,
                    step: int, max_tokens: int = 0) -> dict[str, float]:
         """ppo_epochs x mini-batches of policy updates on this rank's shards.
 
         `max_tokens` > 0: micro-batches by padded-token budget instead of fixed size
         (`DeepSpeedRank.run_minibatches`)."""
-        loss_cfg = dict(loss_cfg)
-        temperature, tis_cap = loss_cfg.pop("temperature"), loss_cfg.pop("tis_cap")
-        banned_token_id = loss_cfg.pop("banned_token_id", None)  # EOS under fixed lengths
-        # where log pi_old comes from (rlhf_dist.config.old_logprobs_source); whether the engine
-        # sampled with the weights this step starts from (not with async rollout after step 1)
-        source = loss_cfg.pop("old_logprobs_source", None)
-        first = [loss_cfg.pop("same_weights_as_engine", True)]
+        objective = loss.objective_kwargs()
+        # before this step's first update the learner holds the weights the engine sampled with
+        # (unless the batch was sampled a step ahead, async)
+        first_pass = {"pending": loss.same_weights_as_engine}
 
         def micro_loss(micro: Batch, num_tokens: float, num_seqs: float):
             tensors = {k: v.to(self.device) for k, v in micro.tensors.items()}
             mask = tensors["response_mask"]
             logprobs, entropy = response_logprobs(  # through the engine: ZeRO-3 counts micro-steps there
                 self.ds_engine, tensors["input_ids"], tensors["attention_mask"],
-                micro.prompt_width, temperature, with_entropy=True,
-                entropy_grad=loss_cfg["entropy_coef"] > 0,  # else a metric only: no (B, T, V) graph
-                banned_token_id=banned_token_id)
+                micro.prompt_width, loss.temperature, with_entropy=True,
+                entropy_grad=loss.entropy_coef > 0,  # else a metric only: no (B, T, V) graph
+                banned_token_id=loss.banned_token_id)
+            source = "recomputed" if loss.old_logprobs_source == "rollout" and "old_logprobs" in tensors \
+                else loss.old_logprobs_source
             old_logprobs, is_weights, is_stats = rollout_correction(
-                logprobs, tensors["rollout_logprobs"], mask,
-                source or ("recomputed" if "old_logprobs" in tensors else "rollout"),
-                tensors.get("old_logprobs"), tis_cap)
-            loss, metrics, stats = policy_objective(
+                logprobs, tensors["rollout_logprobs"], mask, source, tensors.get("old_logprobs"), loss.tis_cap)
+            loss_value, metrics, stats = policy_objective(
                 logprobs, old_logprobs, tensors["advantages"], mask,
                 ref_logprobs=tensors.get("ref_logprobs"), entropy=entropy, is_weights=is_weights,
-                num_tokens=num_tokens, num_seqs=num_seqs, **loss_cfg)
+                num_tokens=num_tokens, num_seqs=num_seqs, **objective)
             stats = {f"policy/{k}": v for k, v in {**stats, **is_stats}.items()}
-            if first[0]:
-                # Before any update in this step the learner and the engine that sampled the
-                # batch hold the same weights (unless it was sampled a step ahead, async), so
-                # their logprobs must agree up to kernel
-                # numerics; a large gap means the last weight sync did not reach the engine.
+            if first_pass["pending"]:
+                # same weights as the engine: logprobs agree up to kernel numerics; a large gap
+                # means the last weight sync did not reach the engine
                 gap = (logprobs.detach() - tensors["rollout_logprobs"]).abs() * mask
                 stats["sync/rollout_logprob_gap_max"] = gap.max()
-                first[0] = False
-            return loss, metrics, stats
+                first_pass["pending"] = False
+            return loss_value, metrics, stats
 
         return self.run_minibatches(minibatches, micro_loss, step, max_tokens=max_tokens)
 

@@ -36,6 +36,7 @@ from rlhf_dist.algo import (
     masked_var,
     masked_whiten,
 )
+from rlhf_dist.algo.objective import PolicyLossConfig, ValueLossConfig
 from rlhf_dist.config import critic_micro_batch_size, old_logprobs_source, uses_critic, uses_reference
 from rlhf_dist.data.batch import Batch, collate_rollouts, shard_minibatches
 from rlhf_dist.data.prompts import PromptSampler
@@ -172,7 +173,7 @@ class RLTrainer:
         `staleness`: policy updates the engine that sampled the batch had not seen (async rollout)."""
         cfg, algo = self.cfg, self.cfg.algo
         source = old_logprobs_source(cfg)
-        loss_cfg = dict(
+        loss = PolicyLossConfig(
             temperature=cfg.rollout.temperature, policy_loss=algo.policy_loss,
             clip_low=algo.clip_low, clip_high=algo.clip_high, clip_ratio_c=algo.clip_ratio_c,
             kl_loss_coef=self.kl_ctl.value if algo.kl_in_loss else 0.0,
@@ -185,15 +186,16 @@ class RLTrainer:
         orders = [torch.randperm(len(batch), generator=self.generator) for _ in range(algo.ppo_epochs)]
         budget = cfg.learner.max_tokens_per_micro_batch
         refs = self.learners.call_each("train_step", [
-            (part, loss_cfg, step, budget) for part in shard_minibatches(batch, keys, orders, cfg.learner.mini_batch_size,
+            (part, loss, step, budget) for part in shard_minibatches(batch, keys, orders, cfg.learner.mini_batch_size,
                                                                  len(self.learners))])
         groups = [self.learners]
         if self.critics is not None:
-            value_cfg = dict(clip_range=cfg.critic.value_clip, loss_agg=algo.loss_agg,
-                             horizon=cfg.rollout.max_new_tokens, value_loss_coef=cfg.critic.value_loss_coef)
+            value_loss = ValueLossConfig(clip_range=cfg.critic.value_clip, loss_agg=algo.loss_agg,
+                                         horizon=cfg.rollout.max_new_tokens,
+                                         value_loss_coef=cfg.critic.value_loss_coef)
             critic_keys = ["input_ids", "attention_mask", "response_mask", "values", "returns"]
             refs += self.critics.call_each("train_step", [
-                (part, value_cfg, step, budget) for part in shard_minibatches(
+                (part, value_loss, step, budget) for part in shard_minibatches(
                     batch, critic_keys, orders, cfg.learner.mini_batch_size, len(self.critics))])
             groups.append(self.critics)
         names = [name for group in groups for name in group.names]

@@ -16,12 +16,13 @@ from rlhf_dist.data.batch import collate_rollouts  # noqa: E402
 from rlhf_dist.distributed.checksum import tensor_checksum  # noqa: E402
 from rlhf_dist.distributed.process_group import free_port  # noqa: E402
 from rlhf_dist.models.hf import load_causal_lm, response_logprobs  # noqa: E402
+from rlhf_dist.algo.objective import PolicyLossConfig  # noqa: E402
 
 OPTIM = dict(lr=1e-3, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0, grad_clip=1.0,
              scheduler="cosine", warmup_steps=2, min_lr_ratio=0.1)
-LOSS = dict(temperature=1.0, policy_loss="clipped", clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0,
-            kl_loss_coef=0.01, kl_loss_estimator="k3_st", entropy_coef=0.0, loss_agg="token_mean",
-            horizon=None, tis_cap=None)
+LOSS = PolicyLossConfig(temperature=1.0, policy_loss="clipped", clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0,
+                        kl_loss_coef=0.01, kl_loss_estimator="k3_st", entropy_coef=0.0, loss_agg="token_mean",
+                        horizon=None, tis_cap=None)
 PORT = free_port()
 
 

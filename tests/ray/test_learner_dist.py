@@ -7,6 +7,8 @@ is ~ lr * g / eps, so a wrong loss scale (a missing world_size or grad-accum fac
 Then the ZeRO-3 weights, published by both ranks, must reach a live vLLM engine bit for bit.
 """
 
+import dataclasses
+
 import pytest
 import ray
 import torch
@@ -14,7 +16,7 @@ import torch
 from rlhf_dist.runtime.group import ActorGroup
 from rlhf_dist.actors.learner import LearnerActor
 from rlhf_dist.algo import count_normalizers
-from rlhf_dist.algo.objective import policy_objective
+from rlhf_dist.algo.objective import PolicyLossConfig, policy_objective
 from rlhf_dist.data.batch import collate_rollouts
 from rlhf_dist.models.hf import disable_dropout, load_causal_lm, response_logprobs
 
@@ -23,9 +25,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 LR, EPS = 1e-2, 1.0  # eps >> |g|: the update is proportional to the gradient, not its sign
 OPTIM = dict(lr=LR, weight_decay=0.0, betas=[0.9, 0.999], eps=EPS, grad_clip=1e9,
              scheduler="constant", warmup_steps=0, min_lr_ratio=1.0)
-LOSS_CFG = dict(temperature=1.0, policy_loss="clipped", clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0,
-                kl_loss_coef=0.1, kl_loss_estimator="k3_st", entropy_coef=0.01,
-                loss_agg="seq_mean_token_mean", horizon=None, tis_cap=None)
+LOSS_CFG = PolicyLossConfig(temperature=1.0, policy_loss="clipped", clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0,
+                            kl_loss_coef=0.1, kl_loss_estimator="k3_st", entropy_coef=0.01,
+                            loss_agg="seq_mean_token_mean", horizon=None, tis_cap=None)
 MINI = 8
 
 
@@ -64,7 +66,7 @@ def _torch_reference_step(model_dir, batch, loss_cfg=LOSS_CFG, grad_clip=None, n
     model = disable_dropout(load_causal_lm(str(model_dir)))
     logprobs, entropy = response_logprobs(model, batch["input_ids"], batch["attention_mask"],
                                           batch.prompt_width, with_entropy=True)
-    cfg = {k: v for k, v in loss_cfg.items() if k not in ("temperature", "tis_cap")}
+    cfg = loss_cfg.objective_kwargs()
     loss, _, _ = policy_objective(logprobs, batch["rollout_logprobs"], batch["advantages"],
                                   batch["response_mask"], ref_logprobs=batch["ref_logprobs"],
                                   entropy=entropy, **cfg)
@@ -161,7 +163,7 @@ MIXED_PROMPTS, MIXED_RESPONSES, BUDGET = [3, 6, 4, 5, 6, 3, 5, 4], [1, 12, 1, 11
 @pytest.mark.parametrize("zero_stage", [0, 2, 3])
 def test_token_budget_micro_batches_give_the_fixed_size_update_with_less_padding(local_ray, tiny_model_dir, zero_stage):
     batch = make_minibatch(tiny_model_dir, MIXED_PROMPTS, MIXED_RESPONSES)
-    loss_cfg = dict(LOSS_CFG, entropy_coef=0.0)  # entropy computed as a metric only, no graph
+    loss_cfg = dataclasses.replace(LOSS_CFG, entropy_coef=0.0)  # entropy computed as a metric only, no graph
     expected = _torch_reference_step(tiny_model_dir, batch, loss_cfg)
     runs = {}
     for max_tokens in (0, BUDGET):

@@ -746,3 +746,17 @@ def test_algo_imports_no_heavy_frameworks():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_loss_messages_name_only_parameters_the_objectives_take():
+    """PolicyLossConfig / ValueLossConfig cross Ray to the ranks; every field they pass on must be
+    a keyword of the objective it feeds (a renamed parameter fails here, not in a Ray actor)."""
+    import dataclasses
+    import inspect
+
+    from rlhf_dist.algo.objective import PolicyLossConfig, ValueLossConfig, policy_objective, value_objective
+
+    policy_params = inspect.signature(policy_objective).parameters
+    assert set(PolicyLossConfig(temperature=1.0).objective_kwargs()) <= set(policy_params)
+    value_params = inspect.signature(value_objective).parameters
+    assert {f.name for f in dataclasses.fields(ValueLossConfig)} <= set(value_params)
