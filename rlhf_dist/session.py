@@ -82,7 +82,7 @@ def prepare(cfg: RLConfig) -> dict:
             f"the train prompt set has {len(train_records)} prompts, fewer than "
             f"trainer.prompts_per_step={cfg.trainer.prompts_per_step}. Add prompts or lower it.")
     if cfg.reward.model.path:
-        from rlhf_dist.models.reward_model import check_reward_model_dir
+        from rlhf_dist.models.scalar_reward import check_reward_model_dir
 
         check_reward_model_dir(cfg.reward.model.path)
     reward_spec = cfg.reward.fn or task.reward_fn

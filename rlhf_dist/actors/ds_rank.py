@@ -38,7 +38,8 @@ MicroLoss = Callable[[Batch, float, float], tuple[torch.Tensor, dict, dict]]
 
 
 class DeepSpeedRank:
-    role = "learner"  # names the rank in messages: "learner", "critic"
+    role = "learner"  # names the rank in messages: "learner", "critic", "sft", "reward_model"
+    stage = "RL"  # names the stage in messages: "RL", "SFT", "reward-model"
 
     def __init__(self, rank: int, world_size: int, model_path: ModelSpec, device: str = "cpu",
                  cpu_cores: list[int] | None = None) -> None:
@@ -173,7 +174,7 @@ class DeepSpeedRank:
                 self._skipped_steps = getattr(self.ds_engine, "skipped_steps", 0)  # expected
             terms = ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
             raise NonFiniteLossError(
-                f"non-finite {self.role} loss at RL step {step} (rank {self.rank}: {terms}). The "
+                f"non-finite {self.role} loss at {self.stage} step {step} (rank {self.rank}: {terms}). The "
                 "weights were not updated with it. Usual causes: a learning rate too high "
                 f"({self.role}.optim.lr), rewards with NaN/inf, or bf16 overflow. Lower the LR or "
                 "check reward.fn.")
@@ -207,7 +208,7 @@ class DeepSpeedRank:
 
     def _raise_non_finite_gradient(self, step: int) -> None:
         raise NonFiniteLossError(
-            f"non-finite {self.role} gradient at RL step {step} (rank {self.rank}) although the "
+            f"non-finite {self.role} gradient at {self.stage} step {step} (rank {self.rank}) although the "
             "loss was finite; the update was not applied. Usual causes: a learning rate too high "
             f"({self.role}.optim.lr), extreme importance ratios, or bf16 overflow.")
 

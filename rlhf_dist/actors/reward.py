@@ -44,7 +44,7 @@ class ModelScorer:
 
     def __init__(self, path: str, batch_size: int = 64, device: str = "cpu") -> None:
         from rlhf_dist.models.hf import disable_dropout, load_tokenizer
-        from rlhf_dist.models.reward_model import load_reward_model
+        from rlhf_dist.models.scalar_reward import load_reward_model
 
         self.model = disable_dropout(load_reward_model(path, device)).eval().requires_grad_(False)
         self.tokenizer, self.batch_size, self.device = load_tokenizer(path), batch_size, device
@@ -52,7 +52,7 @@ class ModelScorer:
     @torch.inference_mode()
     def score(self, records: list[dict[str, Any]], completions: list[str]) -> list[float]:
         from rlhf_dist.data.records import render_prompt
-        from rlhf_dist.models.reward_model import reward_model_inputs, sequence_rewards
+        from rlhf_dist.models.scalar_reward import reward_model_inputs, sequence_rewards
 
         prompts = [render_prompt(r["prompt"], self.tokenizer) for r in records]
         scores = []

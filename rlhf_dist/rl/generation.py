@@ -4,10 +4,10 @@ its results collected, and (trainer.async_rollout) the next step's batch held un
 Launching and collecting are separate calls so that the trainer can let the engines generate
 batch k+1 while it scores and trains on batch k. The trainer's step reads:
 
-    rollout = rollouts.for_step(step)   # the prefetched batch, or drawn, launched, collected now
-    ahead = rollouts.launch(step + 1)   # async only: before phase 2
+    rollout = generation.for_step(step)   # the prefetched batch, or drawn, launched, collected now
+    ahead = generation.launch(step + 1)   # async only: before phase 2
     ...                                 # phases 2-4
-    rollouts.collect_ahead(ahead)       # before phase 5: the engines must be idle for the sync
+    generation.collect_ahead(ahead)       # before phase 5: the engines must be idle for the sync
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from rlhf_dist.seeding import sample_seeds
 
 
 @dataclass
-class Rollout:
+class GenerationBatch:
     """One step's batch on its way: prompts drawn, generation launched, then collected."""
 
     step: int
@@ -35,7 +35,7 @@ class Rollout:
     engine_s: float = 0.0  # seconds the slowest engine spent generating it
 
 
-class RolloutPipeline:
+class Generation:
     """Generation on `engines`, launched and collected separately; holds at most one prefetched
     batch (`prefetched`).
 
@@ -53,7 +53,7 @@ class RolloutPipeline:
         self.n_samples, self.temperature, self.top_p = n_samples, temperature, top_p
         self.max_new_tokens, self.seed, self.timeout_s = max_new_tokens, seed, timeout_s
         self.recover, self.engine_version = recover, engine_version
-        self.prefetched: Rollout | None = None  # async_rollout: the next step's batch, generated
+        self.prefetched: GenerationBatch | None = None  # async_rollout: the next step's batch, generated
 
     # ------------------------------------------------------------------ one generation
     def generate(self, records: list[dict], n: int, temperature: float, step: int | None = None,
@@ -93,18 +93,18 @@ class RolloutPipeline:
         return samples, [launched["records"][i] for i in order], max(results[len(parts):])
 
     # ------------------------------------------------------------------ one RL step's batch
-    def for_step(self, step: int) -> Rollout:
+    def for_step(self, step: int) -> GenerationBatch:
         """The step's batch: the one prefetched for it, or drawn, launched and collected now."""
         return self.take_prefetched(step) or self.collect(self.launch(step))
 
-    def launch(self, step: int) -> Rollout:
+    def launch(self, step: int) -> GenerationBatch:
         """Draw the step's prompts and start generating them with the engines' current weights."""
         sampler_state = self.sampler.state_dict()
         records = self.sampler.next_batch()
         launched = self.launch_generate(records, self.n_samples, self.temperature, step)
-        return Rollout(step, records, sampler_state, self.engine_version(), launched)
+        return GenerationBatch(step, records, sampler_state, self.engine_version(), launched)
 
-    def collect(self, rollout: Rollout) -> Rollout:
+    def collect(self, rollout: GenerationBatch) -> GenerationBatch:
         """Wait for its generation. A dead engine is replaced and given the learner's current weights
         (`recover`), and the generation relaunched with them: same prompts, same seeds."""
 
@@ -119,14 +119,14 @@ class RolloutPipeline:
         rollout.samples, rollout.sample_records, rollout.engine_s = self.recover("generate", collect)
         return rollout
 
-    def take_prefetched(self, step: int) -> Rollout | None:
+    def take_prefetched(self, step: int) -> GenerationBatch | None:
         rollout, self.prefetched = self.prefetched, None
         if rollout is not None and rollout.step != step:  # steps run out of order (tests): draw anew
             self.sampler.load_state_dict(rollout.sampler_state)
             return None
         return rollout
 
-    def collect_ahead(self, ahead: Rollout | None) -> None:
+    def collect_ahead(self, ahead: GenerationBatch | None) -> None:
         """Wait for the batch launched for the next step (None: none was) and keep it for that step."""
         self.prefetched = ahead and self.collect(ahead)
 

@@ -38,11 +38,11 @@ from rlhf_dist.algo import (
 )
 from rlhf_dist.algo.objective import PolicyLossConfig, ValueLossConfig
 from rlhf_dist.config import critic_micro_batch_size, old_logprobs_source, uses_critic, uses_reference
-from rlhf_dist.data.batch import Batch, collate_rollouts, shard_minibatches
+from rlhf_dist.data.batch import Batch, collate_sequences, shard_minibatches
 from rlhf_dist.data.prompts import PromptSampler
 from rlhf_dist.errors import ActorDiedError, NonFiniteLossError, RewardSamplesFailedError, RlhfDistError
 from rlhf_dist.monitor import RunMonitor
-from rlhf_dist.rl.generation import Rollout, RolloutPipeline
+from rlhf_dist.rl.generation import Generation, GenerationBatch
 from rlhf_dist.rl.metrics import eval_metrics, rollout_metrics, sample_rows
 
 # metrics that each rank computes as its share of a global-normalised sum: summed over ranks
@@ -65,19 +65,19 @@ class RLTrainer:
         # weight versions (updates applied since start-up) of the learner and of the engines; a
         # rollout records the engines' at launch, so staleness = policy_version - rollout.version
         self.policy_version = self.engine_version = 0
-        self.rollouts: RolloutPipeline | None = None  # phase 1 (rlhf_dist.rl.generation), from start()
+        self.generation: Generation | None = None  # phase 1 (rlhf_dist.rl.generation), from start()
         # fixed lengths (rollout.ignore_eos): the engine masks EOS until max_new_tokens, so every
         # logprob of the policy (learner, old, reference) is taken without it
         self.banned_token_id = tokenizer.eos_token_id if cfg.rollout.ignore_eos else None
 
     @property
-    def prefetched(self) -> Rollout | None:
+    def prefetched(self) -> GenerationBatch | None:
         """async_rollout: the next step's batch, already generated (None when there is none)."""
-        return self.rollouts.prefetched if self.rollouts is not None else None
+        return self.generation.prefetched if self.generation is not None else None
 
     @prefetched.setter
-    def prefetched(self, rollout: Rollout | None) -> None:
-        self.rollouts.prefetched = rollout
+    def prefetched(self, rollout: GenerationBatch | None) -> None:
+        self.generation.prefetched = rollout
 
     # ------------------------------------------------------------------ start-up
     def start(self) -> dict[str, float]:
@@ -89,7 +89,7 @@ class RLTrainer:
         self.engines, self.learners, self.reward = actors.engines, actors.learners, actors.reward
         self.reference, self.critics = actors.reference, actors.critics
         ro = self.cfg.rollout
-        self.rollouts = RolloutPipeline(
+        self.generation = Generation(
             self.engines, self.tokenizer, self.sampler, ro.n_samples_per_prompt, ro.temperature, ro.top_p,
             ro.max_new_tokens, ro.seed, ro.init_timeout_s, recover=self.with_engine_recovery,
             engine_version=lambda: self.engine_version)
@@ -102,7 +102,7 @@ class RLTrainer:
     def generate(self, records: list[dict], n: int, temperature: float, step: int | None = None,
                  stream: str = "train") -> tuple[list[dict], list[dict]]:
         """Split prompts across engines; returns (samples, the record each sample answers)."""
-        return self.rollouts.generate(records, n, temperature, step, stream)
+        return self.generation.generate(records, n, temperature, step, stream)
 
     def score(self, batch: Batch, records: list[dict], texts: list[str]) -> None:
         """Phase 2: rewards, reference logprobs, critic values and old logprobs, all in flight."""
@@ -269,16 +269,16 @@ class RLTrainer:
         collective sync begun while it still generates could run out its deadline)."""
         cfg, t0 = self.cfg, time.perf_counter()
         # 1. generate (async: already done, by the engines' weights of one update ago)
-        rollout = self.rollouts.for_step(step)
+        rollout = self.generation.for_step(step)
         samples = rollout.samples
-        batch = collate_rollouts([s["prompt_ids"] for s in samples], [s["token_ids"] for s in samples],
+        batch = collate_sequences([s["prompt_ids"] for s in samples], [s["token_ids"] for s in samples],
                                  [s["logprobs"] for s in samples], self.tokenizer.pad_token_id)
         self.weights.sleep_engines()  # rollout.sleep_level > 0 (GPU): free engine memory until the sync
         staleness = self.policy_version - rollout.version
         if staleness > 1:  # one batch in flight keeps it <= 1
             raise RlhfDistError(f"step {step}: batch {staleness} updates stale, above the 1 of one "
                                 "batch in flight; the prefetch logic has a bug.")
-        ahead = (self.rollouts.launch(step + 1)  # the last step launches nothing nobody would consume
+        ahead = (self.generation.launch(step + 1)  # the last step launches nothing nobody would consume
                  if cfg.trainer.async_rollout and step < cfg.trainer.total_steps else None)
         t1 = time.perf_counter()
         # 2. score (+ reference logprobs, critic values, old logprobs)
@@ -287,7 +287,7 @@ class RLTrainer:
         except RewardSamplesFailedError as err:  # reward.fallback_score=null: skip this step
             self.skipped_steps += 1
             self.monitor.print(f"[skip] step {step}: {err}")
-            self.rollouts.collect_ahead(ahead)  # no update: nothing to sync
+            self.generation.collect_ahead(ahead)  # no update: nothing to sync
             return {"faults/skipped_steps": float(self.skipped_steps)}
         t2 = time.perf_counter()
         # 3. advantages
@@ -296,7 +296,7 @@ class RLTrainer:
         train_metrics = self.train_or_skip(batch, step, staleness)
         t3 = time.perf_counter()
         if ahead is not None:  # async: the next batch must be done before the engines take weights
-            self.rollouts.collect_ahead(ahead)
+            self.generation.collect_ahead(ahead)
         waited = time.perf_counter()
         # 5. sync
         sync_metrics = self.with_engine_recovery("weight sync", self.sync_weights)
@@ -310,7 +310,7 @@ class RLTrainer:
         return self._step_metrics(step, rollout, batch, timing,
                                   [batch.meta, advantage_metrics, train_metrics, sync_metrics])
 
-    def _step_metrics(self, step: int, rollout: Rollout, batch: Batch, timing: dict[str, float],
+    def _step_metrics(self, step: int, rollout: GenerationBatch, batch: Batch, timing: dict[str, float],
                       parts: list[dict[str, float]]) -> dict[str, float]:
         """Rewards, lengths, timing, faults, then each phase's own metrics (`parts`; batch.meta: the
         reward's parts); every logger.memory_every steps each process's memory. Every
@@ -387,7 +387,7 @@ class RLTrainer:
         return [("policy", self.learners)] + ([("critic", self.critics)] if self.critics else [])
 
     def state_dict(self, step: int) -> dict[str, Any]:
-        return {"step": step, "sampler": self.rollouts.sampler_state(), "generator": self.generator.get_state(),
+        return {"step": step, "sampler": self.generation.sampler_state(), "generator": self.generator.get_state(),
                 "kl_ctl": self.kl_ctl.state_dict(), "reward": self.reward.run("state_dict", timeout_s=60)[0],
                 "wandb_id": self.monitor.wandb_id or "", "bad_steps": self.bad_steps}
 

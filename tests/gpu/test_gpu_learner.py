@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
 from rlhf_dist.actors.learner import LearnerActor  # noqa: E402
-from rlhf_dist.data.batch import collate_rollouts  # noqa: E402
+from rlhf_dist.data.batch import collate_sequences  # noqa: E402
 from rlhf_dist.distributed.checksum import tensor_checksum  # noqa: E402
 from rlhf_dist.distributed.process_group import free_port  # noqa: E402
 from rlhf_dist.models.hf import load_causal_lm, response_logprobs  # noqa: E402
@@ -32,7 +32,7 @@ def _batch(model_dir, rows=16, seed=0):
                for _ in range(rows)]
     responses = [torch.randint(3, 98, (int(torch.randint(1, 10, (1,), generator=gen)),), generator=gen).tolist() + [1]
                  for _ in range(rows)]
-    batch = collate_rollouts(prompts, responses, [[0.0] * len(r) for r in responses], pad_id=0)
+    batch = collate_sequences(prompts, responses, [[0.0] * len(r) for r in responses], pad_id=0)
     model = load_causal_lm(str(model_dir)).eval()
     with torch.no_grad():
         logprobs, _ = response_logprobs(model, batch["input_ids"], batch["attention_mask"], batch.prompt_width)

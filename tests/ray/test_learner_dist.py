@@ -17,7 +17,7 @@ from rlhf_dist.runtime.group import ActorGroup
 from rlhf_dist.actors.learner import LearnerActor
 from rlhf_dist.algo import count_normalizers
 from rlhf_dist.algo.objective import PolicyLossConfig, policy_objective
-from rlhf_dist.data.batch import collate_rollouts
+from rlhf_dist.data.batch import collate_sequences
 from rlhf_dist.models.hf import disable_dropout, load_causal_lm, response_logprobs
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -49,7 +49,7 @@ def make_minibatch(tiny_model_dir, prompt_lens=None, response_lens=None):
     prompts = [torch.randint(3, 98, (n,), generator=gen).tolist() for n in prompt_lens]
     response_lens = response_lens or torch.randint(1, 6, (MINI,), generator=gen).tolist()
     responses = [torch.randint(3, 98, (n,), generator=gen).tolist() for n in response_lens]
-    batch = collate_rollouts(prompts, responses, [[0.0] * len(r) for r in responses], pad_id=0)
+    batch = collate_sequences(prompts, responses, [[0.0] * len(r) for r in responses], pad_id=0)
     model = disable_dropout(load_causal_lm(str(tiny_model_dir)))
     with torch.no_grad():
         logprobs, _ = response_logprobs(model, batch["input_ids"], batch["attention_mask"], batch.prompt_width)

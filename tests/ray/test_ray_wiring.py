@@ -57,14 +57,14 @@ def test_engine_samples_from_the_synced_weights(trainer, tiny_model_dir):
     HF model holding the learner's weights: the logprobs must agree to float32 precision.
     """
     from rlhf_dist.models.hf import load_causal_lm, response_logprobs
-    from rlhf_dist.data.batch import collate_rollouts
+    from rlhf_dist.data.batch import collate_sequences
 
     trainer.step(2)
     model = load_causal_lm(str(tiny_model_dir)).eval()
     model.load_state_dict(trainer.learners.run("get_weights", timeout_s=60)[0], strict=False)
     model.tie_weights()
     samples, _ = trainer.generate(trainer.eval_records[:4], 2, 1.0)
-    batch = collate_rollouts([s["prompt_ids"] for s in samples], [s["token_ids"] for s in samples],
+    batch = collate_sequences([s["prompt_ids"] for s in samples], [s["token_ids"] for s in samples],
                              [s["logprobs"] for s in samples], trainer.tokenizer.pad_token_id)
     with torch.no_grad():
         logprobs, _ = response_logprobs(model, batch["input_ids"], batch["attention_mask"], batch.prompt_width)

@@ -1,5 +1,5 @@
 """Sampling statistics of the real rollout path: a vLLM engine in a Ray actor, driven by the
-trainer's RolloutPipeline (the seeds a training step uses), on tiny models.
+trainer's Generation (the seeds a training step uses), on tiny models.
 
 Determinism (a resumed run repeats its samples) says nothing about what the seeds produce. These
 tests measure it: samples of different prompts, of one group and of two runs must be independent,
@@ -22,7 +22,7 @@ from rlhf_dist.runtime.group import ActorGroup
 from rlhf_dist.actors.rollout import RolloutActor
 from rlhf_dist.data.tasks import get_task
 from rlhf_dist.models.hf import load_causal_lm, load_tokenizer, response_logprobs
-from rlhf_dist.rl.generation import RolloutPipeline
+from rlhf_dist.rl.generation import Generation
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -36,9 +36,9 @@ def _engine(model_dir, ignore_eos: bool) -> ActorGroup:
     return engines
 
 
-def _pipeline(engines, model_dir, seed: int, max_new_tokens: int = TOKENS) -> RolloutPipeline:
+def _pipeline(engines, model_dir, seed: int, max_new_tokens: int = TOKENS) -> Generation:
     """The trainer's phase 1 without a prompt sampler: `generate(records, n, T, step)` only."""
-    return RolloutPipeline(engines, load_tokenizer(str(model_dir)), sampler=None, n_samples=1,
+    return Generation(engines, load_tokenizer(str(model_dir)), sampler=None, n_samples=1,
                            temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed,
                            timeout_s=300, recover=lambda phase, call: call(), engine_version=lambda: 0)
 

@@ -55,7 +55,7 @@ def _synthetic_pairs(num, seed):
 def test_reward_model_learns_a_preference_and_is_served_with_the_same_scores(local_ray, tiny_model_dir, tmp_path):
     from rlhf_dist.actors.reward import RewardActor
     from rlhf_dist.models.hf import load_tokenizer
-    from rlhf_dist.models.reward_model import load_reward_model, reward_model_inputs, sequence_rewards
+    from rlhf_dist.models.scalar_reward import load_reward_model, reward_model_inputs, sequence_rewards
     from rlhf_dist.stages.reward_model import run_reward_model
 
     out = tmp_path / "rm"

@@ -4,7 +4,7 @@ from collections import OrderedDict
 
 import torch
 
-from rlhf_dist.data.batch import collate_rollouts
+from rlhf_dist.data.batch import collate_sequences
 from rlhf_dist.distributed.checksum import (
     checksums, diff_checksums, fuse_like_engine, layer_key, tensor_checksum)
 
@@ -56,7 +56,7 @@ def test_layer_key_groups_whole_decoder_layers():
 
 
 def test_collate_left_pads_prompts_and_right_pads_responses():
-    batch = collate_rollouts([[5, 6, 7], [8]], [[9, 1], [10, 11, 1]], [[-0.5, -0.1], [-1.0, -2.0, -3.0]], pad_id=0)
+    batch = collate_sequences([[5, 6, 7], [8]], [[9, 1], [10, 11, 1]], [[-0.5, -0.1], [-1.0, -2.0, -3.0]], pad_id=0)
     assert batch.prompt_width == 3
     assert batch["input_ids"].tolist() == [[5, 6, 7, 9, 1, 0], [0, 0, 8, 10, 11, 1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
@@ -71,7 +71,7 @@ def test_response_logprobs_ignore_padding(tiny_model_dir):
     from rlhf_dist.models.hf import load_causal_lm, response_logprobs
 
     model = load_causal_lm(str(tiny_model_dir)).eval()
-    batch = collate_rollouts([[5, 6, 7, 8], [9, 10]], [[11, 12, 1], [13, 1]], [[0.0] * 3, [0.0] * 2], 0)
+    batch = collate_sequences([[5, 6, 7, 8], [9, 10]], [[11, 12, 1], [13, 1]], [[0.0] * 3, [0.0] * 2], 0)
     with torch.no_grad():
         padded, entropy = response_logprobs(model, batch["input_ids"], batch["attention_mask"],
                                             batch.prompt_width, temperature=0.7, with_entropy=True)

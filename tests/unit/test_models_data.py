@@ -309,12 +309,12 @@ def _full_vocab_logprobs(model, batch, temperature):
 
 
 def _mixed_batch(prompt_lens, response_lens):
-    from rlhf_dist.data.batch import collate_rollouts
+    from rlhf_dist.data.batch import collate_sequences
 
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 98, (n,), generator=gen).tolist() for n in prompt_lens]
     responses = [torch.randint(3, 98, (n,), generator=gen).tolist() for n in response_lens]
-    return collate_rollouts(prompts, responses, [[0.0] * n for n in response_lens], pad_id=0)
+    return collate_sequences(prompts, responses, [[0.0] * n for n in response_lens], pad_id=0)
 
 
 @pytest.mark.parametrize("chunk_tokens", [1, 7, 1024])  # one position, 2 of 5 (uneven), all
@@ -388,13 +388,13 @@ def test_split_by_tokens_trims_each_micro_batch_to_its_own_longest_response():
 def test_batched_forward_by_token_budget_keeps_row_order_and_values():
     # rows of different lengths grouped by length into budgeted micro-batches must come back in
     # the batch's order, each value where the row-by-row forward puts it
-    from rlhf_dist.data.batch import collate_rollouts
+    from rlhf_dist.data.batch import collate_sequences
     from rlhf_dist.models.hf import batched_forward
 
     gen = torch.Generator().manual_seed(0)
     lengths = [5, 1, 9, 3, 9, 2, 7]
     responses = [torch.randint(3, 90, (n,), generator=gen).tolist() for n in lengths]
-    batch = collate_rollouts([[1, 2]] * len(lengths), responses, [[0.0] * n for n in lengths], 0)
+    batch = collate_sequences([[1, 2]] * len(lengths), responses, [[0.0] * n for n in lengths], 0)
     calls = []
 
     def forward(input_ids, attention_mask, prompt_width):  # (b, T_micro): the token ids as values

@@ -11,7 +11,7 @@ from rlhf_dist.runtime.ds_group import merge_rank_metrics
 from rlhf_dist.actors.ds_rank import _accumulate
 from rlhf_dist.runtime.ds_group import STATS_WEIGHT
 from rlhf_dist.actors.reward import RewardActor, RunningNorm
-from rlhf_dist.data.batch import collate_rollouts, shard_minibatches
+from rlhf_dist.data.batch import collate_sequences, shard_minibatches
 
 
 def test_rank_stats_are_weighted_by_tokens():
@@ -67,7 +67,7 @@ def test_eval_scoring_leaves_the_reward_normalisation_unchanged(tiny_model_dir, 
     """A real (tiny, untrained) reward model served with reward.normalize=true."""
     from transformers import AutoTokenizer
 
-    from rlhf_dist.models.reward_model import load_reward_model
+    from rlhf_dist.models.scalar_reward import load_reward_model
 
     load_reward_model(str(tiny_model_dir)).save_pretrained(tmp_path / "rm")
     AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(tmp_path / "rm")
@@ -86,7 +86,7 @@ def test_eval_scoring_leaves_the_reward_normalisation_unchanged(tiny_model_dir, 
 def test_every_row_is_trained_once_per_epoch_in_equal_shards(rows, mini, ranks, epochs):
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(1, 6, (rows,), generator=gen).tolist()
-    batch = collate_rollouts([[5, 6]] * rows, [[7 + i] * n for i, n in enumerate(lengths)],
+    batch = collate_sequences([[5, 6]] * rows, [[7 + i] * n for i, n in enumerate(lengths)],
                              [[0.0] * n for n in lengths], pad_id=0)
     batch["row"] = torch.arange(rows, dtype=torch.float32)
     orders = [torch.randperm(rows, generator=gen) for _ in range(epochs)]

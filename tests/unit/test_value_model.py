@@ -2,7 +2,7 @@
 
 import torch
 
-from rlhf_dist.data.batch import collate_rollouts
+from rlhf_dist.data.batch import collate_sequences
 from rlhf_dist.models.hf import disable_dropout, load_causal_lm
 from rlhf_dist.models.value import load_value_model, response_values
 
@@ -26,7 +26,7 @@ def test_values_line_up_with_response_tokens_and_ignore_padding(tiny_model_dir):
     """V for response token t is read where the logits predicting token t are: position P-1+t."""
     critic = disable_dropout(load_value_model(str(tiny_model_dir))).eval()
     prompts, responses = [[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]]
-    batch = collate_rollouts(prompts, responses, [[0.0] * 2, [0.0] * 3], pad_id=0)
+    batch = collate_sequences(prompts, responses, [[0.0] * 2, [0.0] * 3], pad_id=0)
     with torch.no_grad():
         values = response_values(critic, batch["input_ids"], batch["attention_mask"], batch.prompt_width)
         alone = response_values(critic, torch.tensor([[8, 9, 12, 13, 14]]), torch.ones(1, 5, dtype=torch.long), 2)
@@ -47,7 +47,7 @@ def test_dropout_is_off_even_in_train_mode(tiny_model_dir):
 def test_critic_starts_from_a_reward_model_with_its_head(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from rlhf_dist.models.reward_model import load_reward_model
+    from rlhf_dist.models.scalar_reward import load_reward_model
 
     reward_model = load_reward_model(str(tiny_model_dir))
     reward_model.save_pretrained(tmp_path / "rm")

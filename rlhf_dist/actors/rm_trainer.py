@@ -12,11 +12,12 @@ import torch
 from rlhf_dist.actors.ds_rank import DeepSpeedRank
 from rlhf_dist.algo.preference import bradley_terry_loss
 from rlhf_dist.data.batch import Batch
-from rlhf_dist.models.reward_model import load_reward_model, sequence_rewards
+from rlhf_dist.models.scalar_reward import load_reward_model, sequence_rewards
 
 
 class RewardModelTrainerActor(DeepSpeedRank):
     role = "reward_model"
+    stage = "reward-model"
 
     def build_model(self) -> torch.nn.Module:
         return load_reward_model(self.model_path, self.device)
