@@ -125,6 +125,8 @@ def compose_config(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+    from rlhf_dist.session import conf_dir  # importing it registers the schema
+
+    with initialize_config_dir(conf_dir(), version_base="1.3"):
         cfg = compose("config", overrides=["trainer.run_dir=/tmp/unused", *overrides])
     return OmegaConf.to_object(cfg)
