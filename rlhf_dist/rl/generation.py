@@ -1,17 +1,20 @@
 """Phase 1 seen from the driver: a step's prompts drawn, sampling launched on the rollout engines,
 its results collected, and (trainer.async_rollout) the next step's batch held until that step.
 
-Launching and collecting are separate calls so that the trainer can let the engines generate
-batch k+1 while it scores and trains on batch k. The trainer's step reads:
+Launching and collecting are separate calls so that the engines can generate batch k+1 while the
+trainer scores and trains on batch k. The trainer's step only sees two calls:
 
-    rollout = generation.for_step(step)   # the prefetched batch, or drawn, launched, collected now
-    ahead = generation.launch(step + 1)   # async only: before phase 2
-    ...                                 # phases 2-4
-    generation.collect_ahead(ahead)       # before phase 5: the engines must be idle for the sync
+    batch = generation.begin_step(step, launch_next)  # phase 1: the step's batch (prefetched, or
+                                                     # drawn, launched, collected now); async: the
+                                                     # next step's batch is launched here
+    ...                                              # phases 2-4
+    hidden_s = generation.end_step()                 # before phase 5: the next batch collected
+                                                     # (the engines must be idle for the sync)
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -54,6 +57,7 @@ class Generation:
         self.max_new_tokens, self.seed, self.timeout_s = max_new_tokens, seed, timeout_s
         self.recover, self.engine_version = recover, engine_version
         self.prefetched: GenerationBatch | None = None  # async_rollout: the next step's batch, generated
+        self.ahead: GenerationBatch | None = None  # async_rollout: the next step's batch, in flight
 
     # ------------------------------------------------------------------ one generation
     def generate(self, records: list[dict], n: int, temperature: float, step: int | None = None,
@@ -93,6 +97,22 @@ class Generation:
         return samples, [launched["records"][i] for i in order], max(results[len(parts):])
 
     # ------------------------------------------------------------------ one RL step's batch
+    def begin_step(self, step: int, launch_next: bool) -> GenerationBatch:
+        """Phase 1 of `step`: its batch, generated. With `launch_next` (async rollout, not the last
+        step) the engines start on the next step's batch at once, with the weights they hold."""
+        batch = self.for_step(step)
+        self.ahead = self.launch(step + 1) if launch_next else None
+        return batch
+
+    def end_step(self) -> float:
+        """Before the weight sync: wait for the batch launched ahead (if any) and keep it for its
+        step. Returns the seconds of its generation that the step's scoring and training hid."""
+        if self.ahead is None:
+            return 0.0
+        start = time.perf_counter()
+        self.prefetched, self.ahead = self.collect(self.ahead), None
+        return max(0.0, self.prefetched.engine_s - (time.perf_counter() - start))
+
     def for_step(self, step: int) -> GenerationBatch:
         """The step's batch: the one prefetched for it, or drawn, launched and collected now."""
         return self.take_prefetched(step) or self.collect(self.launch(step))
@@ -125,10 +145,6 @@ class Generation:
             self.sampler.load_state_dict(rollout.sampler_state)
             return None
         return rollout
-
-    def collect_ahead(self, ahead: GenerationBatch | None) -> None:
-        """Wait for the batch launched for the next step (None: none was) and keep it for that step."""
-        self.prefetched = ahead and self.collect(ahead)
 
     def sampler_state(self) -> dict:
         """The sampler as a checkpoint saves it: with a batch prefetched (async), as it was before

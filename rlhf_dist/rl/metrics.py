@@ -4,9 +4,22 @@ actors, no config): reward and response statistics, eval scores, the sample rows
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
+
+
+@contextmanager
+def timed(timing: dict[str, float], phase: str) -> Iterator[None]:
+    """Add the block's wall time to timing["timing/<phase>_s"] (a phase may be timed in parts)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        key = f"timing/{phase}_s"
+        timing[key] = timing.get(key, 0.0) + time.perf_counter() - start
 
 
 def rollout_metrics(rewards: torch.Tensor, response_mask: torch.Tensor, samples: list[dict],

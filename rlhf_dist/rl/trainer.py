@@ -43,7 +43,7 @@ from rlhf_dist.data.prompts import PromptSampler
 from rlhf_dist.errors import ActorDiedError, NonFiniteLossError, RewardSamplesFailedError, RlhfDistError
 from rlhf_dist.monitor import RunMonitor
 from rlhf_dist.rl.generation import Generation, GenerationBatch
-from rlhf_dist.rl.metrics import eval_metrics, rollout_metrics, sample_rows
+from rlhf_dist.rl.metrics import eval_metrics, rollout_metrics, sample_rows, timed
 
 # metrics that each rank computes as its share of a global-normalised sum: summed over ranks
 _ADDITIVE = ("loss/", "kl/loss_term", "entropy/", "critic/value_loss")
@@ -264,51 +264,50 @@ class RLTrainer:
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> dict[str, float]:
         """The five phases on one batch. With trainer.async_rollout the batch was generated while
-        the previous step trained, and the next one is generated while this step scores and trains:
-        launched before phase 2, waited for before phase 5 (an engine runs one call at a time, so a
-        collective sync begun while it still generates could run out its deadline)."""
-        cfg, t0 = self.cfg, time.perf_counter()
-        # 1. generate (async: already done, by the engines' weights of one update ago)
-        rollout = self.generation.for_step(step)
-        samples = rollout.samples
-        batch = collate_sequences([s["prompt_ids"] for s in samples], [s["token_ids"] for s in samples],
-                                 [s["logprobs"] for s in samples], self.tokenizer.pad_token_id)
-        self.weights.sleep_engines()  # rollout.sleep_level > 0 (GPU): free engine memory until the sync
-        staleness = self.policy_version - rollout.version
+        the previous step trained, and the next one is generated while this step scores and trains
+        (rlhf_dist.rl.generation: launched in begin_step, collected in end_step, before the sync)."""
+        cfg, timing = self.cfg, {}
+        with timed(timing, "step"):
+            with timed(timing, "generate"):  # 1. generate (async: done during the last step)
+                launch_next = cfg.trainer.async_rollout and step < cfg.trainer.total_steps
+                pending = self.generation.begin_step(step, launch_next)
+                batch = collate_sequences([s["prompt_ids"] for s in pending.samples],
+                                          [s["token_ids"] for s in pending.samples],
+                                          [s["logprobs"] for s in pending.samples], self.tokenizer.pad_token_id)
+                self.weights.sleep_engines()  # rollout.sleep_level > 0 (GPU): memory to the learner
+            staleness = self._staleness(step, pending)
+            with timed(timing, "score"):  # 2. score (+ reference logprobs, critic values, old logprobs)
+                try:
+                    self.score(batch, pending.sample_records, [s["text"] for s in pending.samples])
+                except RewardSamplesFailedError as err:  # reward.fallback_score=null: skip this step
+                    return self._skip_step(step, err)
+            with timed(timing, "train"):
+                advantage_metrics = self.advantages(batch)  # 3. advantages
+                train_metrics = self.train_or_skip(batch, step, staleness)  # 4. train (policy, critic)
+            with timed(timing, "generate"):  # async: the next batch done before the engines take weights
+                hidden_s = self.generation.end_step()
+            with timed(timing, "sync"):  # 5. sync
+                sync_metrics = self.with_engine_recovery("weight sync", self.sync_weights)
+        if cfg.trainer.async_rollout:
+            timing["timing/generate_hidden_s"] = hidden_s  # the next batch's generation the step hid
+            timing["async/staleness"] = float(staleness)
+        return self._step_metrics(step, pending, batch, timing,
+                                  [batch.meta, advantage_metrics, train_metrics, sync_metrics])
+
+    def _staleness(self, step: int, pending: GenerationBatch) -> int:
+        """Policy updates the engines that generated `pending` had not seen (0, or 1 with async)."""
+        staleness = self.policy_version - pending.version
         if staleness > 1:  # one batch in flight keeps it <= 1
             raise RlhfDistError(f"step {step}: batch {staleness} updates stale, above the 1 of one "
                                 "batch in flight; the prefetch logic has a bug.")
-        ahead = (self.generation.launch(step + 1)  # the last step launches nothing nobody would consume
-                 if cfg.trainer.async_rollout and step < cfg.trainer.total_steps else None)
-        t1 = time.perf_counter()
-        # 2. score (+ reference logprobs, critic values, old logprobs)
-        try:
-            self.score(batch, rollout.sample_records, [s["text"] for s in samples])
-        except RewardSamplesFailedError as err:  # reward.fallback_score=null: skip this step
-            self.skipped_steps += 1
-            self.monitor.print(f"[skip] step {step}: {err}")
-            self.generation.collect_ahead(ahead)  # no update: nothing to sync
-            return {"faults/skipped_steps": float(self.skipped_steps)}
-        t2 = time.perf_counter()
-        # 3. advantages
-        advantage_metrics = self.advantages(batch)
-        # 4. train (policy and critic concurrently)
-        train_metrics = self.train_or_skip(batch, step, staleness)
-        t3 = time.perf_counter()
-        if ahead is not None:  # async: the next batch must be done before the engines take weights
-            self.generation.collect_ahead(ahead)
-        waited = time.perf_counter()
-        # 5. sync
-        sync_metrics = self.with_engine_recovery("weight sync", self.sync_weights)
-        t4 = time.perf_counter()
-        timing = {"timing/generate_s": (t1 - t0) + (waited - t3),  # what the driver waited for
-                  "timing/score_s": t2 - t1, "timing/train_s": t3 - t2, "timing/sync_s": t4 - waited,
-                  "timing/step_s": t4 - t0}
-        if cfg.trainer.async_rollout:  # the next batch's generation time that scoring and training hid
-            timing["timing/generate_hidden_s"] = max(0.0, ahead.engine_s - (waited - t3)) if ahead else 0.0
-            timing["async/staleness"] = float(staleness)
-        return self._step_metrics(step, rollout, batch, timing,
-                                  [batch.meta, advantage_metrics, train_metrics, sync_metrics])
+        return staleness
+
+    def _skip_step(self, step: int, err: Exception) -> dict[str, float]:
+        """A step whose rewards failed (reward.fallback_score=null): no update, so nothing to sync."""
+        self.skipped_steps += 1
+        self.monitor.print(f"[skip] step {step}: {err}")
+        self.generation.end_step()
+        return {"faults/skipped_steps": float(self.skipped_steps)}
 
     def _step_metrics(self, step: int, rollout: GenerationBatch, batch: Batch, timing: dict[str, float],
                       parts: list[dict[str, float]]) -> dict[str, float]:
