@@ -24,6 +24,7 @@ import torch
 from rlhf_dist.runtime.cpu import use_cores
 from rlhf_dist.runtime.files import ModelSpec, local_model_path
 from rlhf_dist.actors.vllm_worker import keep_cpu_linear_weights, refresh_cpu_gemm_handles
+from rlhf_dist.data.messages import Sample
 from rlhf_dist.errors import WeightSyncError
 
 
@@ -95,8 +96,8 @@ class RolloutActor:
         top_p: float,
         max_new_tokens: int,
         seeds: list[list[int]] | None = None,
-    ) -> list[dict[str, Any]]:
-        """Sample `n` responses per prompt. Returns one dict per sample, prompt-major order.
+    ) -> list[Sample]:
+        """Sample `n` responses per prompt. Returns one Sample each, prompt-major order.
 
         `seeds[i][j]` seeds sample j of prompt i (rlhf_dist.seeding): each sample is sent as its own
         n=1 request, so every sample has its own random stream (vLLM would seed the children of
@@ -137,12 +138,7 @@ class RolloutActor:
                     [step[tok].logprob for step, tok in zip(completion.logprobs, token_ids)]
                     if completion.logprobs is not None else [0.0] * len(token_ids)
                 )
-                samples.append({
-                    "token_ids": token_ids,
-                    "logprobs": logprobs,
-                    "text": completion.text,
-                    "finish_reason": completion.finish_reason,
-                })
+                samples.append(Sample(token_ids, logprobs, completion.text, completion.finish_reason))
         return samples
 
     def load_weights(self, bucket_refs: list, timeout_s: float, verify: bool = False,

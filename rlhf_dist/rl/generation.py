@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from rlhf_dist.runtime.group import ActorGroup, wait_all
 from rlhf_dist.data.batch import split_evenly
+from rlhf_dist.data.messages import Sample
 from rlhf_dist.data.prompts import PromptSampler
 from rlhf_dist.seeding import sample_seeds
 
@@ -33,7 +34,7 @@ class GenerationBatch:
     sampler_state: dict  # the sampler before these prompts were drawn (what a checkpoint saves)
     version: int  # the engines' weight version (RLTrainer.policy_version) when it was launched
     launched: dict | None  # launch_generate's refs; None once collected
-    samples: list[dict] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
     sample_records: list[dict] = field(default_factory=list)  # the record each sample answers
     engine_s: float = 0.0  # seconds the slowest engine spent generating it
 
@@ -61,7 +62,7 @@ class Generation:
 
     # ------------------------------------------------------------------ one generation
     def generate(self, records: list[dict], n: int, temperature: float, step: int | None = None,
-                 stream: str = "train") -> tuple[list[dict], list[dict]]:
+                 stream: str = "train") -> tuple[list[Sample], list[dict]]:
         """Split prompts across engines; returns (samples, the record each sample answers)."""
         launched = self.launch_generate(records, n, temperature, step, stream)
         samples, sample_records, _ = self.collect_generate(launched)
@@ -84,7 +85,7 @@ class Generation:
         refs += self.engines.call_each("last_generate_s", [() for _ in parts])  # queued behind generate
         return {"records": records, "n": n, "prompt_ids": prompt_ids, "parts": parts, "refs": refs}
 
-    def collect_generate(self, launched: dict[str, Any]) -> tuple[list[dict], list[dict], float]:
+    def collect_generate(self, launched: dict[str, Any]) -> tuple[list[Sample], list[dict], float]:
         """Wait for `launch_generate`: (samples, the record each sample answers, seconds the
         slowest engine spent generating)."""
         parts, n, prompt_ids = launched["parts"], launched["n"], launched["prompt_ids"]
@@ -93,7 +94,7 @@ class Generation:
         samples = [s for engine_samples in results[: len(parts)] for s in engine_samples]
         order = [i for part in parts for i in part for _ in range(n)]  # prompt-major, G contiguous
         for sample, i in zip(samples, order):
-            sample["prompt_ids"] = prompt_ids[i]
+            sample.prompt_ids = prompt_ids[i]
         return samples, [launched["records"][i] for i in order], max(results[len(parts):])
 
     # ------------------------------------------------------------------ one RL step's batch

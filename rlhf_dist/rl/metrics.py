@@ -10,6 +10,8 @@ from typing import Any, Iterator
 
 import torch
 
+from rlhf_dist.data.messages import Sample, Scores
+
 
 @contextmanager
 def timed(timing: dict[str, float], phase: str) -> Iterator[None]:
@@ -22,13 +24,13 @@ def timed(timing: dict[str, float], phase: str) -> Iterator[None]:
         timing[key] = timing.get(key, 0.0) + time.perf_counter() - start
 
 
-def rollout_metrics(rewards: torch.Tensor, response_mask: torch.Tensor, samples: list[dict],
+def rollout_metrics(rewards: torch.Tensor, response_mask: torch.Tensor, samples: list[Sample],
                     group_size: int, timing: dict[str, float]) -> dict[str, float]:
     """reward/*, response/*, then `timing` and the step's throughput. `rewards` (B,), `response_mask`
     (B, T), B = prompts x `group_size` samples each, prompt-major."""
     lengths = response_mask.sum(-1)  # (B,)
     group = rewards.view(-1, group_size)  # (B / G, G)
-    truncated = sum(s["finish_reason"] == "length" for s in samples) / len(samples)
+    truncated = sum(s.finish_reason == "length" for s in samples) / len(samples)
     return {
         "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
         "reward/max": rewards.max().item(), "reward/min": rewards.min().item(),
@@ -40,19 +42,19 @@ def rollout_metrics(rewards: torch.Tensor, response_mask: torch.Tensor, samples:
     }
 
 
-def eval_metrics(scored: dict[str, Any], samples: list[dict], time_s: float) -> dict[str, float]:
+def eval_metrics(scored: Scores, samples: list[Sample], time_s: float) -> dict[str, float]:
     """eval/* from the reward actor's reply `scored` ({"reward", "rule", "model"} lists) on greedy
     samples; solved means a rule (gold) score of 1."""
-    rewards = torch.tensor(scored["reward"])
-    rule = torch.tensor(scored["rule"]) if scored["rule"] is not None else rewards
+    rewards = torch.tensor(scored.reward)
+    rule = torch.tensor(scored.rule) if scored.rule is not None else rewards
     metrics = {
         "eval/reward_mean": rewards.mean().item(),
         "eval/solved_frac": (rule >= 1.0 - 1e-6).float().mean().item(),  # by the rule (gold)
-        "eval/length_mean": sum(len(s["token_ids"]) for s in samples) / len(samples),
+        "eval/length_mean": sum(len(s.token_ids) for s in samples) / len(samples),
         "eval/time_s": time_s,
     }
-    if scored["model"] is not None:  # learned reward beside the rule (gold) score
-        metrics["eval/model_mean"] = sum(scored["model"]) / len(scored["model"])
+    if scored.model is not None:  # learned reward beside the rule (gold) score
+        metrics["eval/model_mean"] = sum(scored.model) / len(scored.model)
         metrics["eval/rule_mean"] = rule.mean().item()
     return metrics
 

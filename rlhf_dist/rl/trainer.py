@@ -38,6 +38,7 @@ from rlhf_dist.algo import (
 )
 from rlhf_dist.algo.objective import PolicyLossConfig, ValueLossConfig
 from rlhf_dist.config import critic_micro_batch_size, old_logprobs_source, uses_critic, uses_reference
+from rlhf_dist.data.messages import Sample, Scores
 from rlhf_dist.data.batch import Batch, collate_sequences, shard_minibatches
 from rlhf_dist.data.prompts import PromptSampler
 from rlhf_dist.errors import ActorDiedError, NonFiniteLossError, RewardSamplesFailedError, RlhfDistError
@@ -100,7 +101,7 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ phases
     def generate(self, records: list[dict], n: int, temperature: float, step: int | None = None,
-                 stream: str = "train") -> tuple[list[dict], list[dict]]:
+                 stream: str = "train") -> tuple[list[Sample], list[dict]]:
         """Split prompts across engines; returns (samples, the record each sample answers)."""
         return self.generation.generate(records, n, temperature, step, stream)
 
@@ -126,14 +127,15 @@ class RLTrainer:
         results = iter(wait_all(refs, names, "score/reference/values", timeout))
         for key, job_refs, _ in jobs:
             parts = [next(results) for _ in job_refs]
-            if key == "rewards":  # {"reward", "rule", "model"} lists, failures of reward.fn
-                batch[key] = torch.tensor(parts[0]["reward"], dtype=torch.float32)
-                batch.meta.update(parts[0]["metrics"])
-                if parts[0]["report"]:
-                    self.monitor.print(parts[0]["report"])
-                for part in ("rule", "model"):
-                    if parts[0][part] is not None:
-                        batch.meta[f"reward/{part}_mean"] = sum(parts[0][part]) / len(parts[0][part])
+            if key == "rewards":
+                scores: Scores = parts[0]
+                batch[key] = torch.tensor(scores.reward, dtype=torch.float32)
+                batch.meta.update(scores.metrics)
+                if scores.report:
+                    self.monitor.print(scores.report)
+                for part, values in (("rule", scores.rule), ("model", scores.model)):
+                    if values is not None:
+                        batch.meta[f"reward/{part}_mean"] = sum(values) / len(values)
             else:  # (B_i, T_i) shards trimmed to their own width: pad back to the batch's T
                 width = batch["response_mask"].shape[1]
                 batch[key] = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
@@ -271,14 +273,14 @@ class RLTrainer:
             with timed(timing, "generate"):  # 1. generate (async: done during the last step)
                 launch_next = cfg.trainer.async_rollout and step < cfg.trainer.total_steps
                 pending = self.generation.begin_step(step, launch_next)
-                batch = collate_sequences([s["prompt_ids"] for s in pending.samples],
-                                          [s["token_ids"] for s in pending.samples],
-                                          [s["logprobs"] for s in pending.samples], self.tokenizer.pad_token_id)
+                batch = collate_sequences([s.prompt_ids for s in pending.samples],
+                                          [s.token_ids for s in pending.samples],
+                                          [s.logprobs for s in pending.samples], self.tokenizer.pad_token_id)
                 self.weights.sleep_engines()  # rollout.sleep_level > 0 (GPU): memory to the learner
             staleness = self._staleness(step, pending)
             with timed(timing, "score"):  # 2. score (+ reference logprobs, critic values, old logprobs)
                 try:
-                    self.score(batch, pending.sample_records, [s["text"] for s in pending.samples])
+                    self.score(batch, pending.sample_records, [s.text for s in pending.samples])
                 except RewardSamplesFailedError as err:  # reward.fallback_score=null: skip this step
                     return self._skip_step(step, err)
             with timed(timing, "train"):
@@ -325,7 +327,7 @@ class RLTrainer:
         if cfg.logger.memory_every and (step == 1 or step % cfg.logger.memory_every == 0):
             metrics.update(self.memory())
         if step == 1 or step % cfg.logger.sample_every == 0:
-            texts = [s["text"] for s in samples]
+            texts = [s.text for s in samples]
             self.monitor.log_samples(step, sample_rows(rollout.sample_records, texts, batch["rewards"],
                                                        cfg.logger.num_samples))
         return metrics
@@ -335,15 +337,15 @@ class RLTrainer:
         """Greedy decoding on the held-out prompts, scored by the same reward function."""
         start = time.perf_counter()
         samples, records = self.generate(self.eval_records, 1, 0.0, step, stream="eval")
-        texts = [s["text"] for s in samples]
+        texts = [s.text for s in samples]
         try:
             scored = self.reward.run("score", records, texts, False, timeout_s=self.cfg.reward.timeout_s)[0]
         except RewardSamplesFailedError as err:  # reward.fallback_score=null: no score for this eval
             self.monitor.print(f"[eval] step {step} not scored: {err}")
             nan = float("nan")
             return {"eval/reward_mean": nan, "eval/solved_frac": nan, "eval/length_mean": nan}
-        if scored["report"]:
-            self.monitor.print(scored["report"])
+        if scored.report:
+            self.monitor.print(scored.report)
         metrics = eval_metrics(scored, samples, time.perf_counter() - start)
         self.monitor.log_eval(step, metrics)
         return metrics

@@ -64,8 +64,8 @@ def test_engine_samples_from_the_synced_weights(trainer, tiny_model_dir):
     model.load_state_dict(trainer.learners.run("get_weights", timeout_s=60)[0], strict=False)
     model.tie_weights()
     samples, _ = trainer.generate(trainer.eval_records[:4], 2, 1.0)
-    batch = collate_sequences([s["prompt_ids"] for s in samples], [s["token_ids"] for s in samples],
-                             [s["logprobs"] for s in samples], trainer.tokenizer.pad_token_id)
+    batch = collate_sequences([s.prompt_ids for s in samples], [s.token_ids for s in samples],
+                             [s.logprobs for s in samples], trainer.tokenizer.pad_token_id)
     with torch.no_grad():
         logprobs, _ = response_logprobs(model, batch["input_ids"], batch["attention_mask"], batch.prompt_width)
     gap = ((logprobs - batch["rollout_logprobs"]).abs() * batch["response_mask"]).max().item()

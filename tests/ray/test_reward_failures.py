@@ -88,13 +88,13 @@ def test_failing_sample_gets_fallback_score_and_is_named(reward_file, local_ray)
         result = group.run("score", RECORDS, COMPLETIONS, timeout_s=60)[0]
     finally:
         group.kill()
-    assert result["reward"] == [1.0, -1.0, 1.0] and result["rule"] == [1.0, -1.0, 1.0]
-    assert result["metrics"] == {"reward/failed_samples": 1.0}
-    (failure,) = result["failures"]
+    assert result.reward == [1.0, -1.0, 1.0] and result.rule == [1.0, -1.0, 1.0]
+    assert result.metrics == {"reward/failed_samples": 1.0}
+    (failure,) = result.failures
     assert failure["index"] == 1 and failure["completion"] == "'boom'"
-    assert "raised on 1 of 3 samples; they get reward.fallback_score=-1" in result["report"]
-    assert "sample 1: ValueError: cannot parse 'boom'" in result["report"]
-    assert "prompt 'rev cd=' | completion 'boom'" in result["report"]
+    assert "raised on 1 of 3 samples; they get reward.fallback_score=-1" in result.report
+    assert "sample 1: ValueError: cannot parse 'boom'" in result.report
+    assert "prompt 'rev cd=' | completion 'boom'" in result.report
 
 
 @pytest.mark.ray
@@ -104,7 +104,7 @@ def test_fallback_null_refuses_the_batch_with_the_skip_error(reward_file, local_
         with pytest.raises(RewardSamplesFailedError) as info:
             group.run("score", RECORDS, COMPLETIONS, timeout_s=60)
         # samples that all score are unaffected by fallback_score=null
-        assert group.run("score", RECORDS[:1], ["ba"], timeout_s=60)[0]["reward"] == [1.0]
+        assert group.run("score", RECORDS[:1], ["ba"], timeout_s=60)[0].reward == [1.0]
     finally:
         group.kill()
     message = str(info.value)

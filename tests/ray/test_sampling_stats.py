@@ -68,7 +68,7 @@ def one_step(uniform_engine, tiny_model_dir):
     """One training step's samples: 16 prompts x 8 samples x 16 tokens, grouped by prompt."""
     prompts, n = 16, 8
     samples, _ = _pipeline(uniform_engine, tiny_model_dir, seed=0).generate(_records(prompts), n, 1.0, step=1)
-    return [[s["token_ids"] for s in samples[i * n:(i + 1) * n]] for i in range(prompts)]
+    return [[s.token_ids for s in samples[i * n:(i + 1) * n]] for i in range(prompts)]
 
 
 def test_samples_of_different_prompts_agree_at_chance_level(one_step):
@@ -94,7 +94,7 @@ def test_two_runs_with_different_seeds_share_no_streams(uniform_engine, tiny_mod
     records = _records(32)
     run_a, _ = _pipeline(uniform_engine, tiny_model_dir, seed=0).generate(records, 2, 1.0, step=11)
     run_b, _ = _pipeline(uniform_engine, tiny_model_dir, seed=1).generate(records, 2, 1.0, step=1)
-    cross = [_agreement(a["token_ids"], b["token_ids"]) for a in run_a for b in run_b]
+    cross = [_agreement(a.token_ids, b.token_ids) for a in run_a for b in run_b]
     assert max(cross) <= 0.5, f"a sample of run A and one of run B agree on {max(cross):.0%} of positions"
     assert sum(cross) / len(cross) < 0.03
 
@@ -164,7 +164,7 @@ def test_engine_samples_the_learners_distribution_at_temperature(local_ray, peak
     banned = tokenizer.eos_token_id if fixed_lengths else None
     learner = _learner_next_token_logprobs(peaked_model_dir, prompt_ids, temperature, banned)  # (V,)
     untempered = _learner_next_token_logprobs(peaked_model_dir, prompt_ids, 1.0, banned)
-    first = torch.tensor([s["token_ids"][0] for s in samples])
+    first = torch.tensor([s.token_ids[0] for s in samples])
     counts = torch.bincount(first, minlength=len(learner)).double()
     assert counts.sum() == copies * n
     entropy = -(learner.exp() * learner).sum().item()
@@ -175,7 +175,7 @@ def test_engine_samples_the_learners_distribution_at_temperature(local_ray, peak
     wrong, wrong_df = _chi_square(counts, untempered.double().exp())
     assert wrong > 3 * _chi_square_critical(wrong_df), "the test cannot tell T=0.7 from T=1"
 
-    reported = torch.tensor([s["logprobs"][0] for s in samples])
+    reported = torch.tensor([s.logprobs[0] for s in samples])
     gap = (reported - learner[first]).abs().max().item()
     assert gap < 1e-4, f"engine-reported logprobs differ from the learner's by {gap}"
     if fixed_lengths:

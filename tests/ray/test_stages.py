@@ -72,6 +72,6 @@ def test_reward_model_learns_a_preference_and_is_served_with_the_same_scores(loc
     model, tokenizer = load_reward_model(str(out)).eval(), load_tokenizer(str(out))
     with torch.no_grad():
         offline = sequence_rewards(model, *reward_model_inputs(tokenizer, [r["prompt"] for r in records], completions))
-    torch.testing.assert_close(torch.tensor(served["model"]), offline, rtol=1e-5, atol=1e-5)
-    assert served["reward"] == served["model"] and served["rule"] is None
-    assert served["model"][0] > served["model"][1]  # the learned preference, served
+    torch.testing.assert_close(torch.tensor(served.model), offline, rtol=1e-5, atol=1e-5)
+    assert served.reward == served.model and served.rule is None
+    assert served.model[0] > served.model[1]  # the learned preference, served

@@ -78,8 +78,8 @@ def test_eval_scoring_leaves_the_reward_normalisation_unchanged(tiny_model_dir, 
     assert before["count"] == 3
     evaluated = actor.score(records, ["zzz", "q", "yx"], update_stats=False)
     assert actor.norm.state_dict() == before
-    assert evaluated["model"][2] == pytest.approx(train["model"][2], abs=1e-5)  # same text, same raw score
-    assert evaluated["reward"][2] == pytest.approx(train["reward"][2], abs=1e-4)  # same statistics applied
+    assert evaluated.model[2] == pytest.approx(train.model[2], abs=1e-5)  # same text, same raw score
+    assert evaluated.reward[2] == pytest.approx(train.reward[2], abs=1e-4)  # same statistics applied
 
 
 @pytest.mark.parametrize("rows,mini,ranks,epochs", [(24, 8, 2, 1), (24, 12, 4, 2), (16, 16, 1, 3)])
