@@ -10,7 +10,7 @@ from rlhf_dist.runtime.cpu import available_cores, parse_cores, vllm_binding
 from rlhf_dist.errors import ConfigError
 from rlhf_dist.validation import validate
 
-from helpers import compose_config as compose
+from helpers import compose_config as compose, threads_and_cores
 
 
 def test_core_lists_parse_ids_ranges_and_lists():
@@ -43,19 +43,21 @@ def test_bad_core_settings_are_refused_with_the_fix():
     validate(compose(["cluster.engine_cores=0", "cluster.learner_cores=0"]))
 
 
-def test_each_engine_gets_its_own_share_of_the_engine_cores(monkeypatch):
+@pytest.mark.ray
+@pytest.mark.slow
+def test_each_engine_gets_its_own_share_of_the_engine_cores(local_ray, tiny_model_dir):
+    """Two real engines given cluster.engine_cores=0-1: each decodes on its own core."""
     from rlhf_dist.rl import launcher
 
-    captured = {}
-
-    class Group:  # records the per-engine arguments instead of starting actors
-        def __init__(self, name, cls, num, cpus, gpus, timeout, kwargs, resources):
-            captured["kwargs"] = kwargs
-
-    monkeypatch.setattr(launcher, "ActorGroup", Group)
-    launcher.start_engines(compose(["cluster.engine_cores=0-3", "rollout.num_engines=2"]), "/model")
-    assert [(k["cpu_cores"], k["cpu_threads_bind"], k["threads_share"]) for k in captured["kwargs"]] == [
-        ([0, 1], "0,1", 1), ([2, 3], "2,3", 1)]
+    if len(available_cores()) < 2:
+        pytest.skip("needs 2 cores")
+    cfg = compose(["cluster.engine_cores=0-1", "rollout.num_engines=2", "cluster.cpus_per_engine=0.5"])
+    engines = launcher.start_engines(cfg, str(tiny_model_dir))
+    try:
+        launcher.wait_ready(engines, 600)
+        assert [threads_and_cores(actor) for actor in engines.actors] == [(1, [0]), (1, [1])]
+    finally:
+        engines.kill()
 
 
 def test_use_cores_pins_the_process_and_sets_the_threads():
