@@ -134,7 +134,7 @@ def test_two_ranks_two_accum_steps_equal_one_rank_and_torch(ray_local, tiny_mode
 
 def test_zero3_publish_from_two_ranks_reaches_the_engine_bit_exact(ray_local, tiny_model_dir, kept):
     from rlhf_dist.actors.rollout import RolloutActor
-    from rlhf_dist.distributed.checksum import fuse_like_engine, narrow_to
+    from rlhf_dist.weights.checksum import fuse_like_engine, narrow_to
 
     learners = kept.get("zero3")
     if learners is None:

@@ -8,7 +8,7 @@ import ray
 import torch
 
 from rlhf_dist.runtime.cluster import check_resources
-from rlhf_dist.distributed.checksum import diff_checksums, expected_checksums, fuse_like_engine, narrow_to
+from rlhf_dist.weights.checksum import diff_checksums, expected_checksums, fuse_like_engine, narrow_to
 from rlhf_dist.errors import ActorDiedError, ClusterResourceError, WeightSyncError
 
 from conftest import start_trainer

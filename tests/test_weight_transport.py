@@ -10,7 +10,7 @@ import pytest
 import ray
 import torch
 
-from rlhf_dist.distributed.checksum import diff_checksums, expected_checksums, fuse_like_engine, narrow_to
+from rlhf_dist.weights.checksum import diff_checksums, expected_checksums, fuse_like_engine, narrow_to
 from rlhf_dist.errors import WeightSyncError
 
 from conftest import start_trainer
@@ -93,7 +93,7 @@ class TestTensorParallelEngine:
 
         def corrupt(actor, name):  # runs in the rollout actor; the function reaches the worker processes
             def flip(worker, name):
-                from rlhf_dist.actors.vllm_worker import WorkerExtension
+                from rlhf_dist.weights.vllm_worker import WorkerExtension
 
                 if WorkerExtension.rlhf_tp_rank(worker) == 1:
                     dict(worker.model_runner.model.named_parameters())[name].data[0, 0] += 1.0

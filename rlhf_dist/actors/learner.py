@@ -3,7 +3,7 @@
 `train_step` runs the policy objective (rlhf_dist.algo.objective) over this rank's shards;
 `compute_logprobs` gives the learner's own log pi_old before an update (algo.recompute_old_logprobs);
 `publish_weights` / `weight_checksums` hand the weights to the rollout engines
-(rlhf_dist.distributed.publisher).
+(rlhf_dist.weights.plan).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from rlhf_dist.actors.ds_rank import DeepSpeedRank
 from rlhf_dist.algo.objective import policy_objective, rollout_correction
 from rlhf_dist.data.batch import Batch
-from rlhf_dist.distributed.publisher import WeightPublisher
+from rlhf_dist.weights.plan import WeightPublisher
 from rlhf_dist.models.hf import load_causal_lm, response_logprobs
 
 
@@ -96,7 +96,7 @@ class LearnerActor(DeepSpeedRank):
 
     def open_weight_group(self, host: str, port: int, world_size: int, backend: str, timeout_s: float) -> None:
         """Rank 0 joins (and hosts) the collective weight group as its rank 0."""
-        from rlhf_dist.distributed.transport import WeightGroup
+        from rlhf_dist.weights.transports.collective import WeightGroup
 
         self.weight_group = WeightGroup.open(host, port, 0, world_size, backend, timeout_s)
 

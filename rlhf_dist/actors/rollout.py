@@ -3,7 +3,7 @@
 The engine core runs inside this actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0). With
 tensor_parallel_size 1 its single worker is in-process too, so `collective_rpc` passes a
 generator and tensors by reference; with more, vLLM's multiprocessing executor starts one worker
-process per shard, reached only through the methods of rlhf_dist.actors.vllm_worker.
+process per shard, reached only through the methods of rlhf_dist.weights.vllm_worker.
 
 New weights arrive by one of two transports (rollout.sync_transport), both streamed into vLLM's
 own in-place loader, `model_runner.reload_weights`, one bucket at a time:
@@ -23,7 +23,7 @@ import torch
 
 from rlhf_dist.runtime.cpu import use_cores
 from rlhf_dist.runtime.files import ModelSpec, local_model_path
-from rlhf_dist.actors.vllm_worker import keep_cpu_linear_weights, refresh_cpu_gemm_handles
+from rlhf_dist.weights.vllm_worker import keep_cpu_linear_weights, refresh_cpu_gemm_handles
 from rlhf_dist.errors import WeightSyncError
 
 
@@ -68,7 +68,7 @@ class RolloutActor:
             enforce_eager=enforce_eager,
             logprobs_mode="processed_logprobs",  # logprobs of the temperature-scaled distribution
             enable_prefix_caching=False,
-            worker_extension_cls="rlhf_dist.actors.vllm_worker.WorkerExtension",
+            worker_extension_cls="rlhf_dist.weights.vllm_worker.WorkerExtension",
             # one process per shard; vLLM's own choice inside a Ray actor is its Ray executor,
             # which the CPU platform refuses
             distributed_executor_backend="mp" if tensor_parallel_size > 1 else None,

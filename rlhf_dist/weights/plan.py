@@ -8,7 +8,7 @@ of two transports:
 - object store (`publish`): each bucket is `ray.put`; engines fetch and load them while later
   buckets are still being gathered. Works anywhere Ray does, tensor-parallel engines excepted.
 - collective (`broadcast`): each bucket is broadcast over a process group spanning the sender and
-  every engine worker (rlhf_dist.distributed.transport): gloo on CPU, NCCL on GPU.
+  every engine worker (rlhf_dist.weights.transports.collective): gloo on CPU, NCCL on GPU.
 
 Under ZeRO-3 every rank must call `publish`, `broadcast` and `checksums` (the per-bucket gathers
 are collective); below ZeRO-3 rank 0 holds full weights and is called alone. Only rank 0 sends.
@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from rlhf_dist.distributed.checksum import Piece, expected_checksums, fuse_like_engine, layer_key
-from rlhf_dist.distributed.transport import BucketPlan, WeightGroup, plan_buckets
+from rlhf_dist.weights.checksum import Piece, expected_checksums, fuse_like_engine, layer_key
+from rlhf_dist.weights.transports.collective import BucketPlan, WeightGroup, plan_buckets
 from rlhf_dist.errors import WeightSyncError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

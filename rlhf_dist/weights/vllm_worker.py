@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from rlhf_dist.distributed.checksum import Piece, held_checksums
-from rlhf_dist.distributed.transport import WeightGroup, unflatten_bucket
+from rlhf_dist.weights.checksum import Piece, held_checksums
+from rlhf_dist.weights.transports.collective import WeightGroup, unflatten_bucket
 from rlhf_dist.errors import WeightSyncError
 
 

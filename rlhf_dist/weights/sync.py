@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from rlhf_dist.runtime.group import ActorGroup, wait_all
-from rlhf_dist.distributed.checksum import diff_checksums
+from rlhf_dist.weights.checksum import diff_checksums
 from rlhf_dist.errors import WeightSyncError
 
 
