@@ -5,8 +5,8 @@ from collections import OrderedDict
 import torch
 
 from rlhf_dist.data.batch import collate_rollouts
-from rlhf_dist.weights.checksum import (
-    checksums, diff_checksums, fuse_like_engine, layer_key, tensor_checksum)
+from rlhf_dist.weights.checksum import checksums, diff_checksums, fuse_like_engine, tensor_checksum
+from rlhf_dist.weights.plan import layer_key
 
 PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
@@ -116,7 +116,7 @@ def test_tensor_parallel_shards_are_checked_against_the_matching_slices():
 
 
 def test_checksum_in_chunks_equals_the_one_shot_sum(monkeypatch):
-    from rlhf_dist.distributed import checksum
+    from rlhf_dist.weights import checksum
 
     def one_shot(tensor, modulus=65521):
         bits = tensor.reshape(-1).view(torch.int32).to(torch.int64)

@@ -15,7 +15,8 @@ if not torch.cuda.is_available():
 
 from rlhf_dist.weights.checksum import tensor_checksum  # noqa: E402
 from rlhf_dist.distributed.process_group import free_port  # noqa: E402
-from rlhf_dist.weights.transports.collective import WeightGroup, plan_buckets, unflatten_bucket  # noqa: E402
+from rlhf_dist.weights.plan import plan_buckets, unflatten_bucket  # noqa: E402
+from rlhf_dist.weights.transports.collective import WeightGroup  # noqa: E402
 
 
 def _receive_ipc(handle_args, queue):

@@ -143,8 +143,10 @@ def test_zero3_publish_from_two_ranks_reaches_the_engine_bit_exact(ray_local, ti
     engines.wait(engines.call("ready"), "engine start", 600)
     packed = engines.run("packed_modules", timeout_s=60)[0]
     plan = learners.run("weight_plan", 0.05, "float32", timeout_s=60)[0]
-    refs = [a.publish_weights.options(num_returns=2).remote(plan, "float32") for a in learners.actors]
-    result = engines.wait(engines.call("load_published", [refs[0][0]], 60.0, True), "load", 120)[0]
+    refs = [a.weights_call.options(num_returns=2).remote("object_store", "send", plan, "float32")
+            for a in learners.actors]
+    loads = engines.call("weights_call", "object_store", "receive", [refs[0][0]], 60.0, True)
+    result = engines.wait(loads, "load", 120)[0]
     assert ray.get(refs[1][1]) is None  # rank 1 gathers with rank 0 but publishes nothing
     assert ray.get(refs[0][1])["buckets"] == len(plan) > 1
     expected = fuse_like_engine(learners.run("get_weights", timeout_s=60)[0], packed)

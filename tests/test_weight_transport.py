@@ -50,8 +50,10 @@ class TestCollectiveZero3TwoEngines:
         trainer, ro = zero3_two_engines, zero3_two_engines.cfg.rollout
         deadline = 3.0
         start = time.perf_counter()
-        sends = [r.broadcast_weights.remote(trainer.weights.plan, ro.dtype, deadline) for r in trainer.learners.actors]
-        receive = trainer.engines.actors[0].receive_weights.remote(trainer.weights.plan, ro.dtype, deadline, False)
+        sends = [r.weights_call.remote("collective", "send", trainer.weights.plan, ro.dtype, deadline)
+                 for r in trainer.learners.actors]
+        receive = trainer.engines.actors[0].weights_call.remote(
+            "collective", "receive", trainer.weights.plan, ro.dtype, deadline, False)
         with pytest.raises(ray.exceptions.RayTaskError) as sender:
             ray.get(sends[0], timeout=60)
         with pytest.raises(ray.exceptions.RayTaskError) as receiver:
@@ -61,7 +63,7 @@ class TestCollectiveZero3TwoEngines:
         assert elapsed < 10 * deadline, f"took {elapsed:.1f} s"
         assert isinstance(sender.value.cause, WeightSyncError) and "learner rank 0" in str(sender.value)
         assert isinstance(receiver.value.cause, WeightSyncError) and "engine worker rank 1" in str(receiver.value)
-        trainer.weights.open_group()
+        trainer.weights.connect()
         assert trainer.sync_weights()["sync/verified_tensors"] > 0
 
 

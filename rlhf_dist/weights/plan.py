@@ -1,32 +1,60 @@
-"""Weight publishing: a DeepSpeed rank's weights -> every rollout engine, and their checksums.
+"""Bucket plans, and the learner side that every weight transport shares.
 
-Any actor that trains a model the engines serve uses this (today the policy learner). Weights
-travel in buckets of whole decoder layers (so the tensors vLLM fuses, q/k/v -> qkv_proj and
-gate/up -> gate_up_proj, always arrive together), planned once (`plan`) and sent each sync by one
-of two transports:
+Weights travel in buckets of whole decoder layers, so the tensors vLLM fuses (q/k/v -> qkv_proj,
+gate/up -> gate_up_proj) always arrive together. The learner plans them once (`WeightPublisher.plan`):
+a plan is a list of buckets of [name, shape], from which every receiver allocates and cuts what it
+receives. Each sync the publisher yields the buckets, gathered under ZeRO-3 and cast to the engine
+dtype, to the transport that sends them (rlhf_dist.weights.transports) and to the checksums.
 
-- object store (`publish`): each bucket is `ray.put`; engines fetch and load them while later
-  buckets are still being gathered. Works anywhere Ray does, tensor-parallel engines excepted.
-- collective (`broadcast`): each bucket is broadcast over a process group spanning the sender and
-  every engine worker (rlhf_dist.weights.transports.collective): gloo on CPU, NCCL on GPU.
-
-Under ZeRO-3 every rank must call `publish`, `broadcast` and `checksums` (the per-bucket gathers
-are collective); below ZeRO-3 rank 0 holds full weights and is called alone. Only rank 0 sends.
+Under ZeRO-3 every rank must walk the buckets together (the per-bucket gathers are collective);
+below ZeRO-3 rank 0 holds full weights and is called alone. Only rank 0 sends.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from typing import Any
+import re
+from typing import Any, Iterator
 
 import torch
 
-from rlhf_dist.weights.checksum import Piece, expected_checksums, fuse_like_engine, layer_key
-from rlhf_dist.weights.transports.collective import BucketPlan, WeightGroup, plan_buckets
-from rlhf_dist.errors import WeightSyncError
+from rlhf_dist.weights.checksum import Piece, expected_checksums, fuse_like_engine
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+BucketPlan = list[list[list]]  # buckets of [name, shape]: what every receiver allocates
+
+_LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
+
+
+def layer_key(name: str) -> str:
+    """The decoder layer a parameter belongs to ('model.layers.3'), or the name itself."""
+    match = _LAYER.match(name)
+    return match.group(1) if match else name
+
+
+def plan_buckets(groups: list[list[tuple[str, list[int]]]], bucket_mb: float, element_size: int) -> BucketPlan:
+    """Pack layer groups of (name, shape) into buckets of at most `bucket_mb` (a layer is never split)."""
+    limit, plan, pending, pending_bytes = bucket_mb * 2**20, [], [], 0
+    for group in groups:
+        for name, shape in group:
+            pending.append([name, list(shape)])
+            pending_bytes += math.prod(shape) * element_size
+        if pending_bytes >= limit:
+            plan.append(pending)
+            pending, pending_bytes = [], 0
+    if pending:
+        plan.append(pending)
+    return plan
+
+
+def unflatten_bucket(flat: torch.Tensor, bucket: list[list]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The (name, tensor) views of a received flat bucket, in plan order."""
+    offset = 0
+    for name, shape in bucket:
+        numel = math.prod(shape)
+        yield name, flat[offset : offset + numel].view(shape)
+        offset += numel
 
 
 def gathered(params: list, zero_stage: int):
@@ -42,9 +70,13 @@ def full_shape(param: torch.nn.Parameter) -> list[int]:
 
 
 class WeightPublisher:
+    """One learner rank's weights as the transports and the checksums see them."""
+
     def __init__(self, module: torch.nn.Module, rank: int, zero_stage: int) -> None:
         self.module, self.rank, self.zero_stage = module, rank, zero_stage
         self.params = dict(module.named_parameters())
+        # what a transport keeps on this rank between syncs (a process group, vLLM's IPC sender)
+        self.transport_state: dict[str, Any] = {}
 
     def plan(self, bucket_mb: float, dtype: str) -> BucketPlan:
         """Buckets of [name, shape] of at most `bucket_mb` (plus one layer), in module order."""
@@ -53,112 +85,27 @@ class WeightPublisher:
             groups.setdefault(layer_key(name), []).append((name, full_shape(param)))
         return plan_buckets(list(groups.values()), bucket_mb, DTYPES[dtype].itemsize)
 
-    def _buckets(self, plan: BucketPlan):
-        """Yield each bucket's parameters, gathered for the duration of the yield under ZeRO-3."""
+    def buckets(self, plan: BucketPlan, dtype: str | None = None):
+        """Yield each bucket's [(name, tensor)], gathered for the duration of the yield under ZeRO-3.
+
+        Without `dtype`: the parameters themselves, on every rank. With `dtype`: detached copies
+        in the engine's dtype on rank 0 (the sender), and an empty list on the other ranks, which
+        only join the gathers.
+        """
         for bucket in plan:
             params = [(name, self.params[name]) for name, _ in bucket]
             with gathered([p for _, p in params], self.zero_stage):
-                yield params
-
-    def publish(self, plan: BucketPlan, dtype: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-        """Put the current weights into the object store, one object per bucket.
-
-        Rank 0 returns (manifest for the engines: {"first_bucket": [(name, tensor), ...], "refs":
-        [ObjectRef of each further bucket]}, summary for the controller: {"bytes", "buckets",
-        "publish_s"}); other ranks (None, None). The controller only ever fetches the summary.
-        """
-        import ray
-
-        start, refs, first, total = time.perf_counter(), [], None, 0
-        for params in self._buckets(plan):
-            if self.rank != 0:
-                continue
-            # clone: ZeRO flattens params into one buffer, and pickling a view would ship the
-            # whole buffer once per tensor (measured: 3x slower sync)
-            bucket = [(name, p.detach().to(DTYPES[dtype]).cpu().clone()) for name, p in params]
-            total += sum(t.numel() * t.element_size() for _, t in bucket)
-            if first is None:
-                first = bucket  # travels inside the manifest: one fetch fewer
-            else:
-                refs.append(ray.put(bucket))  # ray.put copies: the bucket is a snapshot
-        if self.rank != 0:
-            return None, None
-        summary = {"bytes": total, "buckets": len(plan), "publish_s": time.perf_counter() - start}
-        return {"first_bucket": first or [], "refs": refs}, summary
-
-    def broadcast(self, group: WeightGroup | None, plan: BucketPlan, dtype: str, timeout_s: float) -> dict[str, Any] | None:
-        """Broadcast every bucket over the weight group (rank 0), then wait for every engine's ack.
-
-        If a broadcast fails, rank 0 stops sending but still joins the remaining ZeRO-3 gathers,
-        so the other learner ranks are not left waiting in a collective; it raises at the end.
-        """
-        start, total, failure = time.perf_counter(), 0, None
-        for index, params in enumerate(self._buckets(plan)):
-            if self.rank != 0 or failure is not None:
-                continue
-            flat = torch.cat([p.detach().reshape(-1).to(device=group.device, dtype=DTYPES[dtype])
-                              for _, p in params])
-            try:
-                group.broadcast(flat, f"sending bucket {index + 1}/{len(plan)}", timeout_s)
-            except WeightSyncError as exc:
-                failure = exc
-            total += flat.numel() * flat.element_size()
-        if self.rank != 0:
-            return None
-        if failure is not None:
-            raise failure
-        group.barrier("waiting for every engine to acknowledge the new weights", timeout_s)
-        return {"bytes": total, "buckets": len(plan), "publish_s": time.perf_counter() - start}
-
-    def send_ipc(self, engine_handles: list, plan: BucketPlan, dtype: str, buffer_mb: float) -> dict[str, Any]:
-        """CUDA IPC transport (GPU; engines on this rank's GPU): vLLM's own IPC sender and receiver.
-
-        vLLM's `IPCTrainerWeightTransferEngine` packs the tensors this source yields into a
-        GPU buffer of `buffer_mb` (rollout.sync_bucket_mb), shares it by IPC handle and drives the engines' start / update /
-        finish calls through `RayVLLMWeightSyncClient`; no byte passes through the CPU.
-        """
-        from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
-        from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo, IPCTrainerWeightTransferEngine
-
-        start = time.perf_counter()
-        if getattr(self, "_ipc", None) is None:
-            self._ipc = IPCTrainerWeightTransferEngine.trainer_init(
-                IPCTrainerInitInfo(rank=self.rank, packed=True, packed_buffer_size_bytes=int(buffer_mb * 2**20)),
-                client=RayVLLMWeightSyncClient(list(engine_handles)), source=plan_source(self, plan, dtype))
-        self._ipc.source.plan = plan
-        self._ipc.send_weights()
-        total = sum(math.prod(shape) for bucket in plan for _, shape in bucket) * DTYPES[dtype].itemsize
-        return {"bytes": total, "buckets": len(plan), "publish_s": time.perf_counter() - start}
+                if dtype is None:
+                    yield params
+                else:
+                    yield [(n, p.detach().to(DTYPES[dtype])) for n, p in params] if self.rank == 0 else []
 
     def checksums(self, plan: BucketPlan, dtype: str, packed_modules: dict[str, list[str]],
                   layouts: list[dict[str, list[Piece]]]) -> list[dict[str, list[int]]] | None:
         """What each engine worker (one layout per tensor-parallel rank) must hold (rank 0)."""
         sums: list[dict[str, list[int]]] = [{} for _ in layouts]
-        for params in self._buckets(plan):
-            if self.rank != 0:
-                continue
-            named = {n: p.detach().to(DTYPES[dtype]) for n, p in params}
-            fused = fuse_like_engine(named, packed_modules)
+        for bucket in self.buckets(plan, dtype):
+            fused = fuse_like_engine(dict(bucket), packed_modules)
             for rank_sums, layout in zip(sums, layouts):
                 rank_sums.update(expected_checksums(fused, layout))
         return sums if self.rank == 0 else None
-
-
-
-def plan_source(publisher: WeightPublisher, plan: BucketPlan, dtype: str):
-    """A vLLM `WeightSource` over the publisher's buckets (gathered per bucket under ZeRO-3)."""
-    from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
-
-    class PlanSource(WeightSource):
-        def __init__(self) -> None:
-            self.plan = plan
-
-        def metadata(self) -> list:
-            return [ParamMeta(name, DTYPES[dtype], tuple(shape)) for bucket in self.plan for name, shape in bucket]
-
-        def __iter__(self):
-            for params in publisher._buckets(self.plan):
-                for name, param in params:
-                    yield name, param.detach().to(DTYPES[dtype])
-
-    return PlanSource()
