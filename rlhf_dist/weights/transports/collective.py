@@ -30,6 +30,8 @@ NAME = "collective"
 
 
 class WeightGroup:
+    """This transport's own process group (see the module doc), with a deadline on every call."""
+
     def __init__(self, pg, rank: int, world_size: int, backend: str, device: torch.device, store) -> None:
         self.pg, self.rank, self.world_size = pg, rank, world_size
         self.backend, self.device, self._store = backend, device, store
