@@ -79,7 +79,7 @@ class RolloutConfig:
     kv_cache_gb: Optional[int] = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE (GiB); None = vLLM default
     enforce_eager: bool = True
     seed: int = 0
-    # weight broadcast learner -> engines:
+    # how new weights reach the engines: a transport registered in rlhf_dist/weights/transports/
     #   object_store  Ray object store buckets (CPU and GPU; tensor_parallel_size 1)
     #   collective    broadcast over a process group of learner rank 0 + every engine worker
     #                 (gloo on CPU, NCCL on GPU; any tensor_parallel_size)

@@ -15,7 +15,6 @@ from rlhf_dist.errors import ConfigError
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "rollout.dtype": ("float32", "bfloat16"),
-    "rollout.sync_transport": ("object_store", "collective", "ipc"),
     "rollout.sleep_level": (0, 1, 2),
     "learner.backend": ("auto", "gloo", "nccl"),
     "learner.optim.scheduler": ("constant", "linear", "cosine"),
@@ -55,9 +54,17 @@ def _get(cfg: Any, dotted: str) -> Any:
     return node
 
 
+def _registered_choices() -> dict[str, tuple]:
+    """Choices that registries hold: every registered weight transport. Imported only when
+    validating: the transports import torch, which `--help` and a bad key should not wait for."""
+    from rlhf_dist.weights.transports import transport_names
+
+    return {"rollout.sync_transport": transport_names()}
+
+
 def validate(cfg: Any) -> None:
     """Check values and their consistency; raise ConfigError naming the key and the fix."""
-    for key, choices in _CHOICES.items():
+    for key, choices in {**_CHOICES, **_registered_choices()}.items():
         value = _get(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {list(choices)}. "
@@ -188,28 +195,15 @@ def _divisor(total: int, at_most: int) -> int:
 def _validate_rollout(cfg: Any) -> None:
     ro, device = cfg.rollout, cfg.cluster.device
     tp = ro.tensor_parallel_size
-    if ro.sync_transport == "object_store" and tp > 1:
-        raise ConfigError(
-            f"rollout.sync_transport=object_store with rollout.tensor_parallel_size={tp}: the object "
-            "store feeds one in-process engine worker, and a tensor-parallel engine has one process "
-            "per shard. Fix: add rollout.sync_transport=collective (every shard receives the "
-            "broadcast).")
-    if device == "cpu" and ro.sync_transport == "ipc":
-        raise ConfigError(
-            "rollout.sync_transport=ipc hands CUDA memory from the learner to an engine on the same "
-            "GPU, and cluster.device=cpu has none. Options that work on CPU: "
-            "rollout.sync_transport=collective (gloo broadcast) or object_store.")
+    from rlhf_dist.weights.transports import get_transport
+
+    get_transport(ro.sync_transport).check_config(device, tp, ro.num_engines)
     if device == "cpu" and ro.sleep_level:
         raise ConfigError(
             f"rollout.sleep_level={ro.sleep_level}: vLLM's CPU platform has no sleep mode (vLLM "
             "0.32 refuses enable_sleep_mode there: 'Sleep mode is not supported on current "
             "platform'), so an engine on CPU keeps its weights and KV cache between rollouts. "
             "Fix: rollout.sleep_level=0 (on CPU the KV cache is bounded by rollout.kv_cache_gb).")
-    if ro.sync_transport == "ipc" and (tp > 1 or ro.num_engines > 1):
-        raise ConfigError(
-            f"rollout.sync_transport=ipc needs one engine with one shard on the learner's GPU; got "
-            f"rollout.num_engines={ro.num_engines}, rollout.tensor_parallel_size={tp}. Fix: "
-            "rollout.sync_transport=collective (NCCL) for several engines or shards.")
     if device == "cpu":
         import os
 

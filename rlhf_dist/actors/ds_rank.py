@@ -26,7 +26,7 @@ from rlhf_dist.runtime.files import ModelSpec, local_model_path, read_dir
 from rlhf_dist.data.batch import Batch
 from rlhf_dist.distributed.deepspeed_config import build_deepspeed_config, lr_lambda
 from rlhf_dist.distributed.process_group import free_port, init_learner_process_group, node_ip
-from rlhf_dist.distributed.publisher import gathered
+from rlhf_dist.weights.plan import gathered
 from rlhf_dist.errors import NonFiniteLossError
 from rlhf_dist.models.hf import disable_dropout
 

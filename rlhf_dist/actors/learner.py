@@ -2,8 +2,8 @@
 
 `train_step` runs the policy objective (rlhf_dist.algo.objective) over this rank's shards;
 `compute_logprobs` gives the learner's own log pi_old before an update (algo.recompute_old_logprobs);
-`publish_weights` / `weight_checksums` hand the weights to the rollout engines
-(rlhf_dist.distributed.publisher).
+`weight_plan` / `weights_call` / `weight_checksums` hand the weights to the rollout engines
+(rlhf_dist.weights: the bucket plan, a transport's learner side, the checksums to verify against).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 from rlhf_dist.actors.ds_rank import DeepSpeedRank
 from rlhf_dist.algo.objective import PolicyLossConfig, policy_objective, rollout_correction
 from rlhf_dist.data.batch import Batch
-from rlhf_dist.distributed.publisher import WeightPublisher
+from rlhf_dist.weights.plan import BucketPlan, WeightPublisher
+from rlhf_dist.weights.transports import call_verb
 from rlhf_dist.models.hf import load_causal_lm, response_logprobs
 
 
@@ -79,30 +80,15 @@ class LearnerActor(DeepSpeedRank):
         return self.run_minibatches(minibatches, micro_loss, step, max_tokens=max_tokens)
 
     # ------------------------------------------------------------------ weights -> engines
-    def weight_plan(self, bucket_mb: float, dtype: str) -> list:
+    def weight_plan(self, bucket_mb: float, dtype: str) -> BucketPlan:
         return self.publisher.plan(bucket_mb, dtype)
 
-    def publish_weights(self, plan: list, dtype: str):
-        """Object-store transport; called with num_returns=2 -> (manifest, summary)."""
-        return self.publisher.publish(plan, dtype)
+    def weights_call(self, transport: str, verb: str, *args: Any) -> Any:
+        """The learner side of a weight transport (rlhf_dist.weights.transports): its `verb` on
+        this rank's weights, e.g. ("collective", "send", plan, dtype, timeout_s). Under ZeRO-3
+        every rank is called (the gathers are collective); only rank 0 sends."""
+        return call_verb(transport, "learner", verb, self.publisher, *args)
 
-    def weight_group_address(self) -> tuple[str, int]:
-        return self.address()
-
-    def open_weight_group(self, host: str, port: int, world_size: int, backend: str, timeout_s: float) -> None:
-        """Rank 0 joins (and hosts) the collective weight group as its rank 0."""
-        from rlhf_dist.distributed.transport import WeightGroup
-
-        self.weight_group = WeightGroup.open(host, port, 0, world_size, backend, timeout_s)
-
-    def broadcast_weights(self, plan: list, dtype: str, timeout_s: float) -> dict[str, Any] | None:
-        """Collective transport (every rank under ZeRO-3; rank 0 sends)."""
-        return self.publisher.broadcast(getattr(self, "weight_group", None), plan, dtype, timeout_s)
-
-    def send_weights_ipc(self, engine_handles: list, plan: list, dtype: str, buffer_mb: float) -> dict[str, Any]:
-        """CUDA IPC transport (engines on this rank's GPU; every rank under ZeRO-3)."""
-        return self.publisher.send_ipc(engine_handles, plan, dtype, buffer_mb)
-
-    def weight_checksums(self, plan: list, dtype: str, packed_modules: dict[str, list[str]],
+    def weight_checksums(self, plan: BucketPlan, dtype: str, packed_modules: dict[str, list[str]],
                          layouts: list[dict]) -> list[dict[str, list[int]]] | None:
         return self.publisher.checksums(plan, dtype, packed_modules, layouts)

@@ -24,7 +24,7 @@ from rlhf_dist.actors.learner import LearnerActor
 from rlhf_dist.actors.reference import ReferenceActor
 from rlhf_dist.actors.reward import RewardActor
 from rlhf_dist.actors.rollout import RolloutActor
-from rlhf_dist.actors.weight_sync import WeightSync
+from rlhf_dist.weights.sync import WeightSync
 from rlhf_dist.config import critic_micro_batch_size
 
 

@@ -258,7 +258,7 @@ class RLTrainer:
         return {**metrics, "faults/bad_steps": float(self.bad_steps), "faults/skipped_update": float(not metrics)}
 
     def sync_weights(self) -> dict[str, float]:
-        """Phase 5: new policy weights into every engine, verified (rlhf_dist.actors.weight_sync)."""
+        """Phase 5: new policy weights into every engine, verified (rlhf_dist.weights.sync)."""
         metrics = self.weights.sync()
         self.engine_version = self.policy_version
         return metrics

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 from rlhf_dist.actors.learner import LearnerActor  # noqa: E402
 from rlhf_dist.data.batch import collate_sequences  # noqa: E402
-from rlhf_dist.distributed.checksum import tensor_checksum  # noqa: E402
+from rlhf_dist.weights.checksum import tensor_checksum  # noqa: E402
 from rlhf_dist.distributed.process_group import free_port  # noqa: E402
 from rlhf_dist.models.hf import load_causal_lm, response_logprobs  # noqa: E402
 from rlhf_dist.algo.objective import PolicyLossConfig  # noqa: E402

@@ -1,7 +1,7 @@
 """The GPU weight path without Ray or vLLM: CUDA IPC hand-off between processes, the collective
 transport's NCCL group, and checksums on the device. Skipped without CUDA.
 
-These are the pieces the ipc and collective transports stand on (rlhf_dist.distributed.transport,
+These are the pieces the ipc and collective transports stand on (rlhf_dist.weights.transports.collective,
 vLLM's ipc engine); the GPU machine this project may borrow has torch but no Ray or vLLM.
 """
 
@@ -13,9 +13,10 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from rlhf_dist.distributed.checksum import tensor_checksum  # noqa: E402
+from rlhf_dist.weights.checksum import tensor_checksum  # noqa: E402
 from rlhf_dist.distributed.process_group import free_port  # noqa: E402
-from rlhf_dist.distributed.transport import WeightGroup, plan_buckets, unflatten_bucket  # noqa: E402
+from rlhf_dist.weights.plan import plan_buckets, unflatten_bucket  # noqa: E402
+from rlhf_dist.weights.transports.collective import WeightGroup  # noqa: E402
 
 
 def _receive_ipc(handle_args, queue):

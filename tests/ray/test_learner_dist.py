@@ -129,7 +129,7 @@ def test_two_ranks_two_accum_steps_equal_one_rank_and_torch(local_ray, tiny_mode
 
 def test_zero3_publish_from_two_ranks_reaches_the_engine_bit_exact(local_ray, tiny_model_dir, kept):
     from rlhf_dist.actors.rollout import RolloutActor
-    from rlhf_dist.distributed.checksum import fuse_like_engine, narrow_to
+    from rlhf_dist.weights.checksum import fuse_like_engine, narrow_to
 
     learners = kept.get("zero3")
     if learners is None:  # run alone: the ZeRO-3 group the test above would have left
@@ -138,8 +138,10 @@ def test_zero3_publish_from_two_ranks_reaches_the_engine_bit_exact(local_ray, ti
     engines.wait(engines.call("ready"), "engine start", 600)
     packed = engines.run("packed_modules", timeout_s=60)[0]
     plan = learners.run("weight_plan", 0.05, "float32", timeout_s=60)[0]
-    refs = [a.publish_weights.options(num_returns=2).remote(plan, "float32") for a in learners.actors]
-    result = engines.wait(engines.call("load_published", [refs[0][0]], 60.0, True), "load", 120)[0]
+    refs = [a.weights_call.options(num_returns=2).remote("object_store", "send", plan, "float32")
+            for a in learners.actors]
+    loads = engines.call("weights_call", "object_store", "receive", [refs[0][0]], 60.0, True)
+    result = engines.wait(loads, "load", 120)[0]
     assert ray.get(refs[1][1]) is None  # rank 1 gathers with rank 0 but publishes nothing
     assert ray.get(refs[0][1])["buckets"] == len(plan) > 1
     expected = fuse_like_engine(learners.run("get_weights", timeout_s=60)[0], packed)

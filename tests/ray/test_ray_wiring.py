@@ -8,7 +8,7 @@ import ray
 import torch
 
 from rlhf_dist.runtime.cluster import check_resources
-from rlhf_dist.distributed.checksum import diff_checksums, expected_checksums, fuse_like_engine, narrow_to
+from rlhf_dist.weights.checksum import diff_checksums, expected_checksums, fuse_like_engine, narrow_to
 from rlhf_dist.errors import ActorDiedError, ClusterResourceError, WeightSyncError
 
 from helpers import start_trainer, threads_and_cores
@@ -90,7 +90,7 @@ def test_verification_catches_a_corrupted_bucket(trainer):
     weights[name] = weights[name].clone()
     weights[name][0, 0] += 1e-3
     ref = ray.put(list(weights.items()))
-    result = trainer.engines.run("load_weights", [ref], 30.0, True, timeout_s=60)[0]
+    result = trainer.engines.run("weights_call", "object_store", "load", [ref], 30.0, True, timeout_s=60)[0]
     problems = diff_checksums(expected, result["checksums"][0])
     assert len(problems) == 1 and problems[0].startswith(name)
     trainer.sync_weights()  # put the right weights back
@@ -103,7 +103,7 @@ def test_sync_with_a_bucket_that_never_arrives_times_out(trainer):
         time.sleep(600)
 
     with pytest.raises(WeightSyncError, match="did not arrive within 2 s"):
-        trainer.engines.run("load_weights", [never.remote()], 2.0, timeout_s=60)
+        trainer.engines.run("weights_call", "object_store", "load", [never.remote()], 2.0, timeout_s=60)
 
 
 def test_too_many_actors_for_the_cluster_is_a_clear_error(trainer):

@@ -10,7 +10,7 @@ import pytest
 import ray
 import torch
 
-from rlhf_dist.distributed.checksum import diff_checksums, expected_checksums, fuse_like_engine, narrow_to
+from rlhf_dist.weights.checksum import diff_checksums, expected_checksums, fuse_like_engine, narrow_to
 from rlhf_dist.errors import WeightSyncError
 
 from helpers import start_trainer
@@ -50,8 +50,10 @@ class TestCollectiveZero3TwoEngines:
         trainer, ro = zero3_two_engines, zero3_two_engines.cfg.rollout
         deadline = 3.0
         start = time.perf_counter()
-        sends = [r.broadcast_weights.remote(trainer.weights.plan, ro.dtype, deadline) for r in trainer.learners.actors]
-        receive = trainer.engines.actors[0].receive_weights.remote(trainer.weights.plan, ro.dtype, deadline, False)
+        sends = [r.weights_call.remote("collective", "send", trainer.weights.plan, ro.dtype, deadline)
+                 for r in trainer.learners.actors]
+        receive = trainer.engines.actors[0].weights_call.remote(
+            "collective", "receive", trainer.weights.plan, ro.dtype, deadline, False)
         with pytest.raises(ray.exceptions.RayTaskError) as sender:
             ray.get(sends[0], timeout=60)
         with pytest.raises(ray.exceptions.RayTaskError) as receiver:
@@ -61,7 +63,7 @@ class TestCollectiveZero3TwoEngines:
         assert elapsed < 10 * deadline, f"took {elapsed:.1f} s"
         assert isinstance(sender.value.cause, WeightSyncError) and "learner rank 0" in str(sender.value)
         assert isinstance(receiver.value.cause, WeightSyncError) and "engine worker rank 1" in str(receiver.value)
-        trainer.weights.open_group()
+        trainer.weights.connect()
         assert trainer.sync_weights()["sync/verified_tensors"] > 0
 
 
@@ -93,7 +95,7 @@ class TestTensorParallelEngine:
 
         def corrupt(actor, name):  # runs in the rollout actor; the function reaches the worker processes
             def flip(worker, name):
-                from rlhf_dist.actors.vllm_worker import WorkerExtension
+                from rlhf_dist.weights.vllm_worker import WorkerExtension
 
                 if WorkerExtension.rlhf_tp_rank(worker) == 1:
                     dict(worker.model_runner.model.named_parameters())[name].data[0, 0] += 1.0

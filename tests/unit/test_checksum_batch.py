@@ -5,8 +5,8 @@ from collections import OrderedDict
 import torch
 
 from rlhf_dist.data.batch import collate_sequences
-from rlhf_dist.distributed.checksum import (
-    checksums, diff_checksums, fuse_like_engine, layer_key, tensor_checksum)
+from rlhf_dist.weights.checksum import checksums, diff_checksums, fuse_like_engine, tensor_checksum
+from rlhf_dist.weights.plan import layer_key
 
 PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
@@ -83,7 +83,7 @@ def test_response_logprobs_ignore_padding(tiny_model_dir):
 
 
 def test_engine_checksums_compare_only_the_unpadded_block():
-    from rlhf_dist.distributed.checksum import expected_checksums, held_checksums, narrow_to
+    from rlhf_dist.weights.checksum import expected_checksums, held_checksums, narrow_to
 
     learner = torch.randn(98, 16)
     engine = torch.cat([learner, torch.zeros(30, 16)])  # vLLM pads vocab rows to 128
@@ -98,7 +98,7 @@ def test_engine_checksums_compare_only_the_unpadded_block():
 
 def test_tensor_parallel_shards_are_checked_against_the_matching_slices():
     """Shards cut the way vLLM cuts them (per fused part for qkv, by columns for row-parallel)."""
-    from rlhf_dist.distributed.checksum import expected_checksums, held_checksums
+    from rlhf_dist.weights.checksum import expected_checksums, held_checksums
 
     q, k, v = torch.randn(8, 4), torch.randn(4, 4), torch.randn(4, 4)
     down = torch.randn(4, 6)
@@ -106,7 +106,7 @@ def test_tensor_parallel_shards_are_checked_against_the_matching_slices():
     for rank in range(2):
         shard = {"qkv": torch.cat([q[4 * rank:4 * rank + 4], k[2 * rank:2 * rank + 2], v[2 * rank:2 * rank + 2]]),
                  "down": down[:, 3 * rank:3 * rank + 3]}
-        # (dim, local start, global start, length), as rlhf_dist.actors.vllm_worker.shard_layout makes them
+        # (dim, local start, global start, length), as rlhf_dist.weights.vllm_worker.shard_layout makes them
         layout = {"qkv": [(0, 0, 4 * rank, 4), (0, 4, 8 + 2 * rank, 2), (0, 6, 12 + 2 * rank, 2)],
                   "down": [(1, 0, 3 * rank, 3)]}
         assert diff_checksums(expected_checksums(learner, layout), held_checksums(shard, layout)) == []
@@ -116,7 +116,7 @@ def test_tensor_parallel_shards_are_checked_against_the_matching_slices():
 
 
 def test_checksum_in_chunks_equals_the_one_shot_sum(monkeypatch):
-    from rlhf_dist.distributed import checksum
+    from rlhf_dist.weights import checksum
 
     def one_shot(tensor, modulus=65521):
         bits = tensor.reshape(-1).view(torch.int32).to(torch.int64)

@@ -1,22 +1,26 @@
 """Moving a learner group's weights into a group of rollout engines: plan, transport, verification.
 
 Used by the RL trainer (phase 5) and by benchmarks/weight_sync.py. Set-up (`prepare`) runs once:
-the bucket plan from the learner, the engines' fusion map and per-shard layout, and for the
-collective transport the process group. `sync` then moves the weights under the deadline
-`rollout.sync_timeout_s` and, with `verify`, compares every engine worker's checksums with the
-learner's. The controller receives summaries and checksums, never weight data.
+the bucket plan from the learner, the engines' fusion map and per-shard layout, and the
+transport's links (`connect`: the collective transport's process group). `sync` then moves the
+weights by the transport named in `rollout.sync_transport` (rlhf_dist.weights.transports) under
+the deadline `rollout.sync_timeout_s` and, with `verify`, compares every engine worker's
+checksums with the learner's. The controller receives summaries and checksums, never weight data.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from rlhf_dist.runtime.group import ActorGroup, wait_all
-from rlhf_dist.distributed.checksum import diff_checksums
 from rlhf_dist.errors import WeightSyncError
+from rlhf_dist.runtime.group import ActorGroup, wait_all
+from rlhf_dist.weights.checksum import diff_checksums
+from rlhf_dist.weights.transports import get_transport
 
 
 class WeightSync:
+    """The weight-sync controller of one learner group and one engine group (see the module doc)."""
+
     def __init__(self, learners: ActorGroup, engines: ActorGroup, rollout_cfg: Any, device: str,
                  zero_stage: int) -> None:
         self.learners, self.engines, self.cfg = learners, engines, rollout_cfg
@@ -30,25 +34,17 @@ class WeightSync:
         self.plan = self.learners.run("weight_plan", bucket_mb or ro.sync_bucket_mb, ro.dtype, timeout_s=60)[0]
         self.packed_modules = self.engines.run("packed_modules", timeout_s=60)[0]
         self.layouts = self.engines.run("weight_layout", timeout_s=60)[0]  # one per TP worker
-        if ro.sync_transport == "collective":
-            self.open_group()
+        self.connect()
 
-    def open_group(self) -> None:
-        """(Re)build the collective transport's group: learner rank 0 + every engine worker.
-
-        Also the way back after a failed collective sync, whose group is left in an unknown state.
-        """
-        ro = self.cfg
-        host, port = self.learners.run("weight_group_address", timeout_s=60)[0]
-        tp, backend = ro.tensor_parallel_size, "gloo" if self.device == "cpu" else "nccl"
-        world = 1 + len(self.engines) * tp
-        refs = [self.learners.actors[0].open_weight_group.remote(host, port, world, backend, ro.sync_timeout_s)]
-        refs += self.engines.call_each("open_weight_group", [
-            (host, port, 1 + i * tp, world, backend, ro.sync_timeout_s) for i in range(len(self.engines))])
-        wait_all(refs, self.learners.names[:1] + self.engines.names, "opening the weight group",
-                 ro.sync_timeout_s + 30)
+    def connect(self) -> None:
+        """(Re)build the transport's links between learners and engines (the collective
+        transport's group; nothing for the others). Also the way back after a failed sync, which
+        leaves such a group in an unknown state."""
+        get_transport(self.cfg.sync_transport).connect(self)
 
     def sync(self, transport: str | None = None, verify: bool | None = None) -> dict[str, float]:
+        """One sync by `transport` (default rollout.sync_transport), verified unless `verify` is
+        False (default rollout.verify_sync); returns the sync/* metrics."""
         ro = self.cfg
         transport = transport or ro.sync_transport
         verify = ro.verify_sync if verify is None else verify
@@ -60,20 +56,7 @@ class WeightSync:
         hash_first = verify and self.device == "cpu"
         if hash_first:
             sum_refs = self._learner_checksums()
-        if transport == "collective":
-            sends = [r.broadcast_weights.remote(self.plan, ro.dtype, ro.sync_timeout_s) for r in self.ranks]
-            loads = self.engines.call("receive_weights", self.plan, ro.dtype, ro.sync_timeout_s, verify)
-        elif transport == "ipc":  # the learner drives the engines itself (vLLM's IPC engine)
-            sends = [r.send_weights_ipc.remote(self.engines.actors, self.plan, ro.dtype, ro.sync_bucket_mb)
-                     for r in self.ranks]
-            wait_all(sends, self.rank_names, "weight sync (CUDA IPC)", ro.sync_timeout_s)
-            loads = self.engines.call("loaded", verify)
-        else:
-            pairs = [r.publish_weights.options(num_returns=2).remote(self.plan, ro.dtype) for r in self.ranks]
-            sends = [summary for _, summary in pairs]
-            # engines get the manifest ref itself (in a list, so Ray does not resolve it here) and
-            # start loading as soon as it resolves
-            loads = self.engines.call("load_published", [pairs[0][0]], ro.sync_timeout_s, verify)
+        sends, loads = get_transport(transport).start(self, verify)
         if verify and not hash_first:
             sum_refs = self._learner_checksums()
         results = wait_all(sends + loads, self.rank_names + self.engines.names, "weight sync",

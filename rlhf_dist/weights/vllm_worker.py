@@ -1,15 +1,15 @@
-"""What rlhf_dist adds to every vLLM worker process (`worker_extension_cls`).
+"""What rlhf_dist adds to every vLLM worker process (`worker_extension_cls`), and the CPU oneDNN fixes.
 
 A rollout engine with `tensor_parallel_size > 1` runs its workers in their own processes, where
 only `collective_rpc("<method name>", args=...)` reaches them: no generators, no object refs, and
-tensors in arguments do not survive the trip. So everything a worker does for weight sync lives
-here, as methods that vLLM mixes into its worker class:
+tensors in arguments do not survive the trip. So everything a worker does for weight sync is a
+method that vLLM mixes into its worker class:
 
-- `rlhf_open_weight_group` / `rlhf_receive_weights`: the collective transport. Every worker joins
-  one process group with the learner's rank 0 and receives each bucket by broadcast straight
-  into its own process; vLLM's weight loaders then cut the full tensors into this worker's shard.
+- `rlhf_weights_call(transport, verb, *args)`: a transport's worker side
+  (rlhf_dist.weights.transports; the collective transport joins its group and receives there);
 - `rlhf_weight_layout` / `rlhf_weight_checksums`: which rows of the learner's tensors this
-  worker's shard holds, and their checksums, so verification compares shard with slice.
+  worker's shard holds, and their checksums, so verification compares shard with slice;
+- `rlhf_packed_modules`: the model's fusion map (qkv_proj <- q/k/v), for the learner's checksums.
 
 Importing this module on CPU also keeps vLLM's linear weights (see `keep_cpu_linear_weights`):
 vLLM imports the extension before it loads the model, in every worker process.
@@ -17,16 +17,13 @@ vLLM imports the extension before it loads the model, in every worker process.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
 import torch
 
-from rlhf_dist.distributed.checksum import Piece, held_checksums
-from rlhf_dist.distributed.transport import WeightGroup, unflatten_bucket
-from rlhf_dist.errors import WeightSyncError
-
+from rlhf_dist.weights.checksum import Piece, held_checksums
+from rlhf_dist.weights.transports import call_verb
 
 def keep_cpu_linear_weights() -> None:
     """On CPU, vLLM packs linear weights into oneDNN/SGL handles and frees `layer.weight`.
@@ -63,6 +60,16 @@ def refresh_cpu_gemm_handles(model) -> int:
             layer_utils.dispatch_cpu_unquantized_gemm(module, remove_weight=False)
             refreshed += 1
     return refreshed
+
+
+def reload_in_place(worker, weights) -> float:
+    """Stream (name, tensor) pairs into the worker's live model with vLLM's in-place loader; on
+    CPU then re-pack the oneDNN handles. Returns the seconds the re-pack took."""
+    worker.model_runner.reload_weights(weights_iterator=weights)
+    refresh_start = time.perf_counter()
+    if worker.device.type == "cpu":
+        refresh_cpu_gemm_handles(worker.model_runner.model)
+    return time.perf_counter() - refresh_start
 
 
 def shard_layout(model: torch.nn.Module) -> dict[str, list[Piece]]:
@@ -119,44 +126,9 @@ class WorkerExtension:
     def rlhf_packed_modules(self) -> dict[str, list[str]]:
         return dict(getattr(self.model_runner.model, "packed_modules_mapping", {}) or {})
 
-    def rlhf_open_weight_group(self, host: str, port: int, first_rank: int, world_size: int,
-                               backend: str, timeout_s: float) -> int:
-        """Join the learner's weight group as rank first_rank + tp_rank."""
-        rank = first_rank + self.rlhf_tp_rank()
-        self._rlhf_group = WeightGroup.open(host, port, rank, world_size, backend, timeout_s)
-        return rank
-
-    def rlhf_receive_weights(self, plan: list[list[list]], dtype: str, timeout_s: float) -> dict[str, Any]:
-        """Receive every bucket of `plan` by broadcast and stream it into vLLM's in-place loader."""
-        group = getattr(self, "_rlhf_group", None)
-        if group is None:
-            raise WeightSyncError("this engine never joined the weight group (rlhf_open_weight_group)")
-        start, received = time.perf_counter(), {"buckets": 0, "tensors": 0, "bytes": 0}
-
-        def stream():
-            for index, bucket in enumerate(plan):
-                numel = sum(math.prod(shape) for _, shape in bucket)
-                flat = torch.empty(numel, dtype=getattr(torch, dtype), device=group.device)
-                group.broadcast(flat, f"receiving bucket {index + 1}/{len(plan)}", timeout_s)
-                received["buckets"] += 1
-                received["bytes"] += flat.numel() * flat.element_size()
-                for name, tensor in unflatten_bucket(flat, bucket):
-                    received["tensors"] += 1
-                    yield name, tensor
-
-        self.model_runner.reload_weights(weights_iterator=stream())
-        refresh_start = time.perf_counter()
-        if self.device.type == "cpu":
-            refresh_cpu_gemm_handles(self.model_runner.model)
-        received["refresh_s"] = time.perf_counter() - refresh_start
-        group.barrier("acknowledging the new weights", timeout_s)
-        return {"load_s": time.perf_counter() - start, **received}
-
-    def rlhf_close_weight_group(self) -> None:
-        group = getattr(self, "_rlhf_group", None)
-        if group is not None:
-            group.close()
-            self._rlhf_group = None
+    def rlhf_weights_call(self, transport: str, verb: str, *args: Any) -> Any:
+        """A transport's worker-side `verb` on this worker (rlhf_dist.weights.transports)."""
+        return call_verb(transport, "worker", verb, self, *args)
 
 
 keep_cpu_linear_weights()  # on import: vLLM imports the extension before it loads the model

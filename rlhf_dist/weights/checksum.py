@@ -7,7 +7,6 @@ sides hash identical tensors under identical names.
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 
 import torch
@@ -132,11 +131,3 @@ def diff_checksums(expected: dict[str, int], actual: dict[str, int]) -> list[str
             problems.append(f"{name}: checksum {actual[name]} != learner's {expected[name]}")
     return problems
 
-
-_LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
-
-
-def layer_key(name: str) -> str:
-    """The decoder layer a parameter belongs to ('model.layers.3'), or the name itself."""
-    match = _LAYER.match(name)
-    return match.group(1) if match else name
