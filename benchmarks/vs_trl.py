@@ -200,7 +200,7 @@ def side_parts_engine(s: Settings) -> dict:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams, TokensPrompt
 
-    from rlhf_dist.weights.vllm_worker import keep_cpu_linear_weights, refresh_cpu_gemm_handles
+    from rlhf_dist.weights.engine_weights import keep_cpu_linear_weights, refresh_cpu_gemm_handles
 
     keep_cpu_linear_weights()
     prompts = _step_prompts(s, AutoTokenizer.from_pretrained(s.model_dir))

@@ -24,7 +24,7 @@ from rlhf_dist.runtime.files import ModelSpec, local_model_path
 from rlhf_dist.config import RolloutConfig
 from rlhf_dist.data.messages import Sample
 from rlhf_dist.weights.transports import call_verb, get_transport
-from rlhf_dist.weights.vllm_worker import keep_cpu_linear_weights
+from rlhf_dist.weights.engine_weights import keep_cpu_linear_weights
 
 
 class RolloutActor:

@@ -24,7 +24,7 @@ import torch
 from rlhf_dist.distributed.process_group import free_port, node_ip
 from rlhf_dist.errors import WeightSyncError
 from rlhf_dist.weights.plan import DTYPES, BucketPlan, WeightPublisher, unflatten_bucket
-from rlhf_dist.weights.transports import Transport, register_transport, with_checksums
+from rlhf_dist.weights.transports.base import Transport, register_transport, with_checksums
 
 NAME = "collective"
 
@@ -164,7 +164,7 @@ def open_worker(worker, host: str, port: int, first_rank: int, world_size: int, 
 
 def receive_worker(worker, plan: BucketPlan, dtype: str, timeout_s: float) -> dict[str, Any]:
     """Receive every bucket of `plan` by broadcast and stream it into vLLM's in-place loader."""
-    from rlhf_dist.weights.vllm_worker import reload_in_place
+    from rlhf_dist.weights.engine_weights import reload_in_place
 
     group = getattr(worker, "_rlhf_transport_state", {}).get(NAME)
     if group is None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from rlhf_dist.errors import ConfigError
 from rlhf_dist.weights.plan import DTYPES, BucketPlan, WeightPublisher
-from rlhf_dist.weights.transports import Transport, register_transport, with_checksums
+from rlhf_dist.weights.transports.base import Transport, register_transport, with_checksums
 
 NAME = "ipc"
 

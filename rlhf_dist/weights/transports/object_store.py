@@ -14,7 +14,7 @@ from typing import Any
 
 from rlhf_dist.errors import ConfigError, WeightSyncError
 from rlhf_dist.weights.plan import BucketPlan, WeightPublisher
-from rlhf_dist.weights.transports import Transport, register_transport, with_checksums
+from rlhf_dist.weights.transports.base import Transport, register_transport, with_checksums
 
 
 # ---------------------------------------------------------------------- learner side
@@ -70,7 +70,7 @@ def load(engine, bucket_refs: list, timeout_s: float, verify: bool = False,
     """
     import ray
 
-    from rlhf_dist.weights.vllm_worker import reload_in_place
+    from rlhf_dist.weights.engine_weights import reload_in_place
 
     if engine.tensor_parallel_size > 1:
         raise WeightSyncError("the object-store transport feeds one in-process worker; with "
