@@ -14,6 +14,15 @@ from hydra.core.config_store import ConfigStore
 
 
 
+
+# stage=<name> -> "module:function" that runs it with the composed (Hydra) config (rlhf_dist.stages)
+STAGES = {
+    "rl": "rlhf_dist.stages.rl:run_rl",
+    "sft": "rlhf_dist.stages.recipe:run_stage",
+    "reward_model": "rlhf_dist.stages.recipe:run_stage",
+    "full_recipe": "rlhf_dist.stages.recipe:run_stage",
+}
+
 @dataclass
 class TinyModelConfig:
     """The offline tiny model built when `model.path` is unset."""

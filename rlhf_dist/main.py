@@ -28,8 +28,7 @@ from rlhf_dist.validation import check_override_keys
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
 def _train_main(cfg: DictConfig) -> None:
     from rlhf_dist.monitor import check_wandb_credentials
-    from rlhf_dist.stages.recipe import run_stage
-    from rlhf_dist.stages.rl import run_rl
+    from rlhf_dist.stages import stage_runner
 
     quiet_driver_logging()
     hydra_files = HydraConfig.get().runtime.output_dir, HydraConfig.get().output_subdir
@@ -37,7 +36,7 @@ def _train_main(cfg: DictConfig) -> None:
         redact_files(Path(*hydra_files).glob("*.yaml"))
     try:
         check_wandb_credentials(cfg.logger.wandb.mode)
-        run_rl(cfg) if cfg.stage == "rl" else run_stage(cfg)
+        stage_runner(cfg.stage)(cfg)
     except RlhfDistError as err:
         print(f"\nerror: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

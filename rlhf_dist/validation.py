@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from rlhf_dist.config import (RLConfig, critic_micro_batch_size, old_logprobs_source, uses_critic,
+from rlhf_dist.config import (STAGES, RLConfig, critic_micro_batch_size, old_logprobs_source, uses_critic,
                               uses_reference)
 from rlhf_dist.errors import ConfigError
 
@@ -21,7 +21,7 @@ _CHOICES = {
     "critic.optim.scheduler": ("constant", "linear", "cosine"),
     "cluster.device": ("cpu", "cuda"),
     "logger.wandb.mode": ("offline", "online", "disabled"),
-    "stage": ("rl", "sft", "reward_model", "full_recipe"),
+    "stage": tuple(STAGES),
     "sft.on_bad": ("error", "skip"),
     "task.long_prompts": ("truncate", "drop", "error"),
     "recipe.rm_init": ("sft", "base"),

@@ -182,3 +182,27 @@ def test_engine_samples_the_learners_distribution_at_temperature(local_ray, peak
         assert counts[tokenizer.eos_token_id] == 0
         unmasked = _learner_next_token_logprobs(peaked_model_dir, prompt_ids, temperature)
         assert (reported - unmasked[first]).abs().max().item() > 10 * gap, "EOS carried no mass to tell"
+
+
+def test_groups_stay_contiguous_and_seeded_by_prompt_across_uneven_engine_splits(local_ray, tiny_model_dir):
+    """Two engines, 5 prompts (split 3 + 2) and 6 prompts (3 + 3, so prompt 3 moves to the other
+    engine): every sample sits in its prompt's group of G, carries its prompt's ids, and is the same
+    sample whichever engine drew it (its stream depends on (step, prompt, child), not the engine)."""
+    engines = ActorGroup("rollout", RolloutActor, 2, 0.5, 0.0, 60,
+                         [dict(model_path=str(tiny_model_dir), ignore_eos=True, max_model_len=128, seed=i)
+                          for i in range(2)])
+    try:
+        engines.wait(engines.call("ready"), "engine start", 600)
+        generation, records, n = _pipeline(engines, tiny_model_dir, seed=0), _records(6), 3
+        five, five_records = generation.generate(records[:5], n, 1.0, step=4)
+        six, six_records = generation.generate(records, n, 1.0, step=4)
+    finally:
+        engines.kill()
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    for samples, sample_records, count in ((five, five_records, 5), (six, six_records, 6)):
+        assert len(samples) == count * n
+        for row, (sample, record) in enumerate(zip(samples, sample_records)):
+            assert record is records[row // n], f"sample {row} is not in its prompt's group"
+            assert sample.prompt_ids == tokenizer(record["prompt"])["input_ids"]
+    assert [s.token_ids for s in five] == [s.token_ids for s in six[:15]]
+    assert len({tuple(s.token_ids) for s in six}) == len(six)
