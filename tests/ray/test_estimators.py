@@ -12,16 +12,11 @@ import math
 import pytest
 import ray
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from rlhf_dist.runtime.cluster import init_ray
 from rlhf_dist.algo import compute_advantages, kl_penalty, make_kl_controller, masked_whiten
 from rlhf_dist.config import uses_critic
-from rlhf_dist.session import conf_dir, prepare
-from rlhf_dist.models.hf import load_tokenizer
 
-from helpers import REPO
+from helpers import REPO, compose_config, start_trainer
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 # preset -> (advantage estimator, policy loss) it must run: a preset that fell back to GRPO fails
@@ -32,26 +27,13 @@ PRESETS = {"grpo": ("grpo", "clipped"), "dr_grpo": ("dr_grpo", "clipped"), "rloo
 
 
 def _cfg(run_dir, model_dir, *overrides):
-    with initialize_config_dir(conf_dir(), version_base="1.3"):
-        dict_cfg = compose("config", overrides=[
-            f"trainer.run_dir={run_dir}", f"model.path={model_dir}", "experiment=smoke",
-            f"reward.fn={REPO / 'examples' / 'my_rewards.py'}:score", *overrides])
-    return OmegaConf.to_object(dict_cfg)
+    return compose_config([f"trainer.run_dir={run_dir}", f"model.path={model_dir}", "experiment=smoke",
+                           f"reward.fn={REPO / 'examples' / 'my_rewards.py'}:score", *overrides])
 
 
 @pytest.fixture(scope="module")
 def trainer(tiny_model_dir, tmp_path_factory):
-    from rlhf_dist.monitor import RunMonitor
-    from rlhf_dist.rl.trainer import RLTrainer
-
-    run_dir = tmp_path_factory.mktemp("run")
-    cfg = _cfg(run_dir, tiny_model_dir, "algo=ppo")
-    inputs = prepare(cfg)
-    init_ray(cfg.cluster)
-    monitor = RunMonitor(str(run_dir), "disabled", "p", None, None, [], {}, 2, console=False)
-    trainer = RLTrainer(cfg, inputs["model_path"], load_tokenizer(inputs["model_path"]),
-                        inputs["train"], inputs["eval"], inputs["reward_spec"], monitor)
-    trainer.start()
+    trainer = start_trainer(tmp_path_factory.mktemp("run"), tiny_model_dir, ["algo=ppo"])
     trainer.all_critics = trainer.critics
     yield trainer
     trainer.shutdown()
