@@ -208,7 +208,8 @@ def local_ray(tmp_path):
     import ray
 
     env = {"RLHF_DIST_MODEL_CACHE": str(tmp_path / "cache"),
-           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}  # _Saver's module
+           # _Saver's module (this folder), the test helpers and the package
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(REPO / "tests"), str(REPO)])}
     ray.init(num_cpus=1, resources={"node_x": 1}, include_dashboard=False, logging_level="ERROR",
              runtime_env={"env_vars": env})
     yield ray
