@@ -37,7 +37,8 @@ def main() -> None:
 
     from hydra import compose, initialize_config_dir
 
-    from rlhf_dist.main import conf_dir, run_rl
+    from rlhf_dist.session import conf_dir
+    from rlhf_dist.stages.rl import run_rl
 
     run_dir = tempfile.mkdtemp(prefix="soak_")
     base = [f"trainer.run_dir={run_dir}", f"trainer.total_steps={args.steps}", "trainer.save_every=100",

@@ -25,7 +25,8 @@ def run(steps: int, overrides: list[str]) -> tuple[list[dict], dict, dict]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from rlhf_dist.main import conf_dir, run_rl
+    from rlhf_dist.session import conf_dir
+    from rlhf_dist.stages.rl import run_rl
 
     run_dir = tempfile.mkdtemp(prefix="step_breakdown_")
     base = [f"trainer.run_dir={run_dir}", f"trainer.total_steps={steps}", "trainer.eval_every=0",

@@ -83,7 +83,8 @@ def side_ours(s: Settings) -> dict:
     import psutil
     from hydra import compose, initialize_config_dir
 
-    from rlhf_dist.main import conf_dir, run_rl
+    from rlhf_dist.session import conf_dir
+    from rlhf_dist.stages.rl import run_rl
 
     run_dir = tempfile.mkdtemp(prefix="vs_trl_ours_")
     world_size = int(next((o.split("=", 1)[1] for o in s.overrides if o.startswith("learner.world_size=")), 2))
@@ -199,7 +200,7 @@ def side_parts_engine(s: Settings) -> dict:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams, TokensPrompt
 
-    from rlhf_dist.actors.vllm_worker import keep_cpu_linear_weights, refresh_cpu_gemm_handles
+    from rlhf_dist.weights.engine_weights import keep_cpu_linear_weights, refresh_cpu_gemm_handles
 
     keep_cpu_linear_weights()
     prompts = _step_prompts(s, AutoTokenizer.from_pretrained(s.model_dir))
@@ -378,18 +379,30 @@ def plot(s: Settings, results: dict, summary: dict, path: Path, title: str) -> N
     right.bar_label(bars, fmt="%.1f")
     right.set_ylabel("generated tokens / s (steps 2+)")
     right.set_title("end-to-end throughput")
+    save_figure(fig, title, path)
+
+
+def save_figure(fig, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
+def job_arguments(doc: str, model: str, steps: int) -> argparse.ArgumentParser:
+    """The options that fix the job both sides run (also benchmarks/vs_trl_learning.py)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default=model)
     parser.add_argument("--lengths", choices=("fixed", "natural"), default="fixed")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=steps)
+    return parser
+
+
+def main() -> None:
+    parser = job_arguments(__doc__, "tiny", 5)
     parser.add_argument("--sides", default="ours,trl,parts", help="comma-separated: ours, trl, parts")
     parser.add_argument("--tag", default="", help="suffix of the result files")
     parser.add_argument("--trl-vllm", action="store_true", help="TRL generates with vLLM (colocate mode)")

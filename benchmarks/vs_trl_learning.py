@@ -15,7 +15,6 @@ times 0.8. Prints a table and writes JSON and a PNG (benchmarks/results/vs_trl_l
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -23,7 +22,7 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
-from vs_trl import MODELS, RESULTS, Settings, run_side
+from vs_trl import MODELS, RESULTS, Settings, job_arguments, run_side, save_figure
 
 SIDES = ("ours", "trl")
 TARGET_FRACTION = 0.8
@@ -126,18 +125,11 @@ def plot(summary: dict, results: dict, path: Path, title: str) -> None:
         axis.legend()
     by_step.set_xlabel("step (mean over seeds; band: min..max)")
     by_time.set_xlabel("seconds of steps (each seed)")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, title, path)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(MODELS), default="100m")
-    parser.add_argument("--lengths", choices=("fixed", "natural"), default="fixed")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--steps", type=int, default=8)
+    parser = job_arguments(__doc__, "100m", 8)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--tag", default="")
     parser.add_argument("--from-json", help="summarize the raw runs a previous call wrote (its .json)")

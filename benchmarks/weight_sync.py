@@ -5,7 +5,7 @@
 
 For each model size a random Qwen2 is built offline (rlhf_dist.models.tiny, cached), one DeepSpeed
 learner rank and `--engines` vLLM engines start on a local Ray, and the learner's weights are
-synced into every engine with the same code the trainer runs (rlhf_dist.actors.weight_sync):
+synced into every engine with the same code the trainer runs (rlhf_dist.weights.sync):
 a warm-up sync, then `--repeats` timed syncs per (transport, bucket size) without verification,
 then one verified sync (its extra time is reported as verify_s). "repack s" is the part of the
 engine's load spent re-packing vLLM's CPU linear weights (oneDNN) after the reload. While syncing, each actor's
@@ -56,11 +56,11 @@ def _stop_rss_sampler(actor_self) -> dict:
 def bench_size(name: str, args) -> list[dict]:
     import ray
 
-    from rlhf_dist.actors.ds_group import DSGroupSpec, start_ds_group
-    from rlhf_dist.actors.group import ActorGroup
+    from rlhf_dist.runtime.ds_group import DSGroupSpec, start_ds_group
+    from rlhf_dist.runtime.group import ActorGroup
     from rlhf_dist.actors.learner import LearnerActor
     from rlhf_dist.actors.rollout import RolloutActor
-    from rlhf_dist.actors.weight_sync import WeightSync
+    from rlhf_dist.weights.sync import WeightSync
     from rlhf_dist.config import LearnerConfig, RolloutConfig
     from rlhf_dist.models.tiny import ensure_tiny_model
 

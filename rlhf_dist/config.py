@@ -14,6 +14,15 @@ from hydra.core.config_store import ConfigStore
 
 
 
+
+# stage=<name> -> "module:function" that runs it with the composed (Hydra) config (rlhf_dist.stages)
+STAGES = {
+    "rl": "rlhf_dist.stages.rl:run_rl",
+    "sft": "rlhf_dist.stages.recipe:run_stage",
+    "reward_model": "rlhf_dist.stages.recipe:run_stage",
+    "full_recipe": "rlhf_dist.stages.recipe:run_stage",
+}
+
 @dataclass
 class TinyModelConfig:
     """The offline tiny model built when `model.path` is unset."""
@@ -79,7 +88,7 @@ class RolloutConfig:
     kv_cache_gb: Optional[int] = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE (GiB); None = vLLM default
     enforce_eager: bool = True
     seed: int = 0
-    # weight broadcast learner -> engines:
+    # how new weights reach the engines: a transport registered in rlhf_dist/weights/transports/
     #   object_store  Ray object store buckets (CPU and GPU; tensor_parallel_size 1)
     #   collective    broadcast over a process group of learner rank 0 + every engine worker
     #                 (gloo on CPU, NCCL on GPU; any tensor_parallel_size)
@@ -149,7 +158,7 @@ class CriticOptimConfig(OptimConfig):
 class AlgoConfig:
     """The RL algorithm. Each conf/algo/<name>.yaml is a preset of these fields (README table)."""
 
-    name: str = "grpo"  # preset: grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline | gspo | ppo
+    name: str = "grpo"  # a label for logs and checkpoints: the preset (conf/algo/) that filled this section
     advantage: str = "grpo"  # estimator in rlhf_dist.algo.advantages ("gae" needs the critic)
     policy_loss: str = "clipped"  # clipped (PPO, + dual-clip) | gspo (sequence-level ratio)
     loss_agg: str = "token_mean"  # token_mean | seq_mean_token_sum | seq_mean_token_mean | seq_mean_token_sum_norm
@@ -241,7 +250,7 @@ class ClusterConfig:
     learner_resources: Any = None  # warm-up/SFT/RM ranks too
     critic_resources: Any = None
     aux_resources: Any = None  # reference and reward actors
-    # Model directories (rlhf_dist.actors.files): paths under shared_dir are the same on every
+    # Model directories (rlhf_dist.runtime.files): paths under shared_dir are the same on every
     # node (NFS, a dir baked into the image) and are read in place; any other model dir goes to
     # actors on other nodes through Ray's object store, and weights saved by a learner rank on
     # another node come back to the driver. null = no shared filesystem assumed.
@@ -291,10 +300,8 @@ class TrainerConfig:
     max_engine_restarts: int = 3  # a dead rollout engine is replaced and the phase retried, this often per run
     # engines generate batch k+1 while the learner trains on batch k (one batch in flight). A resumed
     # run is then not bit-exact: the batch after the checkpoint is regenerated with newer weights.
+    # (one batch in flight: each batch from step 2 on is exactly one policy update stale)
     async_rollout: bool = False
-    # async: policy updates between the weights that generated a batch and those trained on it;
-    # one batch in flight makes it exactly 1 from step 2 on, and 1 is the only value supported
-    max_staleness: int = 1
 
 
 @dataclass
@@ -364,8 +371,10 @@ def register_configs() -> None:
 
 
 def uses_critic(cfg: Any) -> bool:
-    """PPO-style estimators need state values, hence a critic."""
-    return cfg.algo.advantage == "gae"
+    """An estimator that needs state values (its registry entry says so: gae) needs a critic."""
+    from rlhf_dist.algo import estimator_needs
+
+    return estimator_needs(cfg.algo.advantage).values
 
 
 def critic_micro_batch_size(cfg: Any) -> int:

@@ -1,7 +1,7 @@
 """A console a user can read: our progress lines plus real warnings and errors.
 
 Third-party lines that a user can do nothing about are dropped at the source where the library
-has a switch (environment variables: see `quiet_process_env` and `actors.cluster.quiet_env`), and
+has a switch (environment variables: see `quiet_process_env` and `runtime.cluster.quiet_env`), and
 by their text where it has none: in the driver's Python loggers, and in the actor output that
 Ray forwards to the driver. `RLHF_DIST_VERBOSE=1` turns all of it off and shows everything.
 """
@@ -80,7 +80,7 @@ def quiet_actor_output() -> None:
     """Drop NOISE lines (and blank ones) from the actor output Ray prints on the driver.
 
     Call after `ray.init`. Ray has no public hook for this; if its internals move, the lines
-    simply come through again (tests/test_console.py fails then).
+    simply come through again (tests/e2e/test_console.py fails then).
     """
     if verbose():
         return

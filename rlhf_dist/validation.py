@@ -8,26 +8,24 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from rlhf_dist.config import (RLConfig, critic_micro_batch_size, old_logprobs_source, uses_critic,
+from rlhf_dist.config import (STAGES, RLConfig, critic_micro_batch_size, old_logprobs_source, uses_critic,
                               uses_reference)
 from rlhf_dist.errors import ConfigError
 
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "rollout.dtype": ("float32", "bfloat16"),
-    "rollout.sync_transport": ("object_store", "collective", "ipc"),
     "rollout.sleep_level": (0, 1, 2),
     "learner.backend": ("auto", "gloo", "nccl"),
     "learner.optim.scheduler": ("constant", "linear", "cosine"),
     "critic.optim.scheduler": ("constant", "linear", "cosine"),
     "cluster.device": ("cpu", "cuda"),
     "logger.wandb.mode": ("offline", "online", "disabled"),
-    "stage": ("rl", "sft", "reward_model", "full_recipe"),
+    "stage": tuple(STAGES),
     "sft.on_bad": ("error", "skip"),
     "task.long_prompts": ("truncate", "drop", "error"),
     "recipe.rm_init": ("sft", "base"),
     "reward_model.on_bad": ("error", "skip"),
-    "algo.name": ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gspo", "ppo"),
 }
 
 _POSITIVE = (
@@ -56,9 +54,17 @@ def _get(cfg: Any, dotted: str) -> Any:
     return node
 
 
+def _registered_choices() -> dict[str, tuple]:
+    """Choices that registries hold: every registered weight transport. Imported only when
+    validating: the transports import torch, which `--help` and a bad key should not wait for."""
+    from rlhf_dist.weights.transports import transport_names
+
+    return {"rollout.sync_transport": transport_names()}
+
+
 def validate(cfg: Any) -> None:
     """Check values and their consistency; raise ConfigError naming the key and the fix."""
-    for key, choices in _CHOICES.items():
+    for key, choices in {**_CHOICES, **_registered_choices()}.items():
         value = _get(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {list(choices)}. "
@@ -101,7 +107,7 @@ def _check_registered(key: str, value: str, registry: dict) -> None:
 
 
 def _validate_algo(cfg: Any) -> None:
-    from rlhf_dist.algo import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES
+    from rlhf_dist.algo import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES, estimator_needs
 
     algo = cfg.algo
     _check_registered("algo.advantage", algo.advantage, ADVANTAGE_ESTIMATORS)
@@ -119,16 +125,15 @@ def _validate_algo(cfg: Any) -> None:
         value = _get(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key}={value} must be > 0 (or null to turn it off).")
-    group_based = algo.advantage in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
-    if group_based and cfg.rollout.n_samples_per_prompt < 2:
+    if estimator_needs(algo.advantage).groups and cfg.rollout.n_samples_per_prompt < 2:
         raise ConfigError(
             f"algo.advantage={algo.advantage} compares samples within a group, but "
             f"rollout.n_samples_per_prompt={cfg.rollout.n_samples_per_prompt}. Expected >= 2 "
             "(typical: 4-16). Fix: rollout.n_samples_per_prompt=8.")
     if uses_critic(cfg) and cfg.critic.world_size < 1:
         raise ConfigError(
-            f"algo.advantage=gae (algo={algo.name}) needs a critic, but critic.world_size="
-            f"{cfg.critic.world_size}. Fix: critic.world_size=2 (and CPUs/GPUs for it: "
+            f"algo.advantage={algo.advantage} (algo={algo.name}) needs state values from a critic, "
+            f"but critic.world_size={cfg.critic.world_size}. Fix: critic.world_size=2 (and CPUs/GPUs for it: "
             "cluster.cpus_per_critic / cluster.gpus_per_critic).")
     if algo.kl_coef > 0 and not (algo.kl_in_reward or algo.kl_in_loss):
         raise ConfigError(
@@ -190,28 +195,15 @@ def _divisor(total: int, at_most: int) -> int:
 def _validate_rollout(cfg: Any) -> None:
     ro, device = cfg.rollout, cfg.cluster.device
     tp = ro.tensor_parallel_size
-    if ro.sync_transport == "object_store" and tp > 1:
-        raise ConfigError(
-            f"rollout.sync_transport=object_store with rollout.tensor_parallel_size={tp}: the object "
-            "store feeds one in-process engine worker, and a tensor-parallel engine has one process "
-            "per shard. Fix: add rollout.sync_transport=collective (every shard receives the "
-            "broadcast).")
-    if device == "cpu" and ro.sync_transport == "ipc":
-        raise ConfigError(
-            "rollout.sync_transport=ipc hands CUDA memory from the learner to an engine on the same "
-            "GPU, and cluster.device=cpu has none. Options that work on CPU: "
-            "rollout.sync_transport=collective (gloo broadcast) or object_store.")
+    from rlhf_dist.weights.transports import get_transport
+
+    get_transport(ro.sync_transport).check_config(device, tp, ro.num_engines)
     if device == "cpu" and ro.sleep_level:
         raise ConfigError(
             f"rollout.sleep_level={ro.sleep_level}: vLLM's CPU platform has no sleep mode (vLLM "
             "0.32 refuses enable_sleep_mode there: 'Sleep mode is not supported on current "
             "platform'), so an engine on CPU keeps its weights and KV cache between rollouts. "
             "Fix: rollout.sleep_level=0 (on CPU the KV cache is bounded by rollout.kv_cache_gb).")
-    if ro.sync_transport == "ipc" and (tp > 1 or ro.num_engines > 1):
-        raise ConfigError(
-            f"rollout.sync_transport=ipc needs one engine with one shard on the learner's GPU; got "
-            f"rollout.num_engines={ro.num_engines}, rollout.tensor_parallel_size={tp}. Fix: "
-            "rollout.sync_transport=collective (NCCL) for several engines or shards.")
     if device == "cpu":
         import os
 
@@ -229,21 +221,6 @@ def _validate_rollout(cfg: Any) -> None:
 def _validate_off_policy(cfg: Any) -> None:
     """trainer.async_rollout (one batch in flight) and the TIS correction of pi_old."""
     tr, algo = cfg.trainer, cfg.algo
-    if tr.max_staleness > 1:
-        raise ConfigError(
-            f"trainer.max_staleness={tr.max_staleness}: trainer.async_rollout keeps one batch in "
-            "flight (the engines generate batch k+1 while the learner trains on batch k), which makes "
-            "the staleness exactly 1; deeper prefetch is not implemented, so a larger bound would "
-            "change nothing. Fix: trainer.max_staleness=1.")
-    if tr.async_rollout and tr.max_staleness < 1:
-        raise ConfigError(
-            f"trainer.async_rollout=true with trainer.max_staleness={tr.max_staleness}: the batch "
-            "generated while the learner trains comes from weights one update behind, so async "
-            "needs max_staleness >= 1. Fix: trainer.max_staleness=1, or trainer.async_rollout=false "
-            "to train on-policy.")
-    if tr.max_staleness < 0:
-        raise ConfigError(f"trainer.max_staleness={tr.max_staleness} must be >= 0 (it counts policy "
-                          "updates). Fix: trainer.max_staleness=1.")
     if tr.async_rollout and cfg.rollout.sleep_level:
         raise ConfigError(
             f"trainer.async_rollout=true with rollout.sleep_level={cfg.rollout.sleep_level}: the "
@@ -308,7 +285,7 @@ def _validate_cluster(cfg: Any) -> None:
 
 
 def _check_cores(cfg: Any) -> None:
-    from rlhf_dist.actors.cpu import available_cores, parse_cores
+    from rlhf_dist.runtime.cpu import available_cores, parse_cores
 
     cl, ro = cfg.cluster, cfg.rollout
     for role in ("engine", "learner"):

@@ -7,12 +7,12 @@ ZeRO stage, concurrently with the policy.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import asdict
 
 import torch
 
 from rlhf_dist.actors.ds_rank import DeepSpeedRank
-from rlhf_dist.algo.objective import value_objective
+from rlhf_dist.algo.objective import ValueLossConfig, value_objective
 from rlhf_dist.data.batch import Batch
 from rlhf_dist.models.value import load_value_model, response_values
 
@@ -31,7 +31,7 @@ class CriticActor(DeepSpeedRank):
 
         return self.forward_batch(batch, micro_batch_size, forward)
 
-    def train_step(self, minibatches: list[tuple[Batch, float, float]], loss_cfg: dict[str, Any],
+    def train_step(self, minibatches: list[tuple[Batch, float, float]], loss: ValueLossConfig,
                    step: int, max_tokens: int = 0) -> dict[str, float]:
         """ppo_epochs x mini-batches of clipped value-regression updates on this rank's shards
         (`max_tokens` > 0: micro-batches by padded-token budget)."""
@@ -41,6 +41,6 @@ class CriticActor(DeepSpeedRank):
                                      tensors["attention_mask"], micro.prompt_width)
             return value_objective(values, tensors["values"], tensors["returns"],
                                    tensors["response_mask"], num_tokens=num_tokens,
-                                   num_seqs=num_seqs, **loss_cfg)
+                                   num_seqs=num_seqs, **asdict(loss))
 
         return self.run_minibatches(minibatches, micro_loss, step, prefix="critic/", max_tokens=max_tokens)

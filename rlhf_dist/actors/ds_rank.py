@@ -20,26 +20,26 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from rlhf_dist.actors.cpu import use_cores
-from rlhf_dist.actors.files import ModelSpec, local_model_path, read_dir
+from rlhf_dist.runtime.cpu import use_cores
+from rlhf_dist.runtime.ds_group import STATS_WEIGHT
+from rlhf_dist.runtime.files import ModelSpec, local_model_path, read_dir
 from rlhf_dist.data.batch import Batch
 from rlhf_dist.distributed.deepspeed_config import build_deepspeed_config, lr_lambda
 from rlhf_dist.distributed.process_group import free_port, init_learner_process_group, node_ip
-from rlhf_dist.distributed.publisher import gathered
+from rlhf_dist.weights.plan import gathered
 from rlhf_dist.errors import NonFiniteLossError
 from rlhf_dist.models.hf import disable_dropout
 
 # (micro-batch, global tokens, global sequences) -> (loss, additive metrics, averaged stats).
 # The training forward must call the DeepSpeed engine, not `ds_engine.module`: ZeRO-3 advances its
 # micro-step counter in `engine.forward`, and without it every micro-batch's gradient overwrites
-# the previous one instead of accumulating (found by tests/test_learner_dist.py).
+# the previous one instead of accumulating (found by tests/ray/test_learner_dist.py).
 MicroLoss = Callable[[Batch, float, float], tuple[torch.Tensor, dict, dict]]
-# the response tokens a rank's stats averaged over: merge_rank_metrics weights the ranks by it
-STATS_WEIGHT = "perf/response_tokens_per_rank"
 
 
 class DeepSpeedRank:
-    role = "learner"  # names the rank in messages: "learner", "critic"
+    role = "learner"  # names the rank in messages: "learner", "critic", "sft", "reward_model"
+    stage = "RL"  # names the stage in messages: "RL", "SFT", "reward-model"
 
     def __init__(self, rank: int, world_size: int, model_path: ModelSpec, device: str = "cpu",
                  cpu_cores: list[int] | None = None) -> None:
@@ -174,7 +174,7 @@ class DeepSpeedRank:
                 self._skipped_steps = getattr(self.ds_engine, "skipped_steps", 0)  # expected
             terms = ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
             raise NonFiniteLossError(
-                f"non-finite {self.role} loss at RL step {step} (rank {self.rank}: {terms}). The "
+                f"non-finite {self.role} loss at {self.stage} step {step} (rank {self.rank}: {terms}). The "
                 "weights were not updated with it. Usual causes: a learning rate too high "
                 f"({self.role}.optim.lr), rewards with NaN/inf, or bf16 overflow. Lower the LR or "
                 "check reward.fn.")
@@ -208,7 +208,7 @@ class DeepSpeedRank:
 
     def _raise_non_finite_gradient(self, step: int) -> None:
         raise NonFiniteLossError(
-            f"non-finite {self.role} gradient at RL step {step} (rank {self.rank}) although the "
+            f"non-finite {self.role} gradient at {self.stage} step {step} (rank {self.rank}) although the "
             "loss was finite; the update was not applied. Usual causes: a learning rate too high "
             f"({self.role}.optim.lr), extreme importance ratios, or bf16 overflow.")
 

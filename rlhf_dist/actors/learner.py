@@ -2,8 +2,8 @@
 
 `train_step` runs the policy objective (rlhf_dist.algo.objective) over this rank's shards;
 `compute_logprobs` gives the learner's own log pi_old before an update (algo.recompute_old_logprobs);
-`publish_weights` / `weight_checksums` hand the weights to the rollout engines
-(rlhf_dist.distributed.publisher).
+`weight_plan` / `weights_call` / `weight_checksums` hand the weights to the rollout engines
+(rlhf_dist.weights: the bucket plan, a transport's learner side, the checksums to verify against).
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from typing import Any
 import torch
 
 from rlhf_dist.actors.ds_rank import DeepSpeedRank
-from rlhf_dist.algo.objective import policy_objective, rollout_correction
+from rlhf_dist.algo.objective import PolicyLossConfig, policy_objective, rollout_correction
 from rlhf_dist.data.batch import Batch
-from rlhf_dist.distributed.publisher import WeightPublisher
+from rlhf_dist.weights.plan import BucketPlan, WeightPublisher
+from rlhf_dist.weights.transports import call_verb
 from rlhf_dist.models.hf import load_causal_lm, response_logprobs
 
 
@@ -40,74 +41,54 @@ class LearnerActor(DeepSpeedRank):
 
         return self.forward_batch(batch, micro_batch_size, forward)
 
-    def train_step(self, minibatches: list[tuple[Batch, float, float]], loss_cfg: dict[str, Any],
+    def train_step(self, minibatches: list[tuple[Batch, float, float]], loss: PolicyLossConfig,
                    step: int, max_tokens: int = 0) -> dict[str, float]:
         """ppo_epochs x mini-batches of policy updates on this rank's shards.
 
         `max_tokens` > 0: micro-batches by padded-token budget instead of fixed size
         (`DeepSpeedRank.run_minibatches`)."""
-        loss_cfg = dict(loss_cfg)
-        temperature, tis_cap = loss_cfg.pop("temperature"), loss_cfg.pop("tis_cap")
-        banned_token_id = loss_cfg.pop("banned_token_id", None)  # EOS under fixed lengths
-        # where log pi_old comes from (rlhf_dist.config.old_logprobs_source); whether the engine
-        # sampled with the weights this step starts from (not with async rollout after step 1)
-        source = loss_cfg.pop("old_logprobs_source", None)
-        first = [loss_cfg.pop("same_weights_as_engine", True)]
+        objective = loss.objective_kwargs()
+        # before this step's first update the learner holds the weights the engine sampled with
+        # (unless the batch was sampled a step ahead, async)
+        first_pass = {"pending": loss.same_weights_as_engine}
 
         def micro_loss(micro: Batch, num_tokens: float, num_seqs: float):
             tensors = {k: v.to(self.device) for k, v in micro.tensors.items()}
             mask = tensors["response_mask"]
             logprobs, entropy = response_logprobs(  # through the engine: ZeRO-3 counts micro-steps there
                 self.ds_engine, tensors["input_ids"], tensors["attention_mask"],
-                micro.prompt_width, temperature, with_entropy=True,
-                entropy_grad=loss_cfg["entropy_coef"] > 0,  # else a metric only: no (B, T, V) graph
-                banned_token_id=banned_token_id)
+                micro.prompt_width, loss.temperature, with_entropy=True,
+                entropy_grad=loss.entropy_coef > 0,  # else a metric only: no (B, T, V) graph
+                banned_token_id=loss.banned_token_id)
+            source = "recomputed" if loss.old_logprobs_source == "rollout" and "old_logprobs" in tensors \
+                else loss.old_logprobs_source
             old_logprobs, is_weights, is_stats = rollout_correction(
-                logprobs, tensors["rollout_logprobs"], mask,
-                source or ("recomputed" if "old_logprobs" in tensors else "rollout"),
-                tensors.get("old_logprobs"), tis_cap)
-            loss, metrics, stats = policy_objective(
+                logprobs, tensors["rollout_logprobs"], mask, source, tensors.get("old_logprobs"), loss.tis_cap)
+            loss_value, metrics, stats = policy_objective(
                 logprobs, old_logprobs, tensors["advantages"], mask,
                 ref_logprobs=tensors.get("ref_logprobs"), entropy=entropy, is_weights=is_weights,
-                num_tokens=num_tokens, num_seqs=num_seqs, **loss_cfg)
+                num_tokens=num_tokens, num_seqs=num_seqs, **objective)
             stats = {f"policy/{k}": v for k, v in {**stats, **is_stats}.items()}
-            if first[0]:
-                # Before any update in this step the learner and the engine that sampled the
-                # batch hold the same weights (unless it was sampled a step ahead, async), so
-                # their logprobs must agree up to kernel
-                # numerics; a large gap means the last weight sync did not reach the engine.
+            if first_pass["pending"]:
+                # same weights as the engine: logprobs agree up to kernel numerics; a large gap
+                # means the last weight sync did not reach the engine
                 gap = (logprobs.detach() - tensors["rollout_logprobs"]).abs() * mask
                 stats["sync/rollout_logprob_gap_max"] = gap.max()
-                first[0] = False
-            return loss, metrics, stats
+                first_pass["pending"] = False
+            return loss_value, metrics, stats
 
         return self.run_minibatches(minibatches, micro_loss, step, max_tokens=max_tokens)
 
     # ------------------------------------------------------------------ weights -> engines
-    def weight_plan(self, bucket_mb: float, dtype: str) -> list:
+    def weight_plan(self, bucket_mb: float, dtype: str) -> BucketPlan:
         return self.publisher.plan(bucket_mb, dtype)
 
-    def publish_weights(self, plan: list, dtype: str):
-        """Object-store transport; called with num_returns=2 -> (manifest, summary)."""
-        return self.publisher.publish(plan, dtype)
+    def weights_call(self, transport: str, verb: str, *args: Any) -> Any:
+        """The learner side of a weight transport (rlhf_dist.weights.transports): its `verb` on
+        this rank's weights, e.g. ("collective", "send", plan, dtype, timeout_s). Under ZeRO-3
+        every rank is called (the gathers are collective); only rank 0 sends."""
+        return call_verb(transport, "learner", verb, self.publisher, *args)
 
-    def weight_group_address(self) -> tuple[str, int]:
-        return self.address()
-
-    def open_weight_group(self, host: str, port: int, world_size: int, backend: str, timeout_s: float) -> None:
-        """Rank 0 joins (and hosts) the collective weight group as its rank 0."""
-        from rlhf_dist.distributed.transport import WeightGroup
-
-        self.weight_group = WeightGroup.open(host, port, 0, world_size, backend, timeout_s)
-
-    def broadcast_weights(self, plan: list, dtype: str, timeout_s: float) -> dict[str, Any] | None:
-        """Collective transport (every rank under ZeRO-3; rank 0 sends)."""
-        return self.publisher.broadcast(getattr(self, "weight_group", None), plan, dtype, timeout_s)
-
-    def send_weights_ipc(self, engine_handles: list, plan: list, dtype: str, buffer_mb: float) -> dict[str, Any]:
-        """CUDA IPC transport (engines on this rank's GPU; every rank under ZeRO-3)."""
-        return self.publisher.send_ipc(engine_handles, plan, dtype, buffer_mb)
-
-    def weight_checksums(self, plan: list, dtype: str, packed_modules: dict[str, list[str]],
+    def weight_checksums(self, plan: BucketPlan, dtype: str, packed_modules: dict[str, list[str]],
                          layouts: list[dict]) -> list[dict[str, list[int]]] | None:
         return self.publisher.checksums(plan, dtype, packed_modules, layouts)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_dist.actors.cpu import use_cores
-from rlhf_dist.actors.files import ModelSpec, local_model_path
+from rlhf_dist.runtime.cpu import use_cores
+from rlhf_dist.runtime.files import ModelSpec, local_model_path
 from rlhf_dist.data.batch import Batch
 from rlhf_dist.models.hf import batched_forward, disable_dropout, load_causal_lm, response_logprobs
 

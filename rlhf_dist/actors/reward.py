@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from rlhf_dist.actors.files import ModelSpec, local_model_path
+from rlhf_dist.runtime.files import ModelSpec, local_model_path
+from rlhf_dist.data.messages import Scores
 from rlhf_dist.data.reward_fn import format_failures, load_reward_fn, score_samples
 from rlhf_dist.errors import RewardSamplesFailedError
 
@@ -44,7 +45,7 @@ class ModelScorer:
 
     def __init__(self, path: str, batch_size: int = 64, device: str = "cpu") -> None:
         from rlhf_dist.models.hf import disable_dropout, load_tokenizer
-        from rlhf_dist.models.reward_model import load_reward_model
+        from rlhf_dist.models.scalar_reward import load_reward_model
 
         self.model = disable_dropout(load_reward_model(path, device)).eval().requires_grad_(False)
         self.tokenizer, self.batch_size, self.device = load_tokenizer(path), batch_size, device
@@ -52,7 +53,7 @@ class ModelScorer:
     @torch.inference_mode()
     def score(self, records: list[dict[str, Any]], completions: list[str]) -> list[float]:
         from rlhf_dist.data.records import render_prompt
-        from rlhf_dist.models.reward_model import reward_model_inputs, sequence_rewards
+        from rlhf_dist.models.scalar_reward import reward_model_inputs, sequence_rewards
 
         prompts = [render_prompt(r["prompt"], self.tokenizer) for r in records]
         scores = []
@@ -104,7 +105,7 @@ class RewardActor:
         return True
 
     def score(self, records: list[dict[str, Any]], completions: list[str],
-              update_stats: bool = True) -> dict[str, Any]:
+              update_stats: bool = True) -> Scores:
         """{"reward": the training reward, "rule": ..., "model": ...}, one float per completion,
         "failures": the samples the rule raised on (scored fallback_score; `report` is their
         console lines, "" when none), "metrics": {"reward/failed_samples": their count}.
@@ -130,8 +131,8 @@ class RewardActor:
             reward = [r + self.model_weight * v for r, v in zip(reward, shaped)]
         report = (format_failures(failures, self.rule.spec, len(completions), self.rule.fallback_score)
                   if failures else "")
-        return {"reward": reward, "rule": rule, "model": model, "failures": failures,
-                "report": report, "metrics": {"reward/failed_samples": float(len(failures))}}
+        return Scores(reward=reward, rule=rule, model=model, failures=failures, report=report,
+                      metrics={"reward/failed_samples": float(len(failures))})
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps: the reward normaliser's running statistics."""

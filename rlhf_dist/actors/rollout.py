@@ -3,13 +3,11 @@
 The engine core runs inside this actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0). With
 tensor_parallel_size 1 its single worker is in-process too, so `collective_rpc` passes a
 generator and tensors by reference; with more, vLLM's multiprocessing executor starts one worker
-process per shard, reached only through the methods of rlhf_dist.actors.vllm_worker.
+process per shard, reached only through the methods of rlhf_dist.weights.vllm_worker.
 
-New weights arrive by one of two transports (rollout.sync_transport), both streamed into vLLM's
-own in-place loader, `model_runner.reload_weights`, one bucket at a time:
-- object_store: a list of Ray object refs, fetched here (tensor_parallel_size 1);
-- collective: broadcast from the learner's rank 0 straight into every worker process;
-- ipc (GPU, engine on the learner's GPU): CUDA IPC handles through vLLM's weight-transfer engine.
+New weights arrive by the transport named in rollout.sync_transport (rlhf_dist.weights.transports),
+whose engine side `weights_call` runs here; every transport streams them into vLLM's own in-place
+loader. `weight_layout` / `weight_checksums` / `packed_modules` serve the verification.
 With `sleep_level` > 0 (GPU) the engine sleeps while the learner trains (`sleep` / `wake_up`).
 """
 
@@ -21,10 +19,12 @@ from typing import Any
 
 import torch
 
-from rlhf_dist.actors.cpu import use_cores
-from rlhf_dist.actors.files import ModelSpec, local_model_path
-from rlhf_dist.actors.vllm_worker import keep_cpu_linear_weights, refresh_cpu_gemm_handles
-from rlhf_dist.errors import WeightSyncError
+from rlhf_dist.runtime.cpu import use_cores
+from rlhf_dist.runtime.files import ModelSpec, local_model_path
+from rlhf_dist.config import RolloutConfig
+from rlhf_dist.data.messages import Sample
+from rlhf_dist.weights.transports import call_verb, get_transport
+from rlhf_dist.weights.engine_weights import keep_cpu_linear_weights
 
 
 class RolloutActor:
@@ -42,11 +42,11 @@ class RolloutActor:
         cpu_threads_bind: str = "auto",
         cpu_cores: list[int] | None = None,
         threads_share: int = 1,
-        sync_transport: str = "object_store",
+        sync_transport: str = RolloutConfig.sync_transport,
         sleep_level: int = 0,
         ignore_eos: bool = False,
     ) -> None:
-        model_path = local_model_path(model_path)  # a copy on this node if shipped (actors.files)
+        model_path = local_model_path(model_path)  # a copy on this node if shipped (runtime.files)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if device == "cpu":
             if kv_cache_gb is not None:
@@ -68,13 +68,12 @@ class RolloutActor:
             enforce_eager=enforce_eager,
             logprobs_mode="processed_logprobs",  # logprobs of the temperature-scaled distribution
             enable_prefix_caching=False,
-            worker_extension_cls="rlhf_dist.actors.vllm_worker.WorkerExtension",
+            worker_extension_cls="rlhf_dist.weights.vllm_worker.WorkerExtension",
             # one process per shard; vLLM's own choice inside a Ray actor is its Ray executor,
             # which the CPU platform refuses
             distributed_executor_backend="mp" if tensor_parallel_size > 1 else None,
             enable_sleep_mode=sleep_level > 0,
-            # vLLM's own CUDA-IPC receiver (GPU worker only), driven by the learner's sender
-            weight_transfer_config={"backend": "ipc"} if sync_transport == "ipc" else None,
+            **get_transport(sync_transport).engine_options,  # e.g. vLLM's CUDA-IPC receiver
         )
         self.init_s = time.perf_counter() - start
         self.generate_s = 0.0
@@ -95,8 +94,8 @@ class RolloutActor:
         top_p: float,
         max_new_tokens: int,
         seeds: list[list[int]] | None = None,
-    ) -> list[dict[str, Any]]:
-        """Sample `n` responses per prompt. Returns one dict per sample, prompt-major order.
+    ) -> list[Sample]:
+        """Sample `n` responses per prompt. Returns one Sample each, prompt-major order.
 
         `seeds[i][j]` seeds sample j of prompt i (rlhf_dist.seeding): each sample is sent as its own
         n=1 request, so every sample has its own random stream (vLLM would seed the children of
@@ -137,90 +136,17 @@ class RolloutActor:
                     [step[tok].logprob for step, tok in zip(completion.logprobs, token_ids)]
                     if completion.logprobs is not None else [0.0] * len(token_ids)
                 )
-                samples.append({
-                    "token_ids": token_ids,
-                    "logprobs": logprobs,
-                    "text": completion.text,
-                    "finish_reason": completion.finish_reason,
-                })
+                samples.append(Sample(token_ids, logprobs, completion.text, completion.finish_reason))
         return samples
 
-    def load_weights(self, bucket_refs: list, timeout_s: float, verify: bool = False,
-                     first_bucket: list | None = None) -> dict[str, Any]:
-        """Stream weight buckets from the object store into the live engine, in place.
+    # ------------------------------------------------------------------ weights
+    def weights_call(self, transport: str, verb: str, *args: Any) -> Any:
+        """The engine side of a weight transport (rlhf_dist.weights.transports): its `verb` in this
+        actor, e.g. ("collective", "receive", plan, dtype, timeout_s, verify)."""
+        return call_verb(transport, "engine", verb, self, *args)
 
-        `bucket_refs` is a list (so Ray does not resolve it on call): each bucket is fetched with
-        its own deadline while vLLM consumes the previous one. With `verify` the result carries
-        the engine's checksums.
-        """
-        import ray
-
-        if self.tensor_parallel_size > 1:
-            raise WeightSyncError("the object-store transport feeds one in-process worker; with "
-                                  "rollout.tensor_parallel_size > 1 use rollout.sync_transport=collective")
-        start = time.perf_counter()
-        received = {"buckets": 0, "tensors": 0, "bytes": 0}
-
-        def buckets():
-            if first_bucket:
-                yield first_bucket
-            for index, ref in enumerate(bucket_refs):
-                try:
-                    yield ray.get(ref, timeout=timeout_s)
-                except ray.exceptions.GetTimeoutError:
-                    raise WeightSyncError(
-                        f"weight bucket {index + 1}/{len(bucket_refs)} did not arrive within "
-                        f"{timeout_s:.0f} s (rollout.sync_timeout_s)") from None
-
-        def stream():
-            for bucket in buckets():
-                received["buckets"] += 1
-                for name, tensor in bucket:
-                    received["tensors"] += 1
-                    received["bytes"] += tensor.numel() * tensor.element_size()
-                    yield name, tensor
-
-        def reload(worker, weights, on_cpu):
-            worker.model_runner.reload_weights(weights_iterator=weights)
-            refresh_start = time.perf_counter()
-            if on_cpu:
-                refresh_cpu_gemm_handles(worker.model_runner.model)
-            return time.perf_counter() - refresh_start
-
-        received["refresh_s"] = self.llm.collective_rpc(reload, args=(stream(), self.device == "cpu"))[0]
-        return self._loaded({"load_s": time.perf_counter() - start, **received}, verify)
-
-    def load_published(self, manifest_ref: list, timeout_s: float, verify: bool) -> dict[str, Any]:
-        """`load_weights` from a learner's `publish_weights` manifest, given as [ObjectRef].
-
-        The controller hands the engine the publish call's ref before that call finishes, so the
-        engine starts loading the moment the buckets exist: no controller round trip between.
-        """
-        import ray
-
-        try:
-            manifest = ray.get(manifest_ref[0], timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise WeightSyncError(f"the learner did not publish weights within {timeout_s:.0f} s "
-                                  "(rollout.sync_timeout_s)") from None
-        return self.load_weights(manifest["refs"], timeout_s, verify, first_bucket=manifest["first_bucket"])
-
-    # ------------------------------------------------------------------ collective transport
-    def open_weight_group(self, host: str, port: int, first_rank: int, world_size: int, backend: str,
-                          timeout_s: float) -> list[int]:
-        """Every worker of this engine joins the learner's weight group (ranks first_rank + tp rank)."""
-        return self.llm.collective_rpc("rlhf_open_weight_group",
-                                       args=(host, port, first_rank, world_size, backend, timeout_s))
-
-    def receive_weights(self, plan: list, dtype: str, timeout_s: float, verify: bool) -> dict[str, Any]:
-        """Receive one broadcast of every bucket of `plan` into every worker (while the learner sends)."""
-        results = self.llm.collective_rpc("rlhf_receive_weights", args=(plan, dtype, timeout_s))
-        merged = {"load_s": max(r["load_s"] for r in results), "refresh_s": max(r["refresh_s"] for r in results),
-                  **{k: results[0][k] for k in ("buckets", "tensors", "bytes")}}
-        return self._loaded(merged, verify)
-
-    # ------------------------------------------------------------------ CUDA IPC transport
-    # The learner drives these through vLLM's RayVLLMWeightSyncClient (IPCTrainerWeightTransferEngine).
+    # vLLM's weight-transfer protocol: the ipc transport's learner side drives these through
+    # vLLM's RayVLLMWeightSyncClient, which calls them by name on this actor's handle.
     def init_weight_transfer_engine(self, request) -> None:
         self.llm.init_weight_transfer_engine(request)
 
@@ -247,17 +173,6 @@ class RolloutActor:
         return {"wake_s": time.perf_counter() - start}
 
     # ------------------------------------------------------------------ verification
-    def loaded(self, verify: bool) -> dict[str, Any]:
-        """After a sync another party drove (CUDA IPC): the checksums, if asked."""
-        return self._loaded({"load_s": 0.0}, verify)
-
-    def _loaded(self, result: dict[str, Any], verify: bool) -> dict[str, Any]:
-        if verify:
-            start = time.perf_counter()
-            result["checksums"] = self.weight_checksums()
-            result["verify_s"] = time.perf_counter() - start
-        return result
-
     def weight_layout(self) -> list[dict[str, list]]:
         """Per tensor-parallel worker: which rows of the learner's tensors it holds."""
         return self.llm.collective_rpc("rlhf_weight_layout")

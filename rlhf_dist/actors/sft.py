@@ -17,6 +17,7 @@ from rlhf_dist.models.hf import load_causal_lm, response_logprobs
 
 class SFTActor(DeepSpeedRank):
     role = "sft"
+    stage = "SFT"
 
     def build_model(self) -> torch.nn.Module:
         return load_causal_lm(self.model_path, "float32", self.device)

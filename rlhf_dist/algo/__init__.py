@@ -6,8 +6,10 @@ and runs on CPU.
 
 from rlhf_dist.algo.advantages import (
     ADVANTAGE_ESTIMATORS,
+    EstimatorNeeds,
     compute_advantages,
     dr_grpo_advantages,
+    estimator_needs,
     gae_advantages,
     grpo_advantages,
     register_advantage,
@@ -49,6 +51,8 @@ from rlhf_dist.algo.preference import bradley_terry_loss
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
+    "EstimatorNeeds",
+    "estimator_needs",
     "KL_ESTIMATORS",
     "LOSS_AGG_MODES",
     "POLICY_LOSSES",

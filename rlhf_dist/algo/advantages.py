@@ -22,6 +22,7 @@ The KL penalty enters in one of two ways:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -31,7 +32,37 @@ from rlhf_dist.algo.masked import masked_sum, masked_whiten
 from rlhf_dist.errors import ConfigError
 
 ADVANTAGE_ESTIMATORS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {}
-register_advantage = make_register(ADVANTAGE_ESTIMATORS, "advantage estimator")
+_register = make_register(ADVANTAGE_ESTIMATORS, "advantage estimator")
+
+
+@dataclass(frozen=True)
+class EstimatorNeeds:
+    """What an estimator needs from the rest of the system; the trainer, the launcher and config
+    validation ask this, never the estimator's name."""
+
+    values: bool = False  # state values V(s_t) per response token: a critic
+    groups: bool = False  # n >= 2 samples per prompt, compared within the group
+
+
+ESTIMATOR_NEEDS: dict[str, EstimatorNeeds] = {}
+
+
+def register_advantage(name: str, *, values: bool = False, groups: bool = False) -> Callable[[Callable], Callable]:
+    """`@register_advantage("name", values=..., groups=...)`: the estimator and what it needs."""
+    register = _register(name)
+
+    def decorator(fn: Callable) -> Callable:
+        fn = register(fn)  # refuses a name registered twice
+        ESTIMATOR_NEEDS[name] = EstimatorNeeds(values=values, groups=groups)
+        return fn
+
+    return decorator
+
+
+def estimator_needs(name: str) -> EstimatorNeeds:
+    """What estimator `name` needs (ConfigError naming the valid estimators if unknown)."""
+    lookup(ADVANTAGE_ESTIMATORS, name, "advantage estimator")
+    return ESTIMATOR_NEEDS[name]
 
 
 def compute_advantages(
@@ -162,7 +193,7 @@ def _group_centered(
 # ----------------------------------------------------------------------------------------------
 
 
-@register_advantage("grpo")
+@register_advantage("grpo", groups=True)
 def grpo_advantages(
     scores: torch.Tensor,
     kl_penalty: torch.Tensor,
@@ -185,7 +216,7 @@ def grpo_advantages(
     return advantages, advantages.clone()
 
 
-@register_advantage("dr_grpo")
+@register_advantage("dr_grpo", groups=True)
 def dr_grpo_advantages(
     scores: torch.Tensor, kl_penalty: torch.Tensor, response_mask: torch.Tensor, group_size: int, **_
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,7 +234,7 @@ def dr_grpo_advantages(
     return advantages, advantages.clone()
 
 
-@register_advantage("rloo")
+@register_advantage("rloo", groups=True)
 def rloo_advantages(
     scores: torch.Tensor, kl_penalty: torch.Tensor, response_mask: torch.Tensor, group_size: int, **_
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,7 +268,7 @@ def reinforce_pp_advantages(
     return _whitened_returns(token_rewards, response_mask, gamma)
 
 
-@register_advantage("reinforce_pp_baseline")
+@register_advantage("reinforce_pp_baseline", groups=True)
 def reinforce_pp_baseline_advantages(
     scores: torch.Tensor,
     kl_penalty: torch.Tensor,
@@ -261,7 +292,7 @@ def reinforce_pp_baseline_advantages(
     return _whitened_returns(token_rewards, response_mask, gamma)
 
 
-@register_advantage("gae")
+@register_advantage("gae", values=True)
 def gae_advantages(
     scores: torch.Tensor,
     kl_penalty: torch.Tensor,

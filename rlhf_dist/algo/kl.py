@@ -25,7 +25,7 @@ Using sum_y pi grad log pi = grad sum_y pi = 0:
 
 So k3 in the loss minimises the FORWARD KL(ref || pi), not the reverse KL its value estimates;
 k3_st ("k3 value, k2 gradient", verl's straight-through "k3+") logs a low-variance
-estimate of KL(pi || ref) and pushes along the reverse KL's gradient. tests/test_algo_grad.py
+estimate of KL(pi || ref) and pushes along the reverse KL's gradient. tests/unit/test_algo_grad.py
 checks all four on an exact categorical.
 
 In the REWARD (no gradient through the penalty) k1 is the standard choice: r_t - beta * k1 summed

@@ -14,11 +14,50 @@ reward (`kl_penalty` in the advantages); see kl.py for which estimator's gradien
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import torch
 
 from rlhf_dist.algo.kl import kl_penalty
 from rlhf_dist.algo.masked import aggregate_loss
 from rlhf_dist.algo.policy_loss import clipped_value_loss, compute_policy_loss, truncated_is_weights
+
+
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """Everything a policy rank needs to compute its loss: the message the trainer sends with each
+    `train_step` (rlhf_dist.actors.learner)."""
+
+    temperature: float  # the sampling temperature: logprobs of logits / T, as the engine sampled
+    policy_loss: str = "clipped"  # registered in policy_loss.py
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    clip_ratio_c: float | None = None  # dual-clip bound, None = off
+    kl_loss_coef: float = 0.0  # beta of the KL term in the loss (0: KL in the reward, or none)
+    kl_loss_estimator: str = "k3_st"
+    entropy_coef: float = 0.0
+    loss_agg: str = "token_mean"
+    horizon: float | None = None  # seq_mean_token_sum_norm's constant (max_new_tokens)
+    old_logprobs_source: str = "rollout"  # rollout | recomputed | current (rollout_correction)
+    tis_cap: float | None = None  # truncated IS weight cap (with a source other than rollout)
+    same_weights_as_engine: bool = True  # the engine sampled with these very weights (not async)
+    banned_token_id: int | None = None  # EOS under fixed lengths: the engine never sampled it
+
+    def objective_kwargs(self) -> dict:
+        """The keyword arguments of `policy_objective` this config sets."""
+        keys = ("policy_loss", "clip_low", "clip_high", "clip_ratio_c", "kl_loss_coef", "kl_loss_estimator",
+                "entropy_coef", "loss_agg", "horizon")
+        return {k: v for k, v in asdict(self).items() if k in keys}
+
+
+@dataclass(frozen=True)
+class ValueLossConfig:
+    """What a critic rank needs for its loss (rlhf_dist.actors.critic), sent with each `train_step`."""
+
+    clip_range: float | None
+    loss_agg: str = "token_mean"
+    horizon: float | None = None
+    value_loss_coef: float = 1.0
 
 
 def policy_objective(
@@ -138,7 +177,7 @@ def value_objective(
     Additive metric "critic/value_loss" is agg(l_value) before the coefficient; per-micro-batch
     stats "critic/value_clip_frac", "critic/values_mean", "critic/returns_mean".
     """
-    per_token, stats = clipped_value_loss(values, old_values, returns, response_mask, clip_range)
+    per_token, stats = clipped_value_loss(values, old_values, returns, response_mask, clip_range)  # (B, T)
     value_loss = aggregate_loss(
         per_token, response_mask, loss_agg, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon
     )

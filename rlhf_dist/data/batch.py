@@ -76,7 +76,7 @@ class Batch:
         return Batch(cut, self.prompt_width, dict(self.meta))
 
 
-def collate_rollouts(
+def collate_sequences(
     prompt_ids: list[list[int]],
     response_ids: list[list[int]],
     response_logprobs: list[list[float]],

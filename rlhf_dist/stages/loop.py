@@ -13,10 +13,25 @@ from typing import Callable
 
 import torch
 
-from rlhf_dist.actors.ds_group import DSGroupSpec, merge_rank_metrics, start_ds_group
-from rlhf_dist.actors.files import bring_back
-from rlhf_dist.actors.group import ActorGroup
+from rlhf_dist.runtime.cpu import parse_cores
+from rlhf_dist.runtime.ds_group import DSGroupSpec, merge_rank_metrics, start_ds_group
+from rlhf_dist.runtime.files import bring_back
+from rlhf_dist.runtime.group import ActorGroup
 from rlhf_dist.data.batch import Batch, shard_minibatches
+
+
+def stage_spec(cfg, batch_size: int, micro_batch_size: int, lr: float, steps: int, scheduler: str) -> DSGroupSpec:
+    """A stage's DeepSpeed group: the policy learner's ranks, ZeRO stage and resources."""
+    optim = dict(lr=lr, weight_decay=0.0, betas=[0.9, 0.999], eps=1e-8, grad_clip=1.0,
+                 scheduler=scheduler, warmup_steps=0, min_lr_ratio=0.1)
+    return DSGroupSpec(cfg.learner.world_size, cfg.learner.zero_stage, micro_batch_size, batch_size, optim,
+                       steps, cfg.cluster.cpus_per_learner, cfg.cluster.gpus_per_learner,
+                       device=cfg.cluster.device, backend=cfg.learner.backend,
+                       placement_timeout_s=cfg.cluster.placement_timeout_s,
+                       init_timeout_s=cfg.learner.init_timeout_s,
+                       resources=dict(cfg.cluster.learner_resources or {}), shared_dir=cfg.cluster.shared_dir,
+                       cpu_cores=parse_cores(cfg.cluster.learner_cores),
+                       ship_models=cfg.cluster.ship_models)
 
 
 def run_supervised(name: str, actor_cls: type, model_path: str, out_dir: str, spec: DSGroupSpec,

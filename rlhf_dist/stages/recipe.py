@@ -20,27 +20,12 @@ import dataclasses
 import json
 from pathlib import Path
 
-from rlhf_dist.actors.cpu import parse_cores
-from rlhf_dist.actors.ds_group import DSGroupSpec
 from rlhf_dist.data.preferences import load_preference_pairs, load_sft_records
 from rlhf_dist.data.records import render_prompt
 from rlhf_dist.errors import DatasetError
 from rlhf_dist.redact import redact
-from rlhf_dist.validation import check_run_dir
-
-
-def stage_spec(cfg, batch_size: int, micro_batch_size: int, lr: float, steps: int, scheduler: str) -> DSGroupSpec:
-    """A stage's DeepSpeed group: the policy learner's ranks, ZeRO stage and resources."""
-    optim = dict(lr=lr, weight_decay=0.0, betas=[0.9, 0.999], eps=1e-8, grad_clip=1.0,
-                 scheduler=scheduler, warmup_steps=0, min_lr_ratio=0.1)
-    return DSGroupSpec(cfg.learner.world_size, cfg.learner.zero_stage, micro_batch_size, batch_size, optim,
-                       steps, cfg.cluster.cpus_per_learner, cfg.cluster.gpus_per_learner,
-                       device=cfg.cluster.device, backend=cfg.learner.backend,
-                       placement_timeout_s=cfg.cluster.placement_timeout_s,
-                       init_timeout_s=cfg.learner.init_timeout_s,
-                       resources=dict(cfg.cluster.learner_resources or {}), shared_dir=cfg.cluster.shared_dir,
-                       cpu_cores=parse_cores(cfg.cluster.learner_cores),
-                       ship_models=cfg.cluster.ship_models)
+from rlhf_dist.session import make_monitor, open_run_dir, prepare, ray_session
+from rlhf_dist.stages.loop import stage_spec
 
 
 def sft_data(cfg, model_path: str, train_file: str) -> tuple[list, list]:
@@ -94,14 +79,8 @@ def run_stage(dict_cfg) -> dict:
     """`stage=sft` or `stage=reward_model` on user files, or `stage=full_recipe`."""
     from omegaconf import OmegaConf
 
-    from rlhf_dist.main import prepare, ray_session
-
     cfg = OmegaConf.to_object(dict_cfg)
-    run_dir = Path(cfg.trainer.run_dir)
-    check_run_dir(run_dir, cfg.trainer.resume, cfg.trainer.checkpoint_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(redact(OmegaConf.to_container(dict_cfg, resolve=True))),
-                   run_dir / "config.yaml")
+    run_dir, _ = open_run_dir(cfg, dict_cfg)
     if cfg.stage == "full_recipe":
         return run_full_recipe(cfg, dict_cfg, run_dir)
     inputs = prepare(cfg)
@@ -126,8 +105,8 @@ def run_full_recipe(cfg, dict_cfg, run_dir: Path) -> dict:
     from omegaconf import OmegaConf
 
     from rlhf_dist.data.preference_source import build_recipe_data
-    from rlhf_dist.main import prepare, ray_session, run_with_ray
-    from rlhf_dist.monitor import RunMonitor, format_summary
+    from rlhf_dist.stages.rl import run_with_ray
+    from rlhf_dist.monitor import format_summary
 
     inputs = prepare(cfg)
     rc = cfg.recipe
@@ -146,10 +125,7 @@ def run_full_recipe(cfg, dict_cfg, run_dir: Path) -> dict:
             reward=dataclasses.replace(cfg.reward, model=dataclasses.replace(cfg.reward.model, path=rm_dir)),
             # PPO's critic starts from the reward model (its body and scalar head), as in InstructGPT
             critic=dataclasses.replace(cfg.critic, model_path=cfg.critic.model_path or rm_dir))
-        monitor = RunMonitor(
-            str(run_dir), cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.entity,
-            cfg.logger.wandb.name, cfg.logger.wandb.tags, redact(OmegaConf.to_container(dict_cfg, resolve=True)),
-            cfg.trainer.total_steps, cfg.logger.console)
+        monitor = make_monitor(cfg, redact(OmegaConf.to_container(dict_cfg, resolve=True)))
         rl = run_with_ray(rl_cfg, str(run_dir / "sft_model"), inputs, monitor)
     summary = recipe_summary(data["stats"], sft, rm, rl, run_dir)
     monitor.finish(summary)

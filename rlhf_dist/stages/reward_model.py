@@ -13,13 +13,13 @@ from typing import Callable
 
 import torch
 
-from rlhf_dist.actors.ds_group import DSGroupSpec
-from rlhf_dist.actors.reward_model import RewardModelTrainerActor
+from rlhf_dist.runtime.ds_group import DSGroupSpec
+from rlhf_dist.actors.rm_trainer import RewardModelTrainerActor
 from rlhf_dist.data.batch import Batch
 from rlhf_dist.data.records import render_prompt
 from rlhf_dist.errors import DatasetError
 from rlhf_dist.models.hf import load_tokenizer
-from rlhf_dist.models.reward_model import reward_model_inputs
+from rlhf_dist.models.scalar_reward import reward_model_inputs
 from rlhf_dist.stages.loop import run_supervised
 
 KEYS = ["chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask", "margin"]

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from rlhf_dist.actors.ds_group import DSGroupSpec
+from rlhf_dist.runtime.ds_group import DSGroupSpec
 from rlhf_dist.actors.sft import SFTActor
-from rlhf_dist.data.batch import Batch, collate_rollouts
+from rlhf_dist.data.batch import Batch, collate_sequences
 from rlhf_dist.errors import DatasetError
 from rlhf_dist.models.hf import load_tokenizer
 from rlhf_dist.stages.loop import run_supervised
@@ -27,7 +27,7 @@ def sft_batch(tokenizer, prompts: list[str], completions: list[str]) -> Batch:
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
     completion_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                       for c in completions]
-    return collate_rollouts(prompt_ids, completion_ids, [[0.0] * len(c) for c in completion_ids],
+    return collate_sequences(prompt_ids, completion_ids, [[0.0] * len(c) for c in completion_ids],
                             tokenizer.pad_token_id)
 
 

@@ -1,0 +1,405 @@
+"""The controller: starts the actors and runs RL steps, one numbered phase at a time.
+
+One step:
+  1. generate    rollout engines sample G responses per prompt (vLLM)
+  2. score       reward actor scores them; in flight at the same time: reference logprobs, critic
+                 values (PPO) and the learner's own old logprobs (algo.recompute_old_logprobs)
+  3. advantages  KL penalty in the reward (optional), the configured estimator, whitening: pure
+                 torch on the driver (rlhf_dist.algo)
+  4. train       policy ranks and critic ranks update concurrently, ppo_epochs x mini-batches
+  5. sync        new policy weights are broadcast to every engine, verified, under a deadline
+
+With trainer.async_rollout the engines generate the next batch while phases 2-4 run (launched
+before 2, waited for before 5), so from step 2 on each batch comes from weights one update old;
+the loss's truncated importance weights (algo.tis_cap) correct for that.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from typing import Any
+
+import torch
+
+from rlhf_dist import checkpoint
+from rlhf_dist.rl import launcher
+from rlhf_dist.runtime.ds_group import merge_rank_metrics
+from rlhf_dist.runtime.group import ActorGroup, actors_rss_mb, wait_all
+from rlhf_dist.algo import (
+    compute_advantages,
+    explained_variance,
+    kl_penalty,
+    make_kl_controller,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+)
+from rlhf_dist.algo.objective import PolicyLossConfig, ValueLossConfig
+from rlhf_dist.config import critic_micro_batch_size, old_logprobs_source, uses_critic, uses_reference
+from rlhf_dist.data.messages import Sample, Scores
+from rlhf_dist.data.batch import Batch, collate_sequences, shard_minibatches
+from rlhf_dist.data.prompts import PromptSampler
+from rlhf_dist.errors import ActorDiedError, NonFiniteLossError, RewardSamplesFailedError, RlhfDistError
+from rlhf_dist.monitor import RunMonitor
+from rlhf_dist.rl.generation import Generation, GenerationBatch
+from rlhf_dist.rl.metrics import eval_metrics, rollout_metrics, sample_rows, timed
+
+# metrics that each rank computes as its share of a global-normalised sum: summed over ranks
+_ADDITIVE = ("loss/", "kl/loss_term", "entropy/", "critic/value_loss")
+
+
+class RLTrainer:
+    def __init__(self, cfg, model_path: str, tokenizer, train_records: list[dict],
+                 eval_records: list[dict], reward_spec: str, monitor: RunMonitor) -> None:
+        self.cfg, self.model_path, self.tokenizer = cfg, model_path, tokenizer
+        self.eval_records, self.reward_spec, self.monitor = eval_records, reward_spec, monitor
+        self.sampler = PromptSampler(train_records, cfg.trainer.prompts_per_step, cfg.trainer.seed)
+        self.generator = torch.Generator().manual_seed(cfg.trainer.seed)
+        self.use_reference, self.use_critic = uses_reference(cfg), uses_critic(cfg)
+        self.kl_ctl = make_kl_controller(cfg.algo.kl_coef, cfg.algo.kl_target, cfg.algo.kl_horizon)
+        self.history: list[dict[str, float]] = []
+        self.bad_steps = self.bad_in_a_row = 0  # updates skipped for a non-finite loss/gradient
+        self.skipped_steps = 0  # steps skipped because reward.fn raised (reward.fallback_score=null)
+        self.engines = self.learners = self.reward = self.reference = self.critics = None  # start()
+        # weight versions (updates applied since start-up) of the learner and of the engines; a
+        # rollout records the engines' at launch, so staleness = policy_version - rollout.version
+        self.policy_version = self.engine_version = 0
+        self.generation: Generation | None = None  # phase 1 (rlhf_dist.rl.generation), from start()
+        # fixed lengths (rollout.ignore_eos): the engine masks EOS until max_new_tokens, so every
+        # logprob of the policy (learner, old, reference) is taken without it
+        self.banned_token_id = tokenizer.eos_token_id if cfg.rollout.ignore_eos else None
+
+    @property
+    def prefetched(self) -> GenerationBatch | None:
+        """async_rollout: the next step's batch, already generated (None when there is none)."""
+        return self.generation.prefetched if self.generation is not None else None
+
+    @prefetched.setter
+    def prefetched(self, rollout: GenerationBatch | None) -> None:
+        self.generation.prefetched = rollout
+
+    # ------------------------------------------------------------------ start-up
+    def start(self) -> dict[str, float]:
+        """Create every actor group and wait until all are ready (rlhf_dist.rl.launcher);
+        returns the start-up timings."""
+        actors = launcher.start_rl_actors(self.cfg, self.model_path, self.reward_spec,
+                                          self.use_reference, self.use_critic)
+        self.model, self.weights, self.num_params = actors.model, actors.weights, actors.num_params
+        self.engines, self.learners, self.reward = actors.engines, actors.learners, actors.reward
+        self.reference, self.critics = actors.reference, actors.critics
+        ro = self.cfg.rollout
+        self.generation = Generation(
+            self.engines, self.tokenizer, self.sampler, ro.n_samples_per_prompt, ro.temperature, ro.top_p,
+            ro.max_new_tokens, ro.seed, ro.init_timeout_s, recover=self.with_engine_recovery,
+            engine_version=lambda: self.engine_version)
+        return actors.timings
+
+    def _groups(self) -> list[ActorGroup | None]:
+        return [self.engines, self.learners, self.reward, self.reference, self.critics]
+
+    # ------------------------------------------------------------------ phases
+    def generate(self, records: list[dict], n: int, temperature: float, step: int | None = None,
+                 stream: str = "train") -> tuple[list[Sample], list[dict]]:
+        """Split prompts across engines; returns (samples, the record each sample answers)."""
+        return self.generation.generate(records, n, temperature, step, stream)
+
+    def score(self, batch: Batch, records: list[dict], texts: list[str]) -> None:
+        """Phase 2: rewards, reference logprobs, critic values and old logprobs, all in flight."""
+        cfg = self.cfg
+        temperature, micro = cfg.rollout.temperature, cfg.learner.micro_batch_size
+        jobs = [("rewards", [self.reward.call("score", records, texts)[0]], self.reward.names)]
+        if self.reference is not None:
+            jobs.append(("ref_logprobs", self.reference.call("compute_logprobs", batch, temperature, micro,
+                                                             cfg.learner.max_tokens_per_micro_batch,
+                                                             self.banned_token_id),
+                         self.reference.names))
+        if self.critics is not None:
+            jobs.append(("values", self.critics.call_on_shards("compute_values", batch,
+                                                   critic_micro_batch_size(cfg)), self.critics.names))
+        if cfg.algo.recompute_old_logprobs:
+            jobs.append(("old_logprobs", self.learners.call_on_shards("compute_logprobs", batch, temperature,
+                                                         micro, self.banned_token_id), self.learners.names))
+        refs = [ref for _, job_refs, _ in jobs for ref in job_refs]
+        names = [name for _, job_refs, job_names in jobs for name in job_names[: len(job_refs)]]
+        timeout = max(cfg.reward.timeout_s, cfg.learner.step_timeout_s)
+        results = iter(wait_all(refs, names, "score/reference/values", timeout))
+        for key, job_refs, _ in jobs:
+            parts = [next(results) for _ in job_refs]
+            if key == "rewards":
+                scores: Scores = parts[0]
+                batch[key] = torch.tensor(scores.reward, dtype=torch.float32)
+                batch.meta.update(scores.metrics)
+                if scores.report:
+                    self.monitor.print(scores.report)
+                for part, values in (("rule", scores.rule), ("model", scores.model)):
+                    if values is not None:
+                        batch.meta[f"reward/{part}_mean"] = sum(values) / len(values)
+            else:  # (B_i, T_i) shards trimmed to their own width: pad back to the batch's T
+                width = batch["response_mask"].shape[1]
+                batch[key] = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
+
+    def advantages(self, batch: Batch) -> dict[str, float]:
+        """Phase 3: per-token KL penalty (if in the reward), the estimator, optional whitening."""
+        algo, mask = self.cfg.algo, batch["response_mask"]
+        old_logprobs = batch.tensors.get("old_logprobs", batch["rollout_logprobs"])
+        metrics = {"kl/coef": self.kl_ctl.value}
+        penalty = torch.zeros_like(mask)  # (B, T) beta * KL_t, zero unless the KL is in the reward
+        if "ref_logprobs" in batch.tensors:
+            token_kl = kl_penalty(old_logprobs, batch["ref_logprobs"], algo.kl_reward_estimator) * mask
+            seq_kl = token_kl.sum(-1)  # (B,)
+            metrics["kl/mean"] = masked_mean(kl_penalty(old_logprobs, batch["ref_logprobs"], "k3"), mask).item()
+            metrics["kl/seq_mean"] = seq_kl.mean().item()
+            if algo.kl_in_reward:
+                penalty = self.kl_ctl.value * token_kl
+                metrics["kl/reward_penalty"] = penalty.sum(-1).mean().item()
+            self.kl_ctl.update(seq_kl.mean().item(), len(batch))  # takes effect next step
+        advantages, returns = compute_advantages(
+            algo.advantage, scores=batch["rewards"], kl_penalty=penalty, response_mask=mask,
+            values=batch.tensors.get("values"), group_size=self.cfg.rollout.n_samples_per_prompt,
+            gamma=algo.gamma, lam=algo.lam)
+        if algo.whiten_advantages:
+            advantages = masked_whiten(advantages, mask) * mask
+        batch["advantages"], batch["returns"] = advantages, returns
+        metrics["advantages/mean"] = masked_mean(advantages, mask).item()
+        metrics["advantages/std"] = masked_var(advantages, mask).sqrt().item()
+        metrics["returns/mean"] = masked_mean(returns, mask).item()
+        if "values" in batch.tensors:
+            metrics["critic/explained_variance"] = explained_variance(batch["values"], returns, mask).item()
+            metrics["critic/values_mean"] = masked_mean(batch["values"], mask).item()
+        return metrics
+
+    def train(self, batch: Batch, step: int, staleness: int = 0) -> dict[str, float]:
+        """Phase 4: policy and critic ranks update concurrently on the same mini-batches.
+        `staleness`: policy updates the engine that sampled the batch had not seen (async rollout)."""
+        cfg, algo = self.cfg, self.cfg.algo
+        source = old_logprobs_source(cfg)
+        loss = PolicyLossConfig(
+            temperature=cfg.rollout.temperature, policy_loss=algo.policy_loss,
+            clip_low=algo.clip_low, clip_high=algo.clip_high, clip_ratio_c=algo.clip_ratio_c,
+            kl_loss_coef=self.kl_ctl.value if algo.kl_in_loss else 0.0,
+            kl_loss_estimator=algo.kl_loss_estimator, entropy_coef=algo.entropy_coef,
+            loss_agg=algo.loss_agg, horizon=cfg.rollout.max_new_tokens,
+            old_logprobs_source=source, tis_cap=algo.tis_cap if source != "rollout" else None,
+            same_weights_as_engine=staleness == 0, banned_token_id=self.banned_token_id)
+        keys = ["input_ids", "attention_mask", "response_mask", "rollout_logprobs", "advantages"]
+        keys += [k for k in ("ref_logprobs", "old_logprobs") if k in batch.tensors]
+        orders = [torch.randperm(len(batch), generator=self.generator) for _ in range(algo.ppo_epochs)]
+        budget = cfg.learner.max_tokens_per_micro_batch
+        refs = self.learners.call_each("train_step", [
+            (part, loss, step, budget) for part in shard_minibatches(batch, keys, orders, cfg.learner.mini_batch_size,
+                                                                 len(self.learners))])
+        groups = [self.learners]
+        if self.critics is not None:
+            value_loss = ValueLossConfig(clip_range=cfg.critic.value_clip, loss_agg=algo.loss_agg,
+                                         horizon=cfg.rollout.max_new_tokens,
+                                         value_loss_coef=cfg.critic.value_loss_coef)
+            critic_keys = ["input_ids", "attention_mask", "response_mask", "values", "returns"]
+            refs += self.critics.call_each("train_step", [
+                (part, value_loss, step, budget) for part in shard_minibatches(
+                    batch, critic_keys, orders, cfg.learner.mini_batch_size, len(self.critics))])
+            groups.append(self.critics)
+        names = [name for group in groups for name in group.names]
+        results = wait_all(refs, names, "train_step", cfg.learner.step_timeout_s)
+        merged = merge_rank_metrics(results[: len(self.learners)], _ADDITIVE)
+        if self.critics is not None:
+            merged.update(merge_rank_metrics(results[len(self.learners):], _ADDITIVE))
+        return merged
+
+    def with_engine_recovery(self, phase: str, call):
+        """Run a phase that needs every engine; if one has died, replace it (same placement
+        bundle), give it the current weights by a verified sync, and run the phase again.
+        At most trainer.max_engine_restarts replacements over the run (faults/engine_restarts)."""
+        while True:
+            try:
+                return call()
+            except RlhfDistError as err:  # a dead engine shows as ActorDiedError, WeightSyncError, a timeout
+                dead = self.engines.dead()
+                limit = self.cfg.trainer.max_engine_restarts
+                if not dead or self.engines.restarts + len(dead) > limit:
+                    if dead:
+                        raise ActorDiedError(f"{err}\n{len(dead)} engine(s) dead after {self.engines.restarts} "
+                                             f"restart(s) (trainer.max_engine_restarts={limit}).") from None
+                    raise
+                names = ", ".join(self.engines.names[i] for i in dead)
+                self.monitor.print(f"[fault] {names} died during {phase}; restarting it and re-sending "
+                                   f"the weights ({self.engines.restarts + len(dead)}/{limit} restarts)")
+                for i in dead:
+                    self.engines.restart(i)
+                self.engines.wait([self.engines.actors[i].ready.remote() for i in dead], "engine restart",
+                                  self.cfg.rollout.init_timeout_s)
+                self.weights.prepare()  # a new member: the collective group is rebuilt
+                self.weights.sync()
+                self.engine_version = self.policy_version
+
+    def train_or_skip(self, batch: Batch, step: int, staleness: int = 0) -> dict[str, float]:
+        """Phase 4, where a non-finite loss or gradient skips the update on every rank (the ranks
+        agree and discard the mini-batch's gradients) instead of ending the run, until
+        trainer.max_bad_steps come in a row; each offending batch is saved for inspection."""
+        try:
+            metrics = self.train(batch, step, staleness)
+            self.bad_in_a_row = 0
+            self.policy_version += 1
+        except NonFiniteLossError as err:
+            self.bad_steps, self.bad_in_a_row = self.bad_steps + 1, self.bad_in_a_row + 1
+            saved = os.path.join(self.cfg.trainer.run_dir, "bad_batches", f"step_{step:08d}.pt")
+            os.makedirs(os.path.dirname(saved), exist_ok=True)
+            torch.save({"tensors": batch.tensors, "prompt_width": batch.prompt_width}, saved)
+            limit = self.cfg.trainer.max_bad_steps
+            if self.bad_in_a_row >= limit:
+                raise NonFiniteLossError(
+                    f"{err}\n{self.bad_in_a_row} steps in a row had to be skipped "
+                    f"(trainer.max_bad_steps={limit}), so the run stops. The last batch is saved "
+                    f"at {saved} (torch.load(path, weights_only=True)).") from None
+            self.monitor.print(f"[skip] step {step}: update skipped ({self.bad_in_a_row}/{limit} in a "
+                               f"row), batch saved to {saved}: {str(err).splitlines()[0][:200]}")
+            metrics = {}
+        return {**metrics, "faults/bad_steps": float(self.bad_steps), "faults/skipped_update": float(not metrics)}
+
+    def sync_weights(self) -> dict[str, float]:
+        """Phase 5: new policy weights into every engine, verified (rlhf_dist.weights.sync)."""
+        metrics = self.weights.sync()
+        self.engine_version = self.policy_version
+        return metrics
+
+    # ------------------------------------------------------------------ one step
+    def step(self, step: int) -> dict[str, float]:
+        """The five phases on one batch. With trainer.async_rollout the batch was generated while
+        the previous step trained, and the next one is generated while this step scores and trains
+        (rlhf_dist.rl.generation: launched in begin_step, collected in end_step, before the sync)."""
+        cfg, timing = self.cfg, {}
+        with timed(timing, "step"):
+            with timed(timing, "generate"):  # 1. generate (async: done during the last step)
+                launch_next = cfg.trainer.async_rollout and step < cfg.trainer.total_steps
+                pending = self.generation.begin_step(step, launch_next)
+                batch = collate_sequences([s.prompt_ids for s in pending.samples],
+                                          [s.token_ids for s in pending.samples],
+                                          [s.logprobs for s in pending.samples], self.tokenizer.pad_token_id)
+                self.weights.sleep_engines()  # rollout.sleep_level > 0 (GPU): memory to the learner
+            staleness = self._staleness(step, pending)
+            with timed(timing, "score"):  # 2. score (+ reference logprobs, critic values, old logprobs)
+                try:
+                    self.score(batch, pending.sample_records, [s.text for s in pending.samples])
+                except RewardSamplesFailedError as err:  # reward.fallback_score=null: skip this step
+                    return self._skip_step(step, err)
+            with timed(timing, "train"):
+                advantage_metrics = self.advantages(batch)  # 3. advantages
+                train_metrics = self.train_or_skip(batch, step, staleness)  # 4. train (policy, critic)
+            with timed(timing, "generate"):  # async: the next batch done before the engines take weights
+                hidden_s = self.generation.end_step()
+            with timed(timing, "sync"):  # 5. sync
+                sync_metrics = self.with_engine_recovery("weight sync", self.sync_weights)
+        if cfg.trainer.async_rollout:
+            timing["timing/generate_hidden_s"] = hidden_s  # the next batch's generation the step hid
+            timing["async/staleness"] = float(staleness)
+        return self._step_metrics(step, pending, batch, timing,
+                                  [batch.meta, advantage_metrics, train_metrics, sync_metrics])
+
+    def _staleness(self, step: int, pending: GenerationBatch) -> int:
+        """Policy updates the engines that generated `pending` had not seen (0, or 1 with async)."""
+        staleness = self.policy_version - pending.version
+        if staleness > 1:  # one batch in flight keeps it <= 1
+            raise RlhfDistError(f"step {step}: batch {staleness} updates stale, above the 1 of one "
+                                "batch in flight; the prefetch logic has a bug.")
+        return staleness
+
+    def _skip_step(self, step: int, err: Exception) -> dict[str, float]:
+        """A step whose rewards failed (reward.fallback_score=null): no update, so nothing to sync."""
+        self.skipped_steps += 1
+        self.monitor.print(f"[skip] step {step}: {err}")
+        self.generation.end_step()
+        return {"faults/skipped_steps": float(self.skipped_steps)}
+
+    def _step_metrics(self, step: int, rollout: GenerationBatch, batch: Batch, timing: dict[str, float],
+                      parts: list[dict[str, float]]) -> dict[str, float]:
+        """Rewards, lengths, timing, faults, then each phase's own metrics (`parts`; batch.meta: the
+        reward's parts); every logger.memory_every steps each process's memory. Every
+        logger.sample_every steps a few samples go to the monitor."""
+        cfg, samples = self.cfg, rollout.samples
+        metrics = rollout_metrics(batch["rewards"], batch["response_mask"], samples,
+                                  cfg.rollout.n_samples_per_prompt, timing)
+        metrics["faults/engine_restarts"] = float(self.engines.restarts)
+        # which prompts this step drew (a resumed run must draw the same ones)
+        metrics["data/prompt_crc"] = float(zlib.crc32("\n".join(r["prompt"] for r in rollout.records).encode()))
+        for part in parts:
+            metrics.update(part)
+        if cfg.logger.memory_every and (step == 1 or step % cfg.logger.memory_every == 0):
+            metrics.update(self.memory())
+        if step == 1 or step % cfg.logger.sample_every == 0:
+            texts = [s.text for s in samples]
+            self.monitor.log_samples(step, sample_rows(rollout.sample_records, texts, batch["rewards"],
+                                                       cfg.logger.num_samples))
+        return metrics
+
+    # ------------------------------------------------------------------ eval
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Greedy decoding on the held-out prompts, scored by the same reward function."""
+        start = time.perf_counter()
+        samples, records = self.generate(self.eval_records, 1, 0.0, step, stream="eval")
+        texts = [s.text for s in samples]
+        try:
+            scored = self.reward.run("score", records, texts, False, timeout_s=self.cfg.reward.timeout_s)[0]
+        except RewardSamplesFailedError as err:  # reward.fallback_score=null: no score for this eval
+            self.monitor.print(f"[eval] step {step} not scored: {err}")
+            nan = float("nan")
+            return {"eval/reward_mean": nan, "eval/solved_frac": nan, "eval/length_mean": nan}
+        if scored.report:
+            self.monitor.print(scored.report)
+        metrics = eval_metrics(scored, samples, time.perf_counter() - start)
+        self.monitor.log_eval(step, metrics)
+        return metrics
+
+    def memory(self) -> dict[str, float]:
+        """Resident memory of the driver and every actor process, in MB (memory/<actor>_rss_mb)."""
+        import psutil
+
+        rss = actors_rss_mb([g for g in self._groups() if g])
+        metrics = {f"memory/{n.replace('[', '').replace(']', '')}_rss_mb": v for n, v in rss.items()}
+        metrics["memory/driver_rss_mb"] = psutil.Process().memory_info().rss / 2**20
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, step: int, root: str) -> str:
+        """Everything a resumed run needs, written so the directory is complete or absent: every
+        learner (and critic) rank's DeepSpeed state, rank 0's HF weights, the driver's state_dict.
+        See rlhf_dist/checkpoint.py."""
+        start = time.perf_counter()
+        final = checkpoint.save(root, step, self._ds_groups(), lambda: self.state_dict(step),
+                                {"algo": self.cfg.algo.name}, self.cfg.trainer.keep_last,
+                                self.cfg.learner.step_timeout_s)
+        self.monitor.print(f"[checkpoint] step {step} -> {final} ({time.perf_counter() - start:.1f}s)")
+        return str(final)
+
+    def load_checkpoint(self, path: str) -> int:
+        """Restore a checkpoint into the started actors and the driver; returns its step.
+
+        The engines then get the restored weights by a normal (verified) sync.
+        """
+        state = checkpoint.load(path, self._ds_groups(), self.cfg.learner.step_timeout_s)
+        self.load_state_dict(state)
+        self.prefetched = None
+        self.weights.sync()
+        self.engine_version = self.policy_version
+        return int(state["step"])
+
+    def _ds_groups(self) -> list[tuple[str, ActorGroup]]:
+        """The DeepSpeed groups a checkpoint holds, by directory name."""
+        return [("policy", self.learners)] + ([("critic", self.critics)] if self.critics else [])
+
+    def state_dict(self, step: int) -> dict[str, Any]:
+        return {"step": step, "sampler": self.generation.sampler_state(), "generator": self.generator.get_state(),
+                "kl_ctl": self.kl_ctl.state_dict(), "reward": self.reward.run("state_dict", timeout_s=60)[0],
+                "wandb_id": self.monitor.wandb_id or "", "bad_steps": self.bad_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.generator.set_state(state["generator"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.bad_steps = int(state.get("bad_steps", 0))
+        self.reward.run("load_state_dict", state["reward"], timeout_s=60)
+
+    def shutdown(self) -> None:
+        """Kill every actor group started (best effort, also after a failure)."""
+        launcher.kill_all(self._groups())
+

@@ -1,0 +1,104 @@
+"""Helpers whose output is a statistic: rank merging, micro-batch accumulation, the running reward
+normalisation, mini-batch sharding. Each test states the quantity it must equal."""
+
+import random
+from collections import defaultdict
+
+import pytest
+import torch
+
+from rlhf_dist.runtime.ds_group import merge_rank_metrics
+from rlhf_dist.actors.ds_rank import _accumulate
+from rlhf_dist.runtime.ds_group import STATS_WEIGHT
+from rlhf_dist.actors.reward import RewardActor, RunningNorm
+from rlhf_dist.data.batch import collate_sequences, shard_minibatches
+
+
+def test_rank_stats_are_weighted_by_tokens():
+    """clip_frac is a mean over tokens: rank 0 clips 5 of 10 tokens, rank 1 none of 30, so the
+    batch's clip_frac is 5 / 40, not the mean of 0.5 and 0.0."""
+    ranks = [{"policy/clip_frac": 0.5, "loss/policy": 0.2, "policy/ratio_max": 1.3, STATS_WEIGHT: 10.0,
+              "perf/forwards_per_rank": 2.0},
+             {"policy/clip_frac": 0.0, "loss/policy": 0.1, "policy/ratio_max": 1.1, STATS_WEIGHT: 30.0,
+              "perf/forwards_per_rank": 4.0}]
+    merged = merge_rank_metrics(ranks, ("loss/",))
+    assert merged["policy/clip_frac"] == pytest.approx(5 / 40)
+    assert merged["loss/policy"] == pytest.approx(0.3)  # additive: each rank's share of one sum
+    assert merged["policy/ratio_max"] == 1.3
+    assert merged["perf/forwards_per_rank"] == 3.0  # a per-rank figure: plain mean
+    # critic ranks prefix their keys; without a weight ranks count equally
+    critic = [{"critic/value_clip_frac": 1.0, f"critic/{STATS_WEIGHT}": 1.0},
+              {"critic/value_clip_frac": 0.0, f"critic/{STATS_WEIGHT}": 3.0}]
+    assert merge_rank_metrics(critic, ())["critic/value_clip_frac"] == pytest.approx(0.25)
+    assert merge_rank_metrics([{"sft/acc": 1.0}, {"sft/acc": 0.0}], ())["sft/acc"] == 0.5
+
+
+def test_micro_batch_stats_accumulate_to_the_token_mean():
+    """A rank's pass over micro-batches of 2 and 6 tokens with clip fractions 1.0 and 0.5: 2 + 3 of
+    8 tokens clipped (the unweighted mean of the two would say 0.75)."""
+    sums, counts, extremes = defaultdict(float), defaultdict(int), {}
+    _accumulate(sums, counts, extremes, {"loss/policy": 0.1}, {"clip_frac": torch.tensor(1.0)}, 2)
+    _accumulate(sums, counts, extremes, {"loss/policy": 0.2}, {"clip_frac": torch.tensor(0.5)}, 6)
+    assert sums["clip_frac"] / counts["clip_frac"] == pytest.approx(5 / 8)
+    assert sums["loss/policy"] == pytest.approx(0.3)
+
+
+def test_running_norm_merged_in_batches_equals_the_statistics_of_all_scores():
+    gen = random.Random(0)
+    scores = [gen.gauss(3.0, 2.0) for _ in range(1000)]
+    norm = RunningNorm()
+    start = 0
+    for size in (1, 7, 64, 128, 300, 500):  # uneven batches, one of a single score
+        norm.update(scores[start:start + size])
+        start += size
+    assert start == len(scores) == norm.count
+    every = torch.tensor(scores, dtype=torch.float64)
+    assert norm.mean == pytest.approx(every.mean().item(), rel=1e-12)
+    assert norm.m2 / (norm.count - 1) == pytest.approx(every.var(unbiased=True).item(), rel=1e-10)
+    normalized = torch.tensor(norm.normalize(scores))
+    assert normalized.mean().item() == pytest.approx(0.0, abs=1e-9)
+    assert normalized.std().item() == pytest.approx(1.0, rel=1e-6)
+    restored = RunningNorm()
+    restored.load_state_dict(norm.state_dict())
+    assert restored.normalize([1.0, 5.0]) == norm.normalize([1.0, 5.0])
+
+
+def test_eval_scoring_leaves_the_reward_normalisation_unchanged(tiny_model_dir, tmp_path):
+    """A real (tiny, untrained) reward model served with reward.normalize=true."""
+    from transformers import AutoTokenizer
+
+    from rlhf_dist.models.scalar_reward import load_reward_model
+
+    load_reward_model(str(tiny_model_dir)).save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(tmp_path / "rm")
+    actor = RewardActor(None, model_path=str(tmp_path / "rm"), normalize=True)
+    records = [{"prompt": p} for p in ("rev abc=", "rev hello=", "rev xy=")]
+    train = actor.score(records, ["cba", "olleh", "yx"])
+    before = actor.norm.state_dict()
+    assert before["count"] == 3
+    evaluated = actor.score(records, ["zzz", "q", "yx"], update_stats=False)
+    assert actor.norm.state_dict() == before
+    assert evaluated.model[2] == pytest.approx(train.model[2], abs=1e-5)  # same text, same raw score
+    assert evaluated.reward[2] == pytest.approx(train.reward[2], abs=1e-4)  # same statistics applied
+
+
+@pytest.mark.parametrize("rows,mini,ranks,epochs", [(24, 8, 2, 1), (24, 12, 4, 2), (16, 16, 1, 3)])
+def test_every_row_is_trained_once_per_epoch_in_equal_shards(rows, mini, ranks, epochs):
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 6, (rows,), generator=gen).tolist()
+    batch = collate_sequences([[5, 6]] * rows, [[7 + i] * n for i, n in enumerate(lengths)],
+                             [[0.0] * n for n in lengths], pad_id=0)
+    batch["row"] = torch.arange(rows, dtype=torch.float32)
+    orders = [torch.randperm(rows, generator=gen) for _ in range(epochs)]
+    per_rank = shard_minibatches(batch, ["row", "response_mask"], orders, mini, ranks)
+    assert len(per_rank) == ranks and all(len(r) == epochs * rows // mini for r in per_rank)
+    for epoch in range(epochs):
+        seen = []
+        for m in range(rows // mini):
+            index = epoch * (rows // mini) + m
+            shards = [per_rank[r][index] for r in range(ranks)]
+            assert {len(shard) for shard, _, _ in shards} == {mini // ranks}
+            tokens = sum(int(shard["response_mask"].sum()) for shard, _, _ in shards)
+            assert all(num_tokens == tokens and num_seqs == mini for _, num_tokens, num_seqs in shards)
+            seen += [int(v) for shard, _, _ in shards for v in shard["row"]]
+        assert sorted(seen) == list(range(rows)), f"epoch {epoch}: rows missing or repeated"
