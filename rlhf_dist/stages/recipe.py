@@ -11,7 +11,7 @@
       5. report  summary.json and recipe.png (learned reward, gold score and KL over RL steps)
 
 Each stage is a short driver over DeepSpeed actor groups (stages/sft.py, stages/reward_model.py,
-trainer.py); the stages share one Ray session.
+stages/rl.py); the stages share one Ray session.
 """
 
 from __future__ import annotations
