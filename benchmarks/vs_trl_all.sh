@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Every vs-TRL and async figure in the README, one run after another (about 45 minutes on 2 cores):
+# Every vs-TRL and async figure in docs/performance.md, one run after another (about 45 minutes on 2 cores):
 #   bash benchmarks/vs_trl_all.sh
 # On a 2-core machine our side runs one learner rank with ZeRO-0 (a second rank halves each rank's
 # threads and adds a gradient all-reduce per step; ZeRO partitioning has nothing to split over one
-# rank): README "Performance". Results: benchmarks/results/vs_trl_* and async_vs_sync.*
+# rank): docs/performance.md. Results: benchmarks/results/vs_trl_* and async_vs_sync.*
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python

@@ -94,7 +94,7 @@ class RolloutConfig:
     #                 (gloo on CPU, NCCL on GPU; any tensor_parallel_size)
     #   ipc           CUDA IPC handles, no copy: engines on the learner's GPU (cluster=gpu1)
     # collective is the default: as fast or faster than object_store at every size measured on
-    # CPU (benchmarks/weight_sync.py, README), and the only one that feeds tensor-parallel engines.
+    # CPU (benchmarks/weight_sync.py, docs/weight-sync.md), and the only one that feeds tensor-parallel engines.
     sync_transport: str = "collective"
     sync_bucket_mb: float = 64.0  # max bucket size; buckets hold whole layers
     sync_timeout_s: float = 120.0  # per-bucket and per-engine deadline: a stuck sync fails loudly
@@ -156,7 +156,7 @@ class CriticOptimConfig(OptimConfig):
 
 @dataclass
 class AlgoConfig:
-    """The RL algorithm. Each conf/algo/<name>.yaml is a preset of these fields (README table)."""
+    """The RL algorithm. Each conf/algo/<name>.yaml is a preset of these fields (docs/algorithms.md)."""
 
     name: str = "grpo"  # a label for logs and checkpoints: the preset (conf/algo/) that filled this section
     advantage: str = "grpo"  # estimator in rlhf_dist.algo.advantages ("gae" needs the critic)
@@ -170,7 +170,7 @@ class AlgoConfig:
     kl_in_reward: bool = False  # r_t -= beta * KL_t (estimator kl_reward_estimator)
     kl_in_loss: bool = True  # loss += beta * agg(KL_t) (estimator kl_loss_estimator)
     kl_reward_estimator: str = "k1"  # k1 (exact KL-regularised return) | k2 | k3
-    kl_loss_estimator: str = "k3_st"  # k3_st (value k3, gradient of KL(pi||ref)) | k1 | k2 | k3 (README)
+    kl_loss_estimator: str = "k3_st"  # k3_st (value k3, gradient of KL(pi||ref)) | k1 | k2 | k3 (docs/algorithms.md)
     kl_target: Optional[float] = None  # adaptive beta (Ziegler et al. 2019): target KL per sequence
     kl_horizon: int = 10000  # adaptive beta: samples over which beta moves by at most ~20%
     whiten_advantages: bool = False  # normalise advantages over the batch (PPO default: true)

@@ -94,8 +94,15 @@ def actor_pids(driver: subprocess.Popen, actor_class: str) -> list[int]:
     """Pids of the driver's Ray worker processes running `actor_class` (e.g. "RolloutActor")."""
     import psutil
 
-    return [p.pid for p in psutil.Process(driver.pid).children(recursive=True)
-            if actor_class in " ".join(p.cmdline())]
+    assert driver.poll() is None, f"the driver exited ({driver.returncode}) before its actors were looked up"
+    pids = []
+    for child in psutil.Process(driver.pid).children(recursive=True):
+        try:
+            if actor_class in " ".join(child.cmdline()):
+                pids.append(child.pid)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):  # a short-lived child that just exited
+            continue
+    return pids
 
 
 def read_metrics(run_dir: Path, key: str | None = None) -> list[dict]:

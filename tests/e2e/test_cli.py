@@ -185,7 +185,7 @@ def test_default_job_learns(tmp_path):
 def test_ppo_learns(tmp_path):
     """experiment=ppo, shortened to 40 steps: policy and critic (2 ranks each) must both learn.
 
-    The full 200-step run (README, benchmarks/learning_curves.py) gains about +0.6; here the
+    The full 200-step run (docs/algorithms.md, benchmarks/learning_curves.py) gains about +0.6; here the
     reward must rise by 0.2 and the critic must come to explain part of the returns' variance.
     """
     run_dir = tmp_path / "run"
@@ -211,8 +211,8 @@ def test_full_recipe_short(tmp_path):
     """experiment=full_recipe, shortened: every stage must learn what it is trained on.
 
     SFT lowers the held-out loss, the reward model ranks held-out pairs above chance, RL raises
-    the learned reward, and the gold score is logged beside it (the README has the full run,
-    where the policy ends up exploiting the reward model).
+    the learned reward, and the gold score is logged beside it (docs/algorithms.md has the full run
+    and its KL sweep).
     """
     run_dir = tmp_path / "run"
     result = run_cli([f"hydra.run.dir={run_dir}", "experiment=full_recipe", "recipe.num_prompts=1500",
