@@ -50,9 +50,10 @@ class LearnerActor(DeepSpeedRank):
         objective = loss.objective_kwargs()
         # before this step's first update the learner holds the weights the engine sampled with
         # (unless the batch was sampled a step ahead, async)
-        first_pass = {"pending": loss.same_weights_as_engine}
+        check_gap = loss.same_weights_as_engine
 
         def micro_loss(micro: Batch, num_tokens: float, num_seqs: float):
+            nonlocal check_gap
             tensors = {k: v.to(self.device) for k, v in micro.tensors.items()}
             mask = tensors["response_mask"]
             logprobs, entropy = response_logprobs(  # through the engine: ZeRO-3 counts micro-steps there
@@ -60,21 +61,20 @@ class LearnerActor(DeepSpeedRank):
                 micro.prompt_width, loss.temperature, with_entropy=True,
                 entropy_grad=loss.entropy_coef > 0,  # else a metric only: no (B, T, V) graph
                 banned_token_id=loss.banned_token_id)
-            source = "recomputed" if loss.old_logprobs_source == "rollout" and "old_logprobs" in tensors \
-                else loss.old_logprobs_source
             old_logprobs, is_weights, is_stats = rollout_correction(
-                logprobs, tensors["rollout_logprobs"], mask, source, tensors.get("old_logprobs"), loss.tis_cap)
+                logprobs, tensors["rollout_logprobs"], mask, loss.old_logprobs_source,
+                tensors.get("old_logprobs"), loss.tis_cap)
             loss_value, metrics, stats = policy_objective(
                 logprobs, old_logprobs, tensors["advantages"], mask,
                 ref_logprobs=tensors.get("ref_logprobs"), entropy=entropy, is_weights=is_weights,
                 num_tokens=num_tokens, num_seqs=num_seqs, **objective)
             stats = {f"policy/{k}": v for k, v in {**stats, **is_stats}.items()}
-            if first_pass["pending"]:
+            if check_gap:
                 # same weights as the engine: logprobs agree up to kernel numerics; a large gap
                 # means the last weight sync did not reach the engine
                 gap = (logprobs.detach() - tensors["rollout_logprobs"]).abs() * mask
                 stats["sync/rollout_logprob_gap_max"] = gap.max()
-                first_pass["pending"] = False
+                check_gap = False
             return loss_value, metrics, stats
 
         return self.run_minibatches(minibatches, micro_loss, step, max_tokens=max_tokens)
