@@ -16,6 +16,7 @@ the loss's truncated importance weights (algo.tis_cap) correct for that.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import zlib
@@ -41,7 +42,7 @@ from rlhf_dist.config import critic_micro_batch_size, old_logprobs_source, uses_
 from rlhf_dist.data.messages import Sample, Scores
 from rlhf_dist.data.batch import Batch, collate_sequences, shard_minibatches
 from rlhf_dist.data.prompts import PromptSampler
-from rlhf_dist.errors import ActorDiedError, NonFiniteLossError, RewardSamplesFailedError, RlhfDistError
+from rlhf_dist.errors import ActorDiedError, ConfigError, NonFiniteLossError, RewardSamplesFailedError, RlhfDistError
 from rlhf_dist.monitor import RunMonitor
 from rlhf_dist.rl.generation import Generation, GenerationBatch
 from rlhf_dist.rl.metrics import eval_metrics, rollout_metrics, sample_rows, timed
@@ -96,6 +97,19 @@ class RLTrainer:
             engine_version=lambda: self.engine_version)
         return actors.timings
 
+    def use_algo(self, algo) -> None:
+        """Switch to another `algo` section between steps, on the actors already started (a sweep
+        over estimators, a curriculum). Its needs must be among what start() created: a critic
+        only if the run began with one, a reference only if it began with one."""
+        cfg = dataclasses.replace(self.cfg, algo=algo)
+        for need, has in (("a critic", uses_critic(cfg) and self.critics is None),
+                          ("a reference model", uses_reference(cfg) and self.reference is None)):
+            if has:
+                raise ConfigError(f"use_algo: algo (advantage={algo.advantage!r}) needs {need}, and this "
+                                  "run started without one; start the trainer with an algo that needs it")
+        self.cfg, self.use_critic = cfg, uses_critic(cfg)
+        self.kl_ctl = make_kl_controller(algo.kl_coef, algo.kl_target, algo.kl_horizon)
+
     def _groups(self) -> list[ActorGroup | None]:
         return [self.engines, self.learners, self.reward, self.reference, self.critics]
 
@@ -115,7 +129,7 @@ class RLTrainer:
                                                              cfg.learner.max_tokens_per_micro_batch,
                                                              self.banned_token_id),
                          self.reference.names))
-        if self.critics is not None:
+        if self.use_critic:
             jobs.append(("values", self.critics.call_on_shards("compute_values", batch,
                                                    critic_micro_batch_size(cfg)), self.critics.names))
         if cfg.algo.recompute_old_logprobs:
@@ -191,7 +205,7 @@ class RLTrainer:
             (part, loss, step, budget) for part in shard_minibatches(batch, keys, orders, cfg.learner.mini_batch_size,
                                                                  len(self.learners))])
         groups = [self.learners]
-        if self.critics is not None:
+        if self.use_critic:
             value_loss = ValueLossConfig(clip_range=cfg.critic.value_clip, loss_agg=algo.loss_agg,
                                          horizon=cfg.rollout.max_new_tokens,
                                          value_loss_coef=cfg.critic.value_loss_coef)
@@ -203,7 +217,7 @@ class RLTrainer:
         names = [name for group in groups for name in group.names]
         results = wait_all(refs, names, "train_step", cfg.learner.step_timeout_s)
         merged = merge_rank_metrics(results[: len(self.learners)], _ADDITIVE)
-        if self.critics is not None:
+        if self.use_critic:
             merged.update(merge_rank_metrics(results[len(self.learners):], _ADDITIVE))
         return merged
 

@@ -6,15 +6,14 @@ advantages, train, verified sync) through those same actors. The critic takes pa
 presets whose estimator needs values (gae).
 """
 
-import dataclasses
 import math
 
 import pytest
 import ray
 import torch
 
-from rlhf_dist.algo import compute_advantages, kl_penalty, make_kl_controller, masked_whiten
-from rlhf_dist.config import uses_critic
+from rlhf_dist.algo import compute_advantages, kl_penalty, masked_whiten
+from rlhf_dist.errors import ConfigError
 
 from helpers import REPO, compose_config, start_trainer
 
@@ -34,16 +33,9 @@ def _cfg(run_dir, model_dir, *overrides):
 @pytest.fixture(scope="module")
 def trainer(tiny_model_dir, tmp_path_factory):
     trainer = start_trainer(tmp_path_factory.mktemp("run"), tiny_model_dir, ["algo=ppo"])
-    trainer.all_critics = trainer.critics
     yield trainer
     trainer.shutdown()
     ray.shutdown()
-
-
-def _use_algo(trainer, algo):
-    trainer.cfg = dataclasses.replace(trainer.cfg, algo=algo)
-    trainer.kl_ctl = make_kl_controller(algo.kl_coef, algo.kl_target, algo.kl_horizon)
-    trainer.critics = trainer.all_critics if uses_critic(trainer.cfg) else None
 
 
 def _advantages_by(name, batch, algo, coef, group_size):
@@ -63,7 +55,7 @@ def _advantages_by(name, batch, algo, coef, group_size):
 def test_every_estimator_runs_end_to_end(trainer, tiny_model_dir, tmp_path, preset):
     algo = _cfg(tmp_path, tiny_model_dir, f"algo={preset}").algo
     assert (algo.advantage, algo.policy_loss) == PRESETS[preset]
-    _use_algo(trainer, algo)
+    trainer.use_algo(algo)
     seen, advantages = {}, trainer.advantages
 
     def keep_batch(batch):  # the batch phase 3 saw, kept for the check below
@@ -106,7 +98,7 @@ def test_recomputed_old_logprobs_and_truncated_is(trainer, tiny_model_dir, tmp_p
     """The learner's own old logprobs match the engine's up to kernel numerics; IS weights ~ 1."""
     algo = _cfg(tmp_path, tiny_model_dir, "algo=grpo", "algo.recompute_old_logprobs=true",
                 "algo.tis_cap=2.0").algo
-    _use_algo(trainer, algo)
+    trainer.use_algo(algo)
     metrics = trainer.step(3)
     assert metrics["policy/rollout_logprob_diff_max"] < 1e-3
     assert abs(metrics["policy/is_weight_mean"] - 1.0) < 1e-3
@@ -118,7 +110,7 @@ def test_recomputed_old_logprobs_and_truncated_is(trainer, tiny_model_dir, tmp_p
 def test_adaptive_kl_coefficient_moves_towards_its_target(trainer, tiny_model_dir, tmp_path):
     """Ziegler et al.'s controller: a KL above target raises beta, below it lowers beta."""
     algo = _cfg(tmp_path, tiny_model_dir, "algo=ppo", "algo.kl_target=1e-6", "algo.kl_horizon=100").algo
-    _use_algo(trainer, algo)
+    trainer.use_algo(algo)
     trainer.step(4)  # one update, so the policy has left the reference
     first, second = trainer.step(5), trainer.step(6)
     assert first["kl/coef"] < second["kl/coef"]  # beta applied at step 6 grew from step 5's KL
@@ -126,6 +118,18 @@ def test_adaptive_kl_coefficient_moves_towards_its_target(trainer, tiny_model_di
     assert second["kl/coef"] == pytest.approx(
         first["kl/coef"] * (1 + 0.2 * trainer.cfg.trainer.prompts_per_step * trainer.cfg.rollout.n_samples_per_prompt / 100))
     algo = _cfg(tmp_path, tiny_model_dir, "algo=ppo", "algo.kl_target=1e3", "algo.kl_horizon=100").algo
-    _use_algo(trainer, algo)
+    trainer.use_algo(algo)
     trainer.step(7)
     assert trainer.kl_ctl.value == pytest.approx(0.01 * (1 - 0.2 * 64 / 100))  # far below target: -20% x n/horizon
+
+
+def test_use_algo_refuses_an_estimator_whose_needs_were_not_started(tiny_model_dir, tmp_path):
+    """A run started without a critic cannot switch to GAE: said before any step, not deep in Ray."""
+    from rlhf_dist.rl.trainer import RLTrainer
+    cfg = _cfg(tmp_path, tiny_model_dir, "algo=grpo")
+    trainer = RLTrainer.__new__(RLTrainer)  # only use_algo's bookkeeping; no actors are needed
+    trainer.cfg, trainer.critics, trainer.reference = cfg, None, object()
+    with pytest.raises(ConfigError, match="needs a critic"):
+        trainer.use_algo(_cfg(tmp_path, tiny_model_dir, "algo=ppo").algo)
+    trainer.use_algo(_cfg(tmp_path, tiny_model_dir, "algo=rloo").algo)
+    assert trainer.cfg.algo.advantage == "rloo" and not trainer.use_critic
