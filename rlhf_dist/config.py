@@ -110,6 +110,10 @@ class RolloutConfig:
 class RewardModelServeConfig:
     path: Optional[str] = None  # a trained scalar reward model (HF sequence classification)
     batch_size: int = 64  # sequences per forward in the reward actor
+    # K reward models: the reward-model stage trains K (bootstrap resamples of the pairs, their
+    # own seeds) and the reward actor serves their mean - uncertainty_coef * std (Coste et al. 2023)
+    ensemble: int = 1
+    uncertainty_coef: float = 0.0  # the pessimism where the members disagree; needs ensemble > 1
 
 
 @dataclass
@@ -189,6 +193,11 @@ class AlgoConfig:
     # (the engine's weights are one update behind) whatever this says; see old_logprobs_source.
     rollout_correction: bool = False
     tis_cap: Optional[float] = 2.0
+    # SFT mix (InstructGPT's PPO-ptx): loss += sft_coef * NLL of sft_batch_size demonstrations per
+    # mini-batch, in the same optimizer step. Demonstrations: sft.train_file, the recipe's SFT data,
+    # or else the built-in task's. Keeps the policy near what it imitated where the reward model is blind.
+    sft_coef: float = 0.0
+    sft_batch_size: int = 16  # demonstrations per mini-batch, over learner.world_size ranks
 
 
 @dataclass
@@ -291,6 +300,11 @@ class TrainerConfig:
     seed: int = 0
     run_dir: str = "."  # set by conf/config.yaml to Hydra's run directory
     save_final: bool = False  # write the final policy (HF format) into run_dir/final
+    # keep the policy of the best eval (rlhf_dist/rl/keep_best.py): an eval metric to maximise, e.g.
+    # eval/rule_mean (the gold/rule score) or eval/model_mean; it goes to run_dir/best and is
+    # exported as run_dir/final. null = off (final/ is the last policy, with save_final)
+    keep_best: Optional[str] = None
+    kl_budget: Optional[float] = None  # keep_best: evals past this KL to the reference (nats/seq) are not kept
     # checkpoints (rlhf_dist/checkpoint.py): every save_every steps and at the end; 0 = never
     save_every: int = 50
     keep_last: int = 2  # complete checkpoints kept; older ones go once a newer one is whole
@@ -341,6 +355,9 @@ class RecipeDataConfig:
     num_pairs: int = 2048  # noisy Bradley-Terry pairwise preferences
     error_levels: list[int] = field(default_factory=lambda: [2, 3, 4])  # demonstrator's errors
     beta: float = 10.0  # label noise: P(a > b) = sigmoid(beta * (gold(a) - gold(b)))
+    # the demonstrator's systematic error: the answer's last letter written as the next letter of
+    # the alphabet, with this probability (0 = off). Imitation learns it; only preferences fix it.
+    bias: float = 0.0
     seed: int = 0
     rm_init: str = "sft"  # the reward model starts from: sft (the SFT model) | base (model.path)
 

@@ -84,13 +84,29 @@ def prepare(cfg: RLConfig) -> dict:
     if cfg.reward.model.path:
         from rlhf_dist.models.scalar_reward import check_reward_model_dir
 
-        check_reward_model_dir(cfg.reward.model.path)
+        check_reward_model_dir(cfg.reward.model.path, cfg.reward.model.ensemble)
     reward_spec = cfg.reward.fn or task.reward_fn
     sample = train_records[:2]
     demos = [task.demonstration(r) if "target" in r else "" for r in sample]
     check_reward_fn(load_reward_fn(reward_spec), reward_spec, sample, demos)
+    sft_pairs = sft_mix_pairs(cfg, task, train_records, tokenizer) if cfg.algo.sft_coef > 0 else None
     return {"task": task, "model_path": str(model_path), "train": train_records,
-            "eval": eval_records, "reward_spec": reward_spec}
+            "eval": eval_records, "reward_spec": reward_spec, "sft_pairs": sft_pairs}
+
+
+def sft_mix_pairs(cfg: RLConfig, task, records: list[dict], tokenizer) -> list[tuple[str, str]]:
+    """algo.sft_coef's demonstrations, (rendered prompt, completion): sft.train_file, else the
+    built-in task's answers to the train prompts. (The full recipe passes its own SFT data.)"""
+    from rlhf_dist.data.preferences import load_sft_records
+    from rlhf_dist.data.records import render_prompt
+
+    if cfg.sft.train_file:
+        rows, _ = load_sft_records(cfg.sft.train_file, cfg.sft.on_bad)
+        return [(render_prompt(r["prompt"], tokenizer), r["completion"]) for r in rows]
+    if records and all("target" in r for r in records):
+        return [(render_prompt(r["prompt"], tokenizer), task.demonstration(r)) for r in records]
+    raise DatasetError(f"algo.sft_coef={cfg.algo.sft_coef} needs demonstrations: the prompts have no targets "
+                       "to demonstrate. Fix: sft.train_file=<{prompt, completion} records>, or algo.sft_coef=0.")
 
 
 def fit_prompts(cfg: RLConfig, records: list[dict], tokenizer, split: str) -> list[dict]:

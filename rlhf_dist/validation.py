@@ -36,14 +36,17 @@ _POSITIVE = (
     "algo.kl_horizon", "critic.optim.lr", "task.max_prompt_len", "sft.steps", "sft.batch_size", "sft.micro_batch_size",
     "sft.lr", "sft.eval_every", "reward_model.steps", "reward_model.batch_size",
     "reward_model.micro_batch_size", "reward_model.lr", "reward_model.eval_every",
-    "recipe.num_prompts", "recipe.num_pairs",
+    "recipe.num_prompts", "recipe.num_pairs", "reward.model.ensemble",
+    "algo.sft_batch_size",
 )
 
 # (key, lowest, highest): closed ranges; None = unbounded on that side
 _RANGES = (
     ("algo.gamma", 0.0, 1.0), ("algo.lam", 0.0, 1.0), ("algo.clip_low", 0.0, 1.0),
     ("algo.clip_high", 0.0, None), ("algo.kl_coef", 0.0, None), ("algo.entropy_coef", 0.0, None),
-    ("critic.value_loss_coef", 0.0, None),
+    ("critic.value_loss_coef", 0.0, None), ("reward.model.uncertainty_coef", 0.0, None),
+    ("algo.sft_coef", 0.0, None),
+    ("recipe.bias", 0.0, 1.0),
 )
 
 
@@ -83,6 +86,19 @@ def validate(cfg: Any) -> None:
     if not 0.0 < cfg.rollout.temperature:
         raise ConfigError(f"rollout.temperature={cfg.rollout.temperature} must be > 0 for RL "
                           "sampling (greedy decoding gives every sample of a group the same reward).")
+    if cfg.reward.model.uncertainty_coef > 0 and cfg.reward.model.ensemble < 2:
+        raise ConfigError(
+            f"reward.model.uncertainty_coef={cfg.reward.model.uncertainty_coef} penalises disagreement "
+            f"between reward models, but reward.model.ensemble={cfg.reward.model.ensemble}. Fix: "
+            "reward.model.ensemble=3 (and a reward model trained with it), or reward.model.uncertainty_coef=0.")
+    if cfg.algo.sft_coef > 0 and cfg.algo.sft_batch_size % cfg.learner.world_size:
+        raise ConfigError(f"algo.sft_batch_size={cfg.algo.sft_batch_size} must split evenly over "
+                          f"learner.world_size={cfg.learner.world_size} ranks. Fix: a multiple of "
+                          f"{cfg.learner.world_size}, e.g. algo.sft_batch_size={4 * cfg.learner.world_size}.")
+    keep = cfg.trainer.keep_best
+    if keep is not None and not str(keep).startswith("eval/"):
+        raise ConfigError(f"trainer.keep_best={keep!r} must name an eval metric (eval/...), e.g. "
+                          "trainer.keep_best=eval/rule_mean (the gold/rule score) or eval/model_mean.")
     fallback = cfg.reward.fallback_score
     if fallback is not None and not math.isfinite(fallback):
         raise ConfigError(f"reward.fallback_score={fallback} must be a finite number (the score of a "
@@ -121,7 +137,7 @@ def _validate_algo(cfg: Any) -> None:
             "loss of negative-advantage tokens at -A * clip_ratio_c; typical 3.0). Fix: "
             "algo.clip_ratio_c=3.0, or algo.clip_ratio_c=null to turn dual-clip off.")
     for key in ("algo.kl_target", "algo.tis_cap", "critic.value_clip", "critic.micro_batch_size",
-                "reward.clip"):
+                "reward.clip", "trainer.kl_budget"):
         value = _get(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key}={value} must be > 0 (or null to turn it off).")

@@ -35,6 +35,9 @@ from rlhf_dist.models.hf import disable_dropout
 # micro-step counter in `engine.forward`, and without it every micro-batch's gradient overwrites
 # the previous one instead of accumulating (found by tests/ray/test_learner_dist.py).
 MicroLoss = Callable[[Batch, float, float], tuple[torch.Tensor, dict, dict]]
+# A second loss on other rows, in the same optimizer step (the policy's SFT-mix term): this rank's
+# shard of each mini-batch's extra rows with their global token count, and its micro-batch loss.
+ExtraRows = tuple[list[tuple[Batch, float]], Callable[[Batch, float], tuple[torch.Tensor, dict]]]
 
 
 class DeepSpeedRank:
@@ -94,7 +97,8 @@ class DeepSpeedRank:
 
     # ------------------------------------------------------------------ training loop
     def run_minibatches(self, minibatches: list[tuple[Batch, float, float]], micro_loss: MicroLoss,
-                        step: int, prefix: str = "", max_tokens: int = 0) -> dict[str, float]:
+                        step: int, prefix: str = "", max_tokens: int = 0,
+                        extra: ExtraRows | None = None) -> dict[str, float]:
         """One pass over this rank's shards of every mini-batch (all epochs, in order).
 
         minibatches[i] = (this rank's shard of mini-batch i, global masked tokens, global
@@ -102,6 +106,8 @@ class DeepSpeedRank:
         stats are averaged over micro-batches (`*_max` / `*_min` keep the extreme).
         Micro-batches: see `_micro_batches`. Whatever their number, the optimizer steps once per
         mini-batch: the accumulation boundary is set at its last micro-batch.
+        `extra` = (shards, loss): after mini-batch i's micro-batches, shards[i] (cut into
+        grad_accum_steps micro-batches) adds its loss's gradient to the same optimizer step.
         """
         self.ds_engine.train()
         sums: dict[str, float] = defaultdict(float)
@@ -110,8 +116,20 @@ class DeepSpeedRank:
         grad_norms, padded, real, forwards = [], 0, 0, 0
         zero0_norm, response_tokens = None, 0
         try:
-            for shard, num_tokens, num_seqs in minibatches:
+            for index, (shard, num_tokens, num_seqs) in enumerate(minibatches):
                 micros = self._micro_batches(shard, max_tokens)
+                extra_micros = []
+                if extra is not None:
+                    extra_shard, extra_tokens = extra[0][index]
+                    extra_micros = [m.trimmed() for m in extra_shard.chunk(self.grad_accum_steps)]
+                for micro in extra_micros:  # the extra rows' loss joins this mini-batch's step
+                    self.ds_engine.set_gradient_accumulation_boundary(False)
+                    loss, metrics = extra[1](micro, extra_tokens)
+                    self._check_finite(loss, metrics, step)
+                    self.ds_engine.backward(loss * self.world_size, scale_wrt_gas=False)
+                    self.ds_engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+                    _accumulate(sums, counts, extremes, metrics, {}, 0)
+                    forwards += 1
                 for i, micro in enumerate(micros):
                     self.ds_engine.set_gradient_accumulation_boundary(i == len(micros) - 1)
                     loss, metrics, stats = micro_loss(micro, num_tokens, num_seqs)

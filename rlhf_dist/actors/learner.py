@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from rlhf_dist.actors.ds_rank import DeepSpeedRank
+from rlhf_dist.algo.masked import aggregate_loss
 from rlhf_dist.algo.objective import PolicyLossConfig, policy_objective, rollout_correction
 from rlhf_dist.data.batch import Batch
 from rlhf_dist.weights.plan import BucketPlan, WeightPublisher
@@ -42,11 +43,14 @@ class LearnerActor(DeepSpeedRank):
         return self.forward_batch(batch, micro_batch_size, forward)
 
     def train_step(self, minibatches: list[tuple[Batch, float, float]], loss: PolicyLossConfig,
-                   step: int, max_tokens: int = 0) -> dict[str, float]:
+                   step: int, max_tokens: int = 0,
+                   sft: list[tuple[Batch, float]] | None = None) -> dict[str, float]:
         """ppo_epochs x mini-batches of policy updates on this rank's shards.
 
         `max_tokens` > 0: micro-batches by padded-token budget instead of fixed size
-        (`DeepSpeedRank.run_minibatches`)."""
+        (`DeepSpeedRank.run_minibatches`). `sft`: this rank's shard of each mini-batch's
+        demonstrations and their global token count; loss.sft_coef times their token-mean NLL
+        joins that mini-batch's update (the SFT mix, logged as loss/sft)."""
         objective = loss.objective_kwargs()
         # before this step's first update the learner holds the weights the engine sampled with
         # (unless the batch was sampled a step ahead, async)
@@ -77,7 +81,15 @@ class LearnerActor(DeepSpeedRank):
                 check_gap = False
             return loss_value, metrics, stats
 
-        return self.run_minibatches(minibatches, micro_loss, step, max_tokens=max_tokens)
+        def sft_loss(micro: Batch, num_tokens: float):
+            tensors = {k: v.to(self.device) for k, v in micro.tensors.items()}
+            logprobs, _ = response_logprobs(self.ds_engine, tensors["input_ids"], tensors["attention_mask"],
+                                            micro.prompt_width)
+            nll = aggregate_loss(-logprobs, tensors["response_mask"], "token_mean", num_tokens=num_tokens)
+            return loss.sft_coef * nll, {"loss/sft": nll.detach()}
+
+        extra = (sft, sft_loss) if sft else None
+        return self.run_minibatches(minibatches, micro_loss, step, max_tokens=max_tokens, extra=extra)
 
     # ------------------------------------------------------------------ weights -> engines
     def weight_plan(self, bucket_mb: float, dtype: str) -> BucketPlan:

@@ -2,7 +2,9 @@
 
     reward = fn_weight * rule(prompt, completion) + model_weight * post(RM(prompt + completion))
 
-`post` is optional running normalisation (mean 0, std 1 over every score seen so far) and
+RM may be an ensemble of K reward models: its score is then mean - uncertainty_coef * std over
+the members (an uncertainty-penalised reward, Coste et al. 2023). `post` is optional running
+normalisation (mean 0, std 1 over every score seen so far) and
 clipping. The actor returns the components too, so a rule that is the task's hidden "gold" score
 can be logged beside the learned reward it is not trained on (fn_weight=0): reward hacking shows.
 A sample on which the rule raises gets `fallback_score` in its place and is reported back; with
@@ -41,27 +43,35 @@ class FunctionScorer:
 
 
 class ModelScorer:
-    """A trained scalar reward model, scoring the text (its own tokenizer), in batches."""
+    """A trained scalar reward model, or an ensemble of them (models.scalar_reward.ensemble_members),
+    scoring the text (its own tokenizer), in batches. `score` returns each completion's mean
+    score over the members and their standard deviation (0 for a single model)."""
 
-    def __init__(self, path: str, batch_size: int = 64, device: str = "cpu") -> None:
+    def __init__(self, path: str, batch_size: int = 64, device: str = "cpu",
+                 expected_members: int | None = None) -> None:
         from rlhf_dist.models.hf import disable_dropout, load_tokenizer
-        from rlhf_dist.models.scalar_reward import load_reward_model
+        from rlhf_dist.models.scalar_reward import check_reward_model_dir, ensemble_members, load_reward_model
 
-        self.model = disable_dropout(load_reward_model(path, device)).eval().requires_grad_(False)
-        self.tokenizer, self.batch_size, self.device = load_tokenizer(path), batch_size, device
+        members = ensemble_members(check_reward_model_dir(path, expected_members))
+        self.models = [disable_dropout(load_reward_model(m, device)).eval().requires_grad_(False)
+                       for m in members]
+        self.tokenizer, self.batch_size, self.device = load_tokenizer(members[0]), batch_size, device
 
     @torch.inference_mode()
-    def score(self, records: list[dict[str, Any]], completions: list[str]) -> list[float]:
+    def score(self, records: list[dict[str, Any]], completions: list[str]) -> tuple[list[float], list[float]]:
         from rlhf_dist.data.records import render_prompt
         from rlhf_dist.models.scalar_reward import reward_model_inputs, sequence_rewards
 
         prompts = [render_prompt(r["prompt"], self.tokenizer) for r in records]
-        scores = []
+        scores = []  # (members, B)
         for start in range(0, len(prompts), self.batch_size):
             end = start + self.batch_size
             ids, mask = reward_model_inputs(self.tokenizer, prompts[start:end], completions[start:end])
-            scores += sequence_rewards(self.model, ids.to(self.device), mask.to(self.device)).tolist()
-        return scores
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            scores.append(torch.stack([sequence_rewards(model, ids, mask) for model in self.models]))
+        scores = torch.cat(scores, dim=1)
+        std = scores.std(0, unbiased=False) if len(self.models) > 1 else torch.zeros(scores.shape[1])
+        return scores.mean(0).tolist(), std.tolist()
 
 
 class RunningNorm:
@@ -94,35 +104,41 @@ class RunningNorm:
 class RewardActor:
     def __init__(self, fn_spec: str | None, model_path: ModelSpec | None = None, fn_weight: float = 1.0,
                  model_weight: float = 1.0, normalize: bool = False, clip: float | None = None,
-                 batch_size: int = 64, device: str = "cpu", fallback_score: float | None = 0.0) -> None:
+                 batch_size: int = 64, device: str = "cpu", fallback_score: float | None = 0.0,
+                 ensemble: int | None = None, uncertainty_coef: float = 0.0) -> None:
         self.rule = FunctionScorer(fn_spec, fallback_score) if fn_spec else None
         model_path = local_model_path(model_path)
-        self.model = ModelScorer(model_path, batch_size, device) if model_path else None
+        self.model = ModelScorer(model_path, batch_size, device, ensemble) if model_path else None
         self.fn_weight, self.model_weight, self.clip = fn_weight, model_weight, clip
+        self.uncertainty_coef = uncertainty_coef
         self.norm = RunningNorm() if normalize else None
 
     def ready(self) -> bool:
         return True
 
     def score(self, records: list[dict[str, Any]], completions: list[str],
-              update_stats: bool = True) -> Scores:
+              update_stats: bool = True, normalized: bool = True) -> Scores:
         """{"reward": the training reward, "rule": ..., "model": ...}, one float per completion,
         "failures": the samples the rule raised on (scored fallback_score; `report` is their
         console lines, "" when none), "metrics": {"reward/failed_samples": their count}.
 
         `records[i]` is the prompt record completion i answers. Eval calls pass
-        update_stats=False so held-out scoring does not move the running normalisation.
+        update_stats=False, normalized=False: held-out scoring neither moves the running
+        normalisation nor goes through it, so an eval's reward is on one scale over the whole run
+        (the normaliser's statistics change as the policy does; step 0 has none).
         Raises RewardSamplesFailedError when the rule raised on some samples and fallback_score
         is None, RewardFnError when it raised on all of them.
         """
         rule, failures = self.rule.score(records, completions) if self.rule else (None, [])
-        model = self.model.score(records, completions) if self.model else None
+        model, model_std = self.model.score(records, completions) if self.model else (None, None)
         shaped = model
-        if model is not None and self.norm is not None:
+        if model is not None and self.uncertainty_coef:  # pessimism where the members disagree
+            shaped = [m - self.uncertainty_coef * s for m, s in zip(model, model_std)]
+        if shaped is not None and self.norm is not None:
             if update_stats:
-                self.norm.update(model)
-            shaped = self.norm.normalize(model)
-        if shaped is not None and self.clip is not None:
+                self.norm.update(shaped)
+            shaped = self.norm.normalize(shaped) if normalized else shaped
+        if shaped is not None and self.clip is not None and (normalized or self.norm is None):
             shaped = [max(-self.clip, min(self.clip, v)) for v in shaped]
         reward = [0.0] * len(completions)
         if rule is not None:
@@ -131,8 +147,11 @@ class RewardActor:
             reward = [r + self.model_weight * v for r, v in zip(reward, shaped)]
         report = (format_failures(failures, self.rule.spec, len(completions), self.rule.fallback_score)
                   if failures else "")
+        metrics = {"reward/failed_samples": float(len(failures))}
+        if model_std is not None and len(self.model.models) > 1:
+            metrics["reward/model_std_mean"] = sum(model_std) / len(model_std)
         return Scores(reward=reward, rule=rule, model=model, failures=failures, report=report,
-                      metrics={"reward/failed_samples": float(len(failures))})
+                      metrics=metrics)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps: the reward normaliser's running statistics."""

@@ -42,6 +42,7 @@ class PolicyLossConfig:
     tis_cap: float | None = None  # truncated IS weight cap (with a source other than rollout)
     same_weights_as_engine: bool = True  # the engine sampled with these very weights (not async)
     banned_token_id: int | None = None  # EOS under fixed lengths: the engine never sampled it
+    sft_coef: float = 0.0  # the SFT-mix term's weight (its rows come with the train_step)
 
     def objective_kwargs(self) -> dict:
         """The keyword arguments of `policy_objective` this config sets."""

@@ -148,6 +148,16 @@ def split_evenly(items: list, parts: int) -> list[list]:
     return out
 
 
+def demonstration_batch(tokenizer, prompts: list[str], completions: list[str]) -> Batch:
+    """(prompt, completion) demonstrations as a Batch in the rollout layout: prompt ids, then
+    completion ids + eos as the response (the SFT stage's, and the policy's SFT-mix rows)."""
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    completion_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                      for c in completions]
+    return collate_sequences(prompt_ids, completion_ids, [[0.0] * len(c) for c in completion_ids],
+                             tokenizer.pad_token_id)
+
+
 def shard_minibatches(batch: Batch, keys: list[str], orders: list[torch.Tensor], mini: int,
                       ranks: int) -> list[list[tuple[Batch, float, float]]]:
     """Per rank: (its shard of each mini-batch, global masked tokens, global sequences).

@@ -53,6 +53,24 @@ def corrupt(target: str, num_errors: int, rng: random.Random) -> str:
     return "".join(letters)
 
 
+def confuse(letter: str) -> str:
+    """The demonstrator's systematic confusion: a letter written as the next one (z as a)."""
+    return chr((ord(letter) - ord("a") + 1) % 26 + ord("a")) if letter in string.ascii_lowercase else letter
+
+
+def apply_bias(text: str, target: str, bias: float, rng: random.Random) -> str:
+    """With probability `bias`, the last letter of the answer written as its confusion.
+
+    A systematic error: unlike the random ones it is the same on every demonstration, so
+    imitation learns it (greedy decoding picks it once bias > 0.5) and only comparisons that
+    prefer the right letter carry what it takes to do better than the demonstrator.
+    """
+    if bias <= 0 or not target or len(text) < len(target) or rng.random() >= bias:
+        return text
+    last = len(target) - 1
+    return text[:last] + confuse(target[last]) + text[last + 1:]
+
+
 def _check_error_levels(error_levels) -> tuple[int, ...]:
     levels = tuple(error_levels)
     if not levels or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0
@@ -66,13 +84,15 @@ def _check_error_levels(error_levels) -> tuple[int, ...]:
 
 def make_ranked_demonstrations(
     records: list[dict], error_levels=DEFAULT_ERROR_LEVELS, rng: random.Random | None = None,
+    bias: float = 0.0,
 ) -> list[dict]:
-    """One demonstration per error level for each record, best (fewest errors) first.
+    """One demonstration per error level for each record, best (highest gold) first.
 
-    Error counts are clipped to the target length and repeats removed, so the ranking's texts
-    are distinct with strictly decreasing gold; a record left with fewer than 2 levels (a target
-    shorter than the second-smallest level) is left out. Rows:
-    {"prompt", "target", "ranking": [text, ...], "gold": [score, ...]}.
+    Error counts are clipped to the target length and repeats removed. With `bias` each
+    demonstration also gets the systematic error (`apply_bias`) with that probability; the
+    ranking is then ordered by gold and keeps one text per gold value, so its texts are distinct
+    with strictly decreasing gold. A record left with fewer than 2 demonstrations is left out.
+    Rows: {"prompt", "target", "ranking": [text, ...], "gold": [score, ...]}.
     """
     levels = _check_error_levels(error_levels)
     rng = rng or random.Random(0)
@@ -83,6 +103,14 @@ def make_ranked_demonstrations(
         if len(clipped) < 2:
             continue
         ranking = [corrupt(target, num_errors, rng) for num_errors in clipped]
+        if bias > 0:
+            scored = [(gold_score(record, t), t) for t in (apply_bias(t, target, bias, rng) for t in ranking)]
+            kept = {}
+            for gold, text in sorted(scored, key=lambda pair: -pair[0]):  # stable: fewer errors first
+                kept.setdefault(gold, text)
+            if len(kept) < 2:
+                continue
+            ranking = list(kept.values())
         rows.append({"prompt": record["prompt"], "target": target, "ranking": ranking,
                      "gold": [gold_score(record, text) for text in ranking]})
     return rows
@@ -94,9 +122,9 @@ def _sigmoid(logit: float) -> float:
     return math.exp(logit) / (1.0 + math.exp(logit))  # no overflow for very negative logits
 
 
-def _draw_completion(target: str, levels: tuple[int, ...], rng: random.Random) -> str:
+def _draw_completion(target: str, levels: tuple[int, ...], rng: random.Random, bias: float = 0.0) -> str:
     num_errors = rng.choice(levels) + (1 if rng.random() < EXTRA_ERROR_PROB else 0)
-    text = corrupt(target, num_errors, rng)
+    text = apply_bias(corrupt(target, num_errors, rng), target, bias, rng)
     if rng.random() < LENGTH_ERROR_PROB:  # the demonstrator sometimes rambles or stops early
         if rng.random() < 0.5 and len(text) > 1:
             text = text[: rng.randint(1, len(text) - 1)]
@@ -107,12 +135,13 @@ def _draw_completion(target: str, levels: tuple[int, ...], rng: random.Random) -
 
 def make_pairwise_preferences(
     records: list[dict], num_pairs: int, beta: float = DEFAULT_BETA,
-    rng: random.Random | None = None, error_levels=DEFAULT_ERROR_LEVELS,
+    rng: random.Random | None = None, error_levels=DEFAULT_ERROR_LEVELS, bias: float = 0.0,
 ) -> list[dict]:
     """`num_pairs` comparisons {"prompt", "chosen", "rejected", "target"} with Bradley-Terry labels.
 
     Each draws a record and two corruptions of its target (error counts from `error_levels`,
-    sometimes one more); identical texts are drawn again. a is labelled chosen with probability
+    sometimes one more, and the systematic error with probability `bias`); identical texts are
+    drawn again. a is labelled chosen with probability
     sigmoid(beta * (gold(a) - gold(b))).
     """
     levels = _check_error_levels(error_levels)
@@ -127,8 +156,8 @@ def make_pairwise_preferences(
         if len(rows) == num_pairs:
             return rows
         record = rng.choice(records)
-        text_a = _draw_completion(record["target"], levels, rng)
-        text_b = _draw_completion(record["target"], levels, rng)
+        text_a = _draw_completion(record["target"], levels, rng, bias)
+        text_b = _draw_completion(record["target"], levels, rng, bias)
         if text_a == text_b:
             continue
         gold_gap = gold_score(record, text_a) - gold_score(record, text_b)
@@ -166,6 +195,7 @@ def build_recipe_data(
     task: Task | str, out_dir: str | os.PathLike, num_prompts: int = 256,
     num_pairs: int = 1024, error_levels=DEFAULT_ERROR_LEVELS, beta: float = DEFAULT_BETA,
     seed: int = 0, num_eval_prompts: int | None = None, num_eval_pairs: int | None = None,
+    bias: float = 0.0,
 ) -> dict:
     """Write the recipe's data files for `task` into `out_dir`; return their paths and stats.
 
@@ -186,7 +216,10 @@ def build_recipe_data(
     eval_rng = random.Random(f"preference-source|eval|{seed}")
 
     records = task.make_records("train", num_prompts, seed)
-    rankings = make_ranked_demonstrations(records, error_levels, rng)
+    if not 0.0 <= bias <= 1.0:
+        raise ConfigError(f"bias={bias}; expected a probability in [0, 1] (the demonstrator's systematic "
+                          "error rate, 0 = off).")
+    rankings = make_ranked_demonstrations(records, error_levels, rng, bias)
     if not rankings:
         raise ConfigError(
             f"no prompt of task {task.name!r} has 2 distinct error levels among "
@@ -195,10 +228,10 @@ def build_recipe_data(
         )
     sft = [{"prompt": row["prompt"], "completion": row["ranking"][0], "target": row["target"]}
            for row in rankings]
-    pairs = make_pairwise_preferences(records, num_pairs, beta, rng, error_levels)
+    pairs = make_pairwise_preferences(records, num_pairs, beta, rng, error_levels, bias)
     eval_records = task.make_records("eval", num_eval_prompts, seed)
     eval_pairs = make_pairwise_preferences(eval_records, num_eval_pairs, beta, eval_rng,
-                                           error_levels)
+                                           error_levels, bias)
 
     out_dir = Path(out_dir)
     rows_by_name = {"sft": sft, "rankings": rankings, "pairs": pairs, "eval_pairs": eval_pairs}
@@ -208,6 +241,9 @@ def build_recipe_data(
     best_golds = [row["gold"][0] for row in rankings]
     stats = {
         "best_demo_gold_mean": sum(best_golds) / len(best_golds) if best_golds else float("nan"),
+        # the share of SFT demonstrations that carry the systematic error (what imitation learns)
+        "sft_biased_frac": sum(r["completion"][len(r["target"]) - 1:len(r["target"])] == confuse(r["target"][-1])
+                               for r in sft) / max(1, len(sft)),
         "pair_label_agreement": agreement,
         "eval_pair_label_agreement": label_agreement(eval_pairs)[0],
         "pair_gold_ties": ties,

@@ -18,8 +18,46 @@ from rlhf_dist.models.hf import position_ids_from_mask
 from rlhf_dist.models.tiny import check_model_dir
 
 
-def check_reward_model_dir(path: str) -> str:
-    """An HF model dir whose head, if it is a sequence classifier, is scalar (config only)."""
+ENSEMBLE_FILE = "ensemble.json"  # in a reward-model dir: {"members": [subdir, ...]}
+
+
+def ensemble_members(path: str) -> list[str]:
+    """The model dirs a reward-model path stands for: the members its ensemble.json lists (the
+    reward-model stage with reward.model.ensemble > 1 writes one), else the path itself."""
+    manifest = Path(path) / ENSEMBLE_FILE
+    if not manifest.is_file():
+        return [path]
+    try:
+        names = json.loads(manifest.read_text())["members"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ModelPathError(f"reward model {path!r}: {manifest} is not {{\"members\": [subdir, ...]}} "
+                             f"({err}). Fix: re-run the reward-model stage, or remove the file.") from None
+    if not isinstance(names, list) or not names:
+        raise ModelPathError(f"reward model {path!r}: {manifest} lists no members. Fix: re-run the "
+                             "reward-model stage, or remove the file.")
+    return [str(Path(path) / name) for name in names]
+
+
+def write_ensemble(path: str, members: list[str]) -> None:
+    """Make `path` an ensemble of the reward models in its subdirs `members`."""
+    (Path(path) / ENSEMBLE_FILE).write_text(json.dumps({"members": members}, indent=1) + "\n")
+
+
+def check_reward_model_dir(path: str, ensemble: int | None = None) -> str:
+    """A reward model dir (or each member of an ensemble) whose head, if it is a sequence
+    classifier, is scalar (config only); with `ensemble`, that many members."""
+    members = ensemble_members(path)
+    if ensemble is not None and len(members) != ensemble:
+        raise ModelPathError(
+            f"reward.model.path={path!r} holds {len(members)} reward model(s), and "
+            f"reward.model.ensemble={ensemble}. Fix: set reward.model.ensemble={len(members)}, or "
+            "train that many with the reward-model stage (reward.model.ensemble=K there too).")
+    for member in members:
+        _check_scalar_head(member)
+    return path
+
+
+def _check_scalar_head(path: str) -> None:
     try:
         check_model_dir(path)
     except ModelPathError as err:
@@ -32,7 +70,6 @@ def check_reward_model_dir(path: str) -> str:
             f"reward model {path!r} is a sequence classifier with {labels} labels; a reward model "
             "needs a scalar head (num_labels=1). Fix: pass a reward model trained by the "
             "reward-model stage, or any single-label sequence-classification checkpoint.")
-    return path
 
 
 def load_reward_model(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -44,7 +81,7 @@ def load_reward_model(path: str, device: str = "cpu", dtype: torch.dtype = torch
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging
 
-    check_reward_model_dir(path)
+    _check_scalar_head(path)
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # "newly initialized: score.weight" is expected from an LM
     try:

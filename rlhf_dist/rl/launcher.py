@@ -154,7 +154,8 @@ def start_reward(cfg, reward_spec: str) -> ActorGroup:
                           fn_weight=rw.fn_weight, model_weight=rw.model_weight,
                           normalize=rw.normalize, clip=rw.clip,
                           batch_size=rw.model.batch_size, device=cl.device,
-                          fallback_score=rw.fallback_score)],
+                          fallback_score=rw.fallback_score, ensemble=rw.model.ensemble,
+                          uncertainty_coef=rw.model.uncertainty_coef)],
                       resources=dict(cl.aux_resources or {}))
 
 

@@ -56,6 +56,8 @@ def eval_metrics(scored: Scores, samples: list[Sample], time_s: float) -> dict[s
     if scored.model is not None:  # learned reward beside the rule (gold) score
         metrics["eval/model_mean"] = sum(scored.model) / len(scored.model)
         metrics["eval/rule_mean"] = rule.mean().item()
+    if "reward/model_std_mean" in scored.metrics:  # an ensemble's disagreement on these samples
+        metrics["eval/model_std_mean"] = scored.metrics["reward/model_std_mean"]
     return metrics
 
 

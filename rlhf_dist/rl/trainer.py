@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import time
 import zlib
 from typing import Any
@@ -40,7 +41,7 @@ from rlhf_dist.algo import (
 from rlhf_dist.algo.objective import PolicyLossConfig, ValueLossConfig
 from rlhf_dist.config import critic_micro_batch_size, old_logprobs_source, uses_critic, uses_reference
 from rlhf_dist.data.messages import Sample, Scores
-from rlhf_dist.data.batch import Batch, collate_sequences, shard_minibatches
+from rlhf_dist.data.batch import Batch, collate_sequences, demonstration_batch, shard_minibatches
 from rlhf_dist.data.prompts import PromptSampler
 from rlhf_dist.errors import ActorDiedError, ConfigError, NonFiniteLossError, RewardSamplesFailedError, RlhfDistError
 from rlhf_dist.monitor import RunMonitor
@@ -53,8 +54,13 @@ _ADDITIVE = ("loss/", "kl/loss_term", "entropy/", "critic/value_loss")
 
 class RLTrainer:
     def __init__(self, cfg, model_path: str, tokenizer, train_records: list[dict],
-                 eval_records: list[dict], reward_spec: str, monitor: RunMonitor) -> None:
+                 eval_records: list[dict], reward_spec: str, monitor: RunMonitor,
+                 sft_pairs: list[tuple[str, str]] | None = None) -> None:
         self.cfg, self.model_path, self.tokenizer = cfg, model_path, tokenizer
+        self.sft_pairs = sft_pairs or []  # (rendered prompt, completion): the SFT mix's demonstrations
+        if cfg.algo.sft_coef > 0 and not self.sft_pairs:
+            raise ConfigError(f"algo.sft_coef={cfg.algo.sft_coef} needs demonstrations and this run has none. "
+                              "Fix: sft.train_file=<records>, a built-in task, or algo.sft_coef=0.")
         self.eval_records, self.reward_spec, self.monitor = eval_records, reward_spec, monitor
         self.sampler = PromptSampler(train_records, cfg.trainer.prompts_per_step, cfg.trainer.seed)
         self.generator = torch.Generator().manual_seed(cfg.trainer.seed)
@@ -196,14 +202,16 @@ class RLTrainer:
             kl_loss_estimator=algo.kl_loss_estimator, entropy_coef=algo.entropy_coef,
             loss_agg=algo.loss_agg, horizon=cfg.rollout.max_new_tokens,
             old_logprobs_source=source, tis_cap=algo.tis_cap if source != "rollout" else None,
-            same_weights_as_engine=staleness == 0, banned_token_id=self.banned_token_id)
+            same_weights_as_engine=staleness == 0, banned_token_id=self.banned_token_id,
+            sft_coef=algo.sft_coef)
         keys = ["input_ids", "attention_mask", "response_mask", "rollout_logprobs", "advantages"]
         keys += [k for k in ("ref_logprobs", "old_logprobs") if k in batch.tensors]
         orders = [torch.randperm(len(batch), generator=self.generator) for _ in range(algo.ppo_epochs)]
         budget = cfg.learner.max_tokens_per_micro_batch
+        parts = shard_minibatches(batch, keys, orders, cfg.learner.mini_batch_size, len(self.learners))
+        sft = self.sft_rows(step, len(parts[0])) if algo.sft_coef > 0 else [None] * len(parts)
         refs = self.learners.call_each("train_step", [
-            (part, loss, step, budget) for part in shard_minibatches(batch, keys, orders, cfg.learner.mini_batch_size,
-                                                                 len(self.learners))])
+            (part, loss, step, budget, rows) for part, rows in zip(parts, sft)])
         groups = [self.learners]
         if self.use_critic:
             value_loss = ValueLossConfig(clip_range=cfg.critic.value_clip, loss_agg=algo.loss_agg,
@@ -220,6 +228,22 @@ class RLTrainer:
         if self.use_critic:
             merged.update(merge_rank_metrics(results[len(self.learners):], _ADDITIVE))
         return merged
+
+    def sft_rows(self, step: int, num_minibatches: int) -> list[list[tuple[Batch, float]]]:
+        """algo.sft_coef: per learner rank, its shard of each mini-batch's algo.sft_batch_size
+        demonstrations (drawn with replacement, fixed by seed, step and mini-batch: a resumed run
+        draws the same) and their global token count."""
+        size, ranks = self.cfg.algo.sft_batch_size, len(self.learners)
+        per_rank: list[list[tuple[Batch, float]]] = [[] for _ in range(ranks)]
+        for index in range(num_minibatches):
+            rng = random.Random(f"sft-mix|{self.cfg.trainer.seed}|{step}|{index}")
+            rows = [self.sft_pairs[rng.randrange(len(self.sft_pairs))] for _ in range(size)]
+            batch = demonstration_batch(self.tokenizer, [p for p, _ in rows], [c for _, c in rows])
+            tokens = float(batch["response_mask"].sum())
+            for rank, shard in enumerate(torch.arange(size).chunk(ranks)):
+                per_rank[rank].append((batch.select(shard, ["input_ids", "attention_mask", "response_mask"]),
+                                       tokens))
+        return per_rank
 
     def with_engine_recovery(self, phase: str, call):
         """Run a phase that needs every engine; if one has died, replace it (same placement
@@ -348,12 +372,14 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ eval
     def evaluate(self, step: int) -> dict[str, float]:
-        """Greedy decoding on the held-out prompts, scored by the same reward function."""
+        """Greedy decoding on the held-out prompts, scored by the same reward function, with the
+        reward model's raw score (no running normalisation: one scale over the run)."""
         start = time.perf_counter()
         samples, records = self.generate(self.eval_records, 1, 0.0, step, stream="eval")
         texts = [s.text for s in samples]
         try:
-            scored = self.reward.run("score", records, texts, False, timeout_s=self.cfg.reward.timeout_s)[0]
+            scored = self.reward.run("score", records, texts, False, False,
+                                     timeout_s=self.cfg.reward.timeout_s)[0]
         except RewardSamplesFailedError as err:  # reward.fallback_score=null: no score for this eval
             self.monitor.print(f"[eval] step {step} not scored: {err}")
             nan = float("nan")

@@ -68,11 +68,12 @@ def reward_model_data(cfg, train_files: list[str], eval_file: str | None) -> tup
 
 
 def reward_model_stage(cfg, init_path: str, data: tuple[list, list], out_dir: Path) -> dict[str, float]:
-    from rlhf_dist.stages.reward_model import run_reward_model
+    from rlhf_dist.stages.reward_model import run_reward_model_ensemble
 
     rm = cfg.reward_model
     spec = stage_spec(cfg, rm.batch_size, rm.micro_batch_size, rm.lr, rm.steps, "constant")
-    return run_reward_model(init_path, str(out_dir), data[0], data[1], spec, rm.steps, rm.eval_every)
+    return run_reward_model_ensemble(init_path, str(out_dir), data[0], data[1], spec, rm.steps, rm.eval_every,
+                                     cfg.reward.model.ensemble)
 
 
 def run_stage(dict_cfg) -> dict:
@@ -111,7 +112,7 @@ def run_full_recipe(cfg, dict_cfg, run_dir: Path) -> dict:
     inputs = prepare(cfg)
     rc = cfg.recipe
     data = build_recipe_data(inputs["task"], run_dir / "data", rc.num_prompts, rc.num_pairs,
-                             tuple(rc.error_levels), rc.beta, rc.seed)
+                             tuple(rc.error_levels), rc.beta, rc.seed, bias=rc.bias)
     print(f"[recipe] data: {json.dumps(data['stats'])}", flush=True)
     sft_records = sft_data(cfg, inputs["model_path"], str(data["sft"]))
     pairs = reward_model_data(cfg, [str(data["rankings"]), str(data["pairs"])], str(data["eval_pairs"]))
@@ -126,6 +127,8 @@ def run_full_recipe(cfg, dict_cfg, run_dir: Path) -> dict:
             # PPO's critic starts from the reward model (its body and scalar head), as in InstructGPT
             critic=dataclasses.replace(cfg.critic, model_path=cfg.critic.model_path or rm_dir))
         monitor = make_monitor(cfg, redact(OmegaConf.to_container(dict_cfg, resolve=True)))
+        # the SFT mix (algo.sft_coef) replays the demonstrations the SFT stage learned from
+        inputs = {**inputs, "sft_pairs": sft_records[0] if cfg.algo.sft_coef > 0 else None}
         rl = run_with_ray(rl_cfg, str(run_dir / "sft_model"), inputs, monitor)
     summary = recipe_summary(data["stats"], sft, rm, rl, run_dir)
     monitor.finish(summary)
@@ -146,6 +149,7 @@ def recipe_summary(data_stats: dict, sft: dict, rm: dict, rl: dict, run_dir: Pat
         "best_demo_gold": best_demo,
         "sft/eval_loss_start": sft["sft/eval_loss_start"], "sft/eval_loss_end": sft["sft/eval_loss_end"],
         "rm/eval_accuracy": rm["rm/eval_accuracy_end"], "rm/eval_margin": rm["rm/eval_margin_end"],
+        **{k: v for k, v in rm.items() if k == "rm/ensemble_eval_accuracy"},
         "rl/gold_first_step": steps[0]["reward/rule_mean"] if steps else float("nan"),
         "rl/gold_last_10pct": mean("reward/rule_mean", tail) if steps else float("nan"),
         "rl/learned_reward_first_step": steps[0].get("reward/model_mean", float("nan")) if steps else float("nan"),

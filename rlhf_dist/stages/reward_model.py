@@ -5,10 +5,18 @@
     2. every step: a random mini-batch of pairs, sharded over the ranks
     3. every `eval_every` steps and at the end: held-out pairwise accuracy and mean margin
     4. save in HF sequence-classification format (`reward.model.path` accepts it)
+
+With reward.model.ensemble=K the stage trains K members one after the other, each on a bootstrap
+resample of the pairs with its own seed (head initialisation, mini-batch order), into
+out_dir/member_<k>, and writes out_dir/ensemble.json: the reward actor then serves their mean
+score minus reward.model.uncertainty_coef times their spread.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import random
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -19,7 +27,7 @@ from rlhf_dist.data.batch import Batch
 from rlhf_dist.data.records import render_prompt
 from rlhf_dist.errors import DatasetError
 from rlhf_dist.models.hf import load_tokenizer
-from rlhf_dist.models.scalar_reward import reward_model_inputs
+from rlhf_dist.models.scalar_reward import reward_model_inputs, write_ensemble
 from rlhf_dist.stages.loop import run_supervised
 
 KEYS = ["chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask", "margin"]
@@ -66,3 +74,42 @@ def _evaluate(group, batch: Batch | None, spec: DSGroupSpec) -> dict[str, float]
     pairs = sum(p["pairs"] for p in parts)
     return {"rm/eval_accuracy": sum(p["correct"] for p in parts) / pairs,
             "rm/eval_margin": sum(p["margin"] for p in parts) / pairs}
+
+
+def run_reward_model_ensemble(model_path: str, out_dir: str, train: list, held_out: list, spec: DSGroupSpec,
+                              steps: int, eval_every: int, members: int, seed: int = 0,
+                              log: Callable[[str], None] = print) -> dict[str, float]:
+    """`members` reward models (one: `run_reward_model` itself). Returns the members' mean of
+    every metric, each member's held-out accuracy (rm/member<k>/eval_accuracy) and, with held-out
+    pairs, the ensemble mean's accuracy (rm/ensemble_eval_accuracy)."""
+    if members == 1:
+        return run_reward_model(model_path, out_dir, train, held_out, spec, steps, eval_every, seed, log)
+    histories, names = [], [f"member_{k}" for k in range(members)]
+    for k, name in enumerate(names):
+        rng = random.Random(f"reward-model-bootstrap|{seed}|{k}")
+        resample = [train[rng.randrange(len(train))] for _ in train]
+        log(f"[reward_model] ensemble member {k + 1}/{members}: a bootstrap resample of {len(train)} pairs")
+        histories.append(run_reward_model(model_path, str(Path(out_dir) / name), resample, held_out,
+                                          dataclasses.replace(spec, seed=spec.seed + k), steps,
+                                          eval_every, seed + k, log))
+    write_ensemble(out_dir, names)
+    summary = {key: sum(h[key] for h in histories) / members for key in histories[0]}
+    for k, history in enumerate(histories):
+        summary[f"rm/member{k}/eval_accuracy"] = history["rm/eval_accuracy_end"]
+    if held_out:
+        summary["rm/ensemble_eval_accuracy"] = ensemble_accuracy(out_dir, held_out)
+        log(f"[reward_model] ensemble of {members}: held-out accuracy "
+            f"{summary['rm/ensemble_eval_accuracy']:.4f} (members' mean {summary['rm/eval_accuracy_end']:.4f})")
+    return summary
+
+
+def ensemble_accuracy(path: str, pairs: list) -> float:
+    """The share of `pairs` whose chosen text the served ensemble (mean over members) scores
+    higher, as the reward actor scores them; ties count half."""
+    from rlhf_dist.actors.reward import ModelScorer
+
+    scorer = ModelScorer(path)
+    records = [{"prompt": p.prompt} for p in pairs]
+    chosen, _ = scorer.score(records, [p.chosen for p in pairs])
+    rejected, _ = scorer.score(records, [p.rejected for p in pairs])
+    return sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected)) / len(pairs)

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlhf_dist.checkpoint import complete_checkpoints, resolve_resume
 from rlhf_dist.config import RLConfig
 from rlhf_dist.errors import RlhfDistError
+from rlhf_dist.rl.keep_best import BestPolicy
 from rlhf_dist.session import (checkpoint_root, make_monitor, open_run_dir, prepare, ray_session,
                                resume_command, torch_load_driver_state)
 
@@ -67,7 +69,7 @@ def run_with_ray(cfg: RLConfig, model_path: str, inputs: dict, monitor, resume: 
     trainer = None
     try:
         trainer = RLTrainer(cfg, model_path, load_tokenizer(model_path), inputs["train"],
-                            inputs["eval"], inputs["reward_spec"], monitor)
+                            inputs["eval"], inputs["reward_spec"], monitor, inputs.get("sft_pairs"))
         return fit(trainer, cfg, monitor, resume)
     except RlhfDistError as err:
         saved = complete_checkpoints(checkpoint_root(cfg))
@@ -99,27 +101,50 @@ def fit(trainer, cfg: RLConfig, monitor, resume: Path | None = None) -> dict:
         trainer.history = [r for r in logged if "reward/mean" in r]
         first_eval = next((r for r in logged if r["step"] == 0 and "eval/reward_mean" in r), None)
         monitor.print(f"[resume] from {resume}: step {done} of {tr.total_steps}")
+    best = BestPolicy(tr.keep_best, tr.kl_budget, tr.run_dir) if tr.keep_best else None
     if resume is None or first_eval is None:
         first_eval = trainer.evaluate(0)
+        keep_if_best(trainer, best, 0, first_eval, cfg)
     for step in range(done + 1, tr.total_steps + 1):
         metrics = trainer.step(step)
         if "reward/mean" in metrics:  # not a step skipped for its rewards
             trainer.history.append(metrics)
         monitor.log(step, metrics)
         if tr.eval_every and step % tr.eval_every == 0 and step != tr.total_steps:
-            trainer.evaluate(step)
+            keep_if_best(trainer, best, step, trainer.evaluate(step), cfg)
         if tr.save_every and (step % tr.save_every == 0 or step == tr.total_steps):
             trainer.save_checkpoint(step, str(checkpoint_root(cfg)))
     last_eval = trainer.evaluate(tr.total_steps)
-    if cfg.trainer.save_final:
-        from rlhf_dist.runtime.files import bring_back
-
-        final = str(Path(cfg.trainer.run_dir) / "final")
-        trainer.learners.run("save_pretrained", final, timeout_s=600)
-        bring_back(trainer.learners, final, cfg.cluster.shared_dir, cfg.cluster.ship_models)
+    keep_if_best(trainer, best, tr.total_steps, last_eval, cfg)
+    final = Path(cfg.trainer.run_dir) / "final"
+    if best is not None and best.best is not None:  # the kept policy is the one exported
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(best.dir, final)
+        monitor.print(f"[keep_best] final/ is the policy of step {best.best.step} "
+                      f"({best.metric} {best.best.value:.4f}, KL {best.best.kl:.3f})")
+    elif cfg.trainer.save_final:
+        save_policy(trainer, final, cfg)
     summary = summarize(trainer.history, first_eval, last_eval, startup,
                         time.perf_counter() - run_start, cfg.trainer.run_dir)
-    return {"algo": cfg.algo.name, **summary}
+    return {"algo": cfg.algo.name, **summary, **(best.summary() if best else {})}
+
+
+def save_policy(trainer, path: Path, cfg: RLConfig) -> None:
+    """The learners' policy in HF format at `path` on the driver's node."""
+    from rlhf_dist.runtime.files import bring_back
+
+    trainer.learners.run("save_pretrained", str(path), timeout_s=600)
+    bring_back(trainer.learners, str(path), cfg.cluster.shared_dir, cfg.cluster.ship_models)
+
+
+def keep_if_best(trainer, best: BestPolicy | None, step: int, evaluation: dict, cfg: RLConfig) -> None:
+    """trainer.keep_best: save the policy just evaluated if it is the best so far."""
+    if best is None:
+        return
+    kl = trainer.history[-1].get("kl/seq_mean", 0.0) if step > 0 and trainer.history else 0.0
+    if best.consider(step, evaluation, kl):
+        save_policy(trainer, best.dir, cfg)
+        best.kept(step, evaluation, kl)
 
 
 def summarize(history: list[dict], first_eval: dict, last_eval: dict, startup: dict,

@@ -14,21 +14,12 @@ from typing import Callable
 
 from rlhf_dist.runtime.ds_group import DSGroupSpec
 from rlhf_dist.actors.sft import SFTActor
-from rlhf_dist.data.batch import Batch, collate_sequences
+from rlhf_dist.data.batch import Batch, demonstration_batch
 from rlhf_dist.errors import DatasetError
 from rlhf_dist.models.hf import load_tokenizer
 from rlhf_dist.stages.loop import run_supervised
 
 KEYS = ["input_ids", "attention_mask", "response_mask"]
-
-
-def sft_batch(tokenizer, prompts: list[str], completions: list[str]) -> Batch:
-    """Prompt ids + completion ids + eos, in the rollout batch layout."""
-    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
-    completion_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                      for c in completions]
-    return collate_sequences(prompt_ids, completion_ids, [[0.0] * len(c) for c in completion_ids],
-                            tokenizer.pad_token_id)
 
 
 def run_sft(model_path: str, out_dir: str, train: list[tuple[str, str]], held_out: list[tuple[str, str]],
@@ -39,10 +30,10 @@ def run_sft(model_path: str, out_dir: str, train: list[tuple[str, str]], held_ou
         raise DatasetError("the SFT stage got no training demonstrations.")
     tokenizer = load_tokenizer(model_path)
     held_out = held_out[: len(held_out) - len(held_out) % spec.world_size]  # equal shards
-    eval_batch = sft_batch(tokenizer, *zip(*held_out)) if held_out else None
+    eval_batch = demonstration_batch(tokenizer, *zip(*held_out)) if held_out else None
 
     def make_batch(rows: list[int]) -> Batch:
-        return sft_batch(tokenizer, [train[i][0] for i in rows], [train[i][1] for i in rows])
+        return demonstration_batch(tokenizer, [train[i][0] for i in rows], [train[i][1] for i in rows])
 
     def evaluate(group) -> dict[str, float]:
         return {"sft/eval_loss": _held_out_loss(group, eval_batch, spec)}

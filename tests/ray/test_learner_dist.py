@@ -60,9 +60,10 @@ def make_minibatch(tiny_model_dir, prompt_lens=None, response_lens=None):
     return batch
 
 
-def _torch_reference_step(model_dir, batch, loss_cfg=LOSS_CFG, grad_clip=None, norms=None):
+def _torch_reference_step(model_dir, batch, loss_cfg=LOSS_CFG, grad_clip=None, norms=None, sft=None):
     """Plain torch: loss of the whole mini-batch, one AdamW step (gradients clipped to a global
-    norm of `grad_clip` if given; the pre-clip norm is appended to `norms`)."""
+    norm of `grad_clip` if given; the pre-clip norm is appended to `norms`). With `sft`
+    demonstrations: + loss_cfg.sft_coef x their token-mean NLL, as PPO-ptx writes it."""
     model = disable_dropout(load_causal_lm(str(model_dir)))
     logprobs, entropy = response_logprobs(model, batch["input_ids"], batch["attention_mask"],
                                           batch.prompt_width, with_entropy=True)
@@ -70,6 +71,10 @@ def _torch_reference_step(model_dir, batch, loss_cfg=LOSS_CFG, grad_clip=None, n
     loss, _, _ = policy_objective(logprobs, batch["rollout_logprobs"], batch["advantages"],
                                   batch["response_mask"], ref_logprobs=batch["ref_logprobs"],
                                   entropy=entropy, **cfg)
+    if sft is not None:
+        sft_logprobs, _ = response_logprobs(model, sft["input_ids"], sft["attention_mask"], sft.prompt_width)
+        mask = sft["response_mask"]
+        loss = loss + loss_cfg.sft_coef * (-(sft_logprobs * mask).sum() / mask.sum())
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, weight_decay=0.0)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
@@ -80,7 +85,7 @@ def _torch_reference_step(model_dir, batch, loss_cfg=LOSS_CFG, grad_clip=None, n
 
 
 def _ds_step(model_dir, batch, ranks, micro, zero_stage, max_tokens=0, loss_cfg=LOSS_CFG, optim=OPTIM,
-             bf16=False):
+             bf16=False, sft=None):
     """One optimizer step on `ranks` learner ranks; returns (group, train metrics, init info)."""
     group = ActorGroup("learner", LearnerActor, ranks, 0.4, 0.0, 60,
                        [dict(rank=r, world_size=ranks, model_path=str(model_dir)) for r in range(ranks)])
@@ -90,9 +95,11 @@ def _ds_step(model_dir, batch, ranks, micro, zero_stage, max_tokens=0, loss_cfg=
                                  bf16, False, 300), "init", 600)
     num_tokens, num_seqs = count_normalizers(batch["response_mask"])
     shards = batch.chunk(ranks)
+    sft_shards = ([[(part, float(sft["response_mask"].sum()))] for part in sft.chunk(ranks)]
+                  if sft is not None else [None] * ranks)
     metrics = group.wait(group.call_each("train_step", [
-        ([(shard, float(num_tokens), float(num_seqs))], loss_cfg, 1, max_tokens) for shard in shards]),
-        "train_step", 300)
+        ([(shard, float(num_tokens), float(num_seqs))], loss_cfg, 1, max_tokens, rows)
+        for shard, rows in zip(shards, sft_shards)]), "train_step", 300)
     return group, metrics, info
 
 
@@ -204,3 +211,32 @@ def test_grad_norm_is_the_global_pre_clip_norm_and_clipping_uses_it(local_ray, t
     if not bf16:  # Adam with eps >> |g| moves by ~ lr * g / eps: a wrong clip norm shows here
         for name, want in expected.items():
             torch.testing.assert_close(weights[0][name], want, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_sft_mix_adds_its_coefficient_times_the_demonstrations_gradient(local_ray, tiny_model_dir, minibatch):
+    """algo.sft_coef (PPO-ptx): 2 ranks x 2 micro-batches, the demonstrations sharded beside the
+    policy rows, make the step that torch makes on policy loss + coef x token-mean NLL of all
+    demonstrations. Adam with eps >> |g| moves by ~ lr x g / eps, so a term left out, a missing
+    coefficient or a per-rank instead of global token count shows in the weights."""
+    from rlhf_dist.data.batch import demonstration_batch
+    from rlhf_dist.models.hf import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    demos = demonstration_batch(tokenizer, ["rev abcd=", "rev xyz=", "rev hello=", "rev qq="],
+                                ["dcba", "zyx", "olleh", "qq"])
+    loss_cfg = dataclasses.replace(LOSS_CFG, sft_coef=0.5)
+    without = _torch_reference_step(tiny_model_dir, minibatch, loss_cfg)
+    expected = _torch_reference_step(tiny_model_dir, minibatch, loss_cfg, sft=demos)
+    group, metrics, _ = _ds_step(tiny_model_dir, minibatch, ranks=2, micro=2, zero_stage=2,
+                                 loss_cfg=loss_cfg, sft=demos)
+    weights = group.run("get_weights", timeout_s=60)[0]
+    group.kill()
+    differs = sum(not torch.allclose(without[n], expected[n], rtol=1e-4, atol=1e-6) for n in expected)
+    assert differs >= len(expected) // 2, "the demonstrations' term must move the step"
+    for name, want in expected.items():
+        torch.testing.assert_close(weights[name], want, rtol=1e-4, atol=1e-6, msg=name)
+    model = disable_dropout(load_causal_lm(str(tiny_model_dir)))
+    with torch.no_grad():
+        logprobs, _ = response_logprobs(model, demos["input_ids"], demos["attention_mask"], demos.prompt_width)
+    nll = -(logprobs * demos["response_mask"]).sum() / demos["response_mask"].sum()
+    assert sum(m["loss/sft"] for m in metrics) == pytest.approx(nll.item(), rel=1e-4)  # summed over ranks

@@ -9,7 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from rlhf_dist.data.preference_source import (
+    apply_bias,
     build_recipe_data,
+    confuse,
     corrupt,
     gold_score,
     label_agreement,
@@ -299,3 +301,44 @@ def test_build_recipe_data_loads_back(tmp_path):
     eval_pairs, _ = load_preference_pairs(out["eval_pairs"])
     train_prompts = {row["prompt"] for row in sft}
     assert len(eval_pairs) == 15 and not {p.prompt for p in eval_pairs} & train_prompts
+
+
+def test_a_systematic_bias_is_what_the_best_demonstration_carries(tmp_path):
+    """bias=0.8 with levels (0, 1, 2): the best demonstration is exact but for the last letter,
+    written as the next letter of the alphabet in ~80% of them, so the imitation target (the
+    majority letter at that position) is wrong and the best demonstration's gold is ~0.8."""
+    task = get_task("reverse", min_len=4, max_len=4)
+    out = build_recipe_data(task, tmp_path / "data", num_prompts=2000, num_pairs=4000,
+                            error_levels=(0, 1, 2), beta=10.0, seed=0, bias=0.8)
+    stats = out["stats"]
+    assert 0.76 < stats["sft_biased_frac"] < 0.84
+    assert stats["best_demo_gold_mean"] == pytest.approx(1 - 0.25 * stats["sft_biased_frac"], abs=1e-9)
+    sft, _ = load_sft_records(out["sft"])
+    for row in sft:
+        target = row["prompt"][4:-1][::-1]
+        assert row["completion"][:3] == target[:3]  # the best demonstration's only error is the bias
+        assert row["completion"][3] in (target[3], confuse(target[3]))
+    # the comparisons carry the fix: of two 4-letter answers equally right in the first three
+    # letters, one right in the last, the right one is preferred (gold gap 0.25: sigmoid(2.5) = 0.92)
+    def first3(text, target):
+        return sum(a == b for a, b in zip(text[:3], target[:3]))
+
+    pairs = []
+    for p in load_preference_pairs(out["pairs"])[0]:
+        target = p.prompt[4:-1][::-1]
+        if (len(p.chosen) == len(p.rejected) == 4 and first3(p.chosen, target) == first3(p.rejected, target)
+                and (p.chosen[3] == target[3]) != (p.rejected[3] == target[3])):
+            pairs.append(p.chosen[3] == target[3])
+    assert len(pairs) > 100 and 0.85 < sum(pairs) / len(pairs) < 0.98
+    unbiased = build_recipe_data(task, tmp_path / "plain", num_prompts=30, num_pairs=60,
+                                 error_levels=(2, 3, 4), beta=10.0, seed=0, bias=0.0)
+    assert unbiased["stats"]["sft_biased_frac"] < 0.2  # only random errors land there by chance
+    with pytest.raises(ConfigError, match="bias=1.5"):
+        build_recipe_data(task, tmp_path / "bad", num_prompts=30, num_pairs=60, bias=1.5)
+
+
+def test_confuse_is_a_fixed_shift():
+    assert [confuse(c) for c in "abyz"] == ["b", "c", "z", "a"]
+    rng = random.Random(0)
+    assert apply_bias("dcba", "dcba", 1.0, rng) == "dcbb" and apply_bias("dcba", "dcba", 0.0, rng) == "dcba"
+    assert apply_bias("dc", "dcba", 1.0, rng) == "dc"  # cut short: no last letter to confuse

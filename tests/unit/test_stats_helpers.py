@@ -12,6 +12,7 @@ from rlhf_dist.actors.ds_rank import _accumulate
 from rlhf_dist.runtime.ds_group import STATS_WEIGHT
 from rlhf_dist.actors.reward import RewardActor, RunningNorm
 from rlhf_dist.data.batch import collate_sequences, shard_minibatches
+from rlhf_dist.errors import ModelPathError
 
 
 def test_rank_stats_are_weighted_by_tokens():
@@ -80,6 +81,14 @@ def test_eval_scoring_leaves_the_reward_normalisation_unchanged(tiny_model_dir, 
     assert actor.norm.state_dict() == before
     assert evaluated.model[2] == pytest.approx(train.model[2], abs=1e-5)  # same text, same raw score
     assert evaluated.reward[2] == pytest.approx(train.reward[2], abs=1e-4)  # same statistics applied
+    # what an eval logs: the raw score, the same before and after the statistics move
+    raw_first = actor.score(records, ["zzz", "q", "yx"], update_stats=False, normalized=False)
+    actor.score(records * 4, ["a", "bb", "ccc", "dddd"] * 3)  # training moves the normaliser
+    assert actor.norm.state_dict() != before
+    raw_later = actor.score(records, ["zzz", "q", "yx"], update_stats=False, normalized=False)
+    assert raw_first.reward == pytest.approx(raw_first.model, abs=1e-6)
+    assert raw_later.reward == pytest.approx(raw_first.reward, abs=1e-5)
+    assert actor.score(records, ["zzz", "q", "yx"], update_stats=False).reward != pytest.approx(raw_first.reward)
 
 
 @pytest.mark.parametrize("rows,mini,ranks,epochs", [(24, 8, 2, 1), (24, 12, 4, 2), (16, 16, 1, 3)])
@@ -102,3 +111,39 @@ def test_every_row_is_trained_once_per_epoch_in_equal_shards(rows, mini, ranks, 
             assert all(num_tokens == tokens and num_seqs == mini for _, num_tokens, num_seqs in shards)
             seen += [int(v) for shard, _, _ in shards for v in shard["row"]]
         assert sorted(seen) == list(range(rows)), f"epoch {epoch}: rows missing or repeated"
+
+
+def _reward_models(tiny_model_dir, root, seeds):
+    """Untrained scalar reward models with different head initialisations, as member dirs."""
+    from transformers import AutoTokenizer
+
+    from rlhf_dist.models.scalar_reward import load_reward_model
+
+    names = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        load_reward_model(str(tiny_model_dir)).save_pretrained(root / f"m{seed}")
+        AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(root / f"m{seed}")
+        names.append(f"m{seed}")
+    return names
+
+
+def test_an_ensemble_serves_the_uncertainty_penalised_mean(tiny_model_dir, tmp_path):
+    """reward = mean - coef * std over the members, each member scored on its own; the raw mean is
+    what eval reports, the spread is logged."""
+    from rlhf_dist.models.scalar_reward import write_ensemble
+
+    names = _reward_models(tiny_model_dir, tmp_path, (1, 2, 3))
+    write_ensemble(str(tmp_path), names)
+    records = [{"prompt": p} for p in ("rev abcd=", "rev hello=", "rev xy=")]
+    texts = ["dcba", "olleh", "zz"]
+    each = torch.tensor([RewardActor(None, model_path=str(tmp_path / n)).score(records, texts).model
+                         for n in names])  # (3 members, 3 texts)
+    served = RewardActor(None, model_path=str(tmp_path), ensemble=3, uncertainty_coef=0.5).score(records, texts)
+    mean, std = each.mean(0), each.std(0, unbiased=False)
+    assert std.min() > 1e-4  # the members do disagree, so the penalty is not a no-op
+    torch.testing.assert_close(torch.tensor(served.model), mean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(served.reward), mean - 0.5 * std, atol=1e-5, rtol=0)
+    assert served.metrics["reward/model_std_mean"] == pytest.approx(std.mean().item(), abs=1e-5)
+    with pytest.raises(ModelPathError, match="holds 3 reward model.*reward.model.ensemble=1"):
+        RewardActor(None, model_path=str(tmp_path), ensemble=1)
