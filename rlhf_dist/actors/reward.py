@@ -43,19 +43,22 @@ class FunctionScorer:
 
 
 class ModelScorer:
-    """A trained scalar reward model, or an ensemble of them (models.scalar_reward.ensemble_members),
+    """A trained scalar reward model, or an ensemble of them (models.scalar_reward.ensemble_scales),
     scoring the text (its own tokenizer), in batches. `score` returns each completion's mean
-    score over the members and their standard deviation (0 for a single model)."""
+    score over the members, each standardised by its own offset and scale, and their standard
+    deviation (0 for a single model)."""
 
     def __init__(self, path: str, batch_size: int = 64, device: str = "cpu",
                  expected_members: int | None = None) -> None:
         from rlhf_dist.models.hf import disable_dropout, load_tokenizer
-        from rlhf_dist.models.scalar_reward import check_reward_model_dir, ensemble_members, load_reward_model
+        from rlhf_dist.models.scalar_reward import check_reward_model_dir, ensemble_scales, load_reward_model
 
-        members = ensemble_members(check_reward_model_dir(path, expected_members))
+        members = ensemble_scales(check_reward_model_dir(path, expected_members))
         self.models = [disable_dropout(load_reward_model(m, device)).eval().requires_grad_(False)
-                       for m in members]
-        self.tokenizer, self.batch_size, self.device = load_tokenizer(members[0]), batch_size, device
+                       for m, _ in members]
+        self.offsets = torch.tensor([offset for _, (offset, _) in members])[:, None]
+        self.scales = torch.tensor([scale for _, (_, scale) in members])[:, None]
+        self.tokenizer, self.batch_size, self.device = load_tokenizer(members[0][0]), batch_size, device
 
     @torch.inference_mode()
     def score(self, records: list[dict[str, Any]], completions: list[str]) -> tuple[list[float], list[float]]:
@@ -69,7 +72,7 @@ class ModelScorer:
             ids, mask = reward_model_inputs(self.tokenizer, prompts[start:end], completions[start:end])
             ids, mask = ids.to(self.device), mask.to(self.device)
             scores.append(torch.stack([sequence_rewards(model, ids, mask) for model in self.models]))
-        scores = torch.cat(scores, dim=1)
+        scores = (torch.cat(scores, dim=1).cpu() - self.offsets) / self.scales  # members on one scale
         std = scores.std(0, unbiased=False) if len(self.models) > 1 else torch.zeros(scores.shape[1])
         return scores.mean(0).tolist(), std.tolist()
 

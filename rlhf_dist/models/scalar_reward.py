@@ -24,23 +24,34 @@ ENSEMBLE_FILE = "ensemble.json"  # in a reward-model dir: {"members": [subdir, .
 def ensemble_members(path: str) -> list[str]:
     """The model dirs a reward-model path stands for: the members its ensemble.json lists (the
     reward-model stage with reward.model.ensemble > 1 writes one), else the path itself."""
+    return [member for member, _ in ensemble_scales(path)]
+
+
+def ensemble_scales(path: str) -> list[tuple[str, tuple[float, float]]]:
+    """(member dir, (offset, scale)) of each member: its score is served as (score - offset) /
+    scale. A Bradley-Terry model's scores are defined up to a constant, so each member's offset is
+    arbitrary; without this, the members' spread would measure their offsets, not their doubt."""
     manifest = Path(path) / ENSEMBLE_FILE
     if not manifest.is_file():
-        return [path]
+        return [(path, (0.0, 1.0))]
     try:
-        names = json.loads(manifest.read_text())["members"]
+        spec = json.loads(manifest.read_text())
+        names = spec["members"]
+        scales = [tuple(map(float, pair)) for pair in spec.get("scales") or [(0.0, 1.0)] * len(names)]
     except (ValueError, KeyError, TypeError) as err:
         raise ModelPathError(f"reward model {path!r}: {manifest} is not {{\"members\": [subdir, ...]}} "
                              f"({err}). Fix: re-run the reward-model stage, or remove the file.") from None
-    if not isinstance(names, list) or not names:
-        raise ModelPathError(f"reward model {path!r}: {manifest} lists no members. Fix: re-run the "
-                             "reward-model stage, or remove the file.")
-    return [str(Path(path) / name) for name in names]
+    if not isinstance(names, list) or not names or len(scales) != len(names):
+        raise ModelPathError(f"reward model {path!r}: {manifest} lists no members, or not one scale per "
+                             "member. Fix: re-run the reward-model stage, or remove the file.")
+    return [(str(Path(path) / name), scale) for name, scale in zip(names, scales)]
 
 
-def write_ensemble(path: str, members: list[str]) -> None:
-    """Make `path` an ensemble of the reward models in its subdirs `members`."""
-    (Path(path) / ENSEMBLE_FILE).write_text(json.dumps({"members": members}, indent=1) + "\n")
+def write_ensemble(path: str, members: list[str], scales: list[tuple[float, float]] | None = None) -> None:
+    """Make `path` an ensemble of the reward models in its subdirs `members`, member k's score
+    served as (score - scales[k][0]) / scales[k][1]."""
+    spec = {"members": members, "scales": [list(s) for s in scales] if scales else None}
+    (Path(path) / ENSEMBLE_FILE).write_text(json.dumps(spec, indent=1) + "\n")
 
 
 def check_reward_model_dir(path: str, ensemble: int | None = None) -> str:

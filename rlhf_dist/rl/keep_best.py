@@ -62,4 +62,5 @@ class BestPolicy:
     def summary(self) -> dict[str, float]:
         if self.best is None:
             return {}
-        return {"best/step": self.best.step, f"best/{self.metric}": self.best.value, "best/kl": self.best.kl}
+        return {"best/step": self.best.step, "best/metric": self.metric, "best/value": self.best.value,
+                "best/kl": self.best.kl}

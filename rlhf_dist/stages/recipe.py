@@ -144,7 +144,9 @@ def recipe_summary(data_stats: dict, sft: dict, rm: dict, rl: dict, run_dir: Pat
     tail = steps[-max(1, len(steps) // 10):]
     mean = lambda key, part: sum(r[key] for r in part) / len(part)  # noqa: E731
     best_demo = data_stats["best_demo_gold_mean"]
-    final_gold = rl.get("eval/rule_end", float("nan"))
+    # final/ is the exported policy: with trainer.keep_best the kept one, else the last one
+    kept = rl.get("best/metric") == "eval/rule_mean"
+    final_gold = rl["best/value"] if kept else rl.get("eval/rule_end", float("nan"))
     return {
         "best_demo_gold": best_demo,
         "sft/eval_loss_start": sft["sft/eval_loss_start"], "sft/eval_loss_end": sft["sft/eval_loss_end"],
@@ -155,7 +157,9 @@ def recipe_summary(data_stats: dict, sft: dict, rm: dict, rl: dict, run_dir: Pat
         "rl/learned_reward_first_step": steps[0].get("reward/model_mean", float("nan")) if steps else float("nan"),
         "rl/learned_reward_last_10pct": mean("reward/model_mean", tail) if steps else float("nan"),
         "final_policy/eval_gold": final_gold,
-        "final_policy/eval_learned_reward": rl.get("eval/model_end", float("nan")),
+        "final_policy/step": rl.get("best/step", rl.get("steps")),
+        "last_policy/eval_gold": rl.get("eval/rule_end", float("nan")),
+        "last_policy/eval_learned_reward": rl.get("eval/model_end", float("nan")),
         "sft_policy/eval_gold": rl.get("eval/rule_start", float("nan")),
         "final_beats_best_demo": bool(final_gold > best_demo),
         **{f"rl/{k}": v for k, v in rl.items() if k in ("steps", "total_s", "timing/step_s_mean", "startup_s")},

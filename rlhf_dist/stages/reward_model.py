@@ -92,7 +92,7 @@ def run_reward_model_ensemble(model_path: str, out_dir: str, train: list, held_o
         histories.append(run_reward_model(model_path, str(Path(out_dir) / name), resample, held_out,
                                           dataclasses.replace(spec, seed=spec.seed + k), steps,
                                           eval_every, seed + k, log))
-    write_ensemble(out_dir, names)
+    write_ensemble(out_dir, names, member_scales(out_dir, names, held_out or train))
     summary = {key: sum(h[key] for h in histories) / members for key in histories[0]}
     for k, history in enumerate(histories):
         summary[f"rm/member{k}/eval_accuracy"] = history["rm/eval_accuracy_end"]
@@ -101,6 +101,21 @@ def run_reward_model_ensemble(model_path: str, out_dir: str, train: list, held_o
         log(f"[reward_model] ensemble of {members}: held-out accuracy "
             f"{summary['rm/ensemble_eval_accuracy']:.4f} (members' mean {summary['rm/eval_accuracy_end']:.4f})")
     return summary
+
+
+def member_scales(out_dir: str, names: list[str], pairs: list, most: int = 2000) -> list[tuple[float, float]]:
+    """(mean, std) of each member's scores over the texts of up to `most` pairs (both answers):
+    what puts the members on one scale before their spread is read as uncertainty."""
+    from rlhf_dist.actors.reward import ModelScorer
+
+    pairs = pairs[:most]
+    records = [{"prompt": p.prompt} for p in pairs] * 2
+    texts = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    scales = []
+    for name in names:
+        scores = torch.tensor(ModelScorer(str(Path(out_dir) / name)).score(records, texts)[0])
+        scales.append((scores.mean().item(), max(scores.std().item(), 1e-6)))
+    return scales
 
 
 def ensemble_accuracy(path: str, pairs: list) -> float:

@@ -225,13 +225,20 @@ def test_full_recipe_short(tmp_path):
     # 750 held-out pairs: a reward model at chance (0.5; 22% of pairs are gold ties) scores
     # 0.5 +- 0.018, so 0.58 is 4.4 standard errors above it
     assert summary["rm/eval_accuracy"] >= 0.58, summary
-    assert summary["best_demo_gold"] == 0.75
+    # the demonstrator's systematic error (recipe.bias=0.8): the best demonstration scores ~0.8
+    # and the SFT policy imitates the error, so its greedy gold is below it
+    assert 0.78 < summary["best_demo_gold"] < 0.83, summary
+    assert summary["sft_policy/eval_gold"] < summary["best_demo_gold"], summary
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     learned = [r["reward/model_mean"] for r in rows if "reward/model_mean" in r]
     assert len(learned) == 20
     assert_rises(learned, head=5, tail=5)
-    for key in ("final_policy/eval_gold", "final_policy/eval_learned_reward", "sft_policy/eval_gold"):
-        assert key in summary
+    # RL's own gain: from the preferences alone, the greedy policy goes past the SFT policy and
+    # the best demonstration (64 held-out prompts x 4 letters: +0.05 is 13 more right letters)
+    assert summary["final_policy/eval_gold"] > summary["sft_policy/eval_gold"] + 0.05, summary
+    assert summary["final_policy/eval_gold"] > summary["best_demo_gold"], summary
+    assert summary["rm/ensemble_eval_accuracy"] >= 0.58, summary  # the recipe's 3 reward models
+    assert (run_dir / "final" / "config.json").exists()  # keep_best exported the kept policy
     assert (run_dir / "recipe.png").stat().st_size > 10_000
     for name in ("sft_model", "reward_model"):
         assert (run_dir / name / "config.json").exists()

@@ -25,7 +25,8 @@ def test_the_best_gold_is_kept_even_when_the_last_policy_is_worse(tmp_path):
     keeper = BestPolicy("eval/rule_mean", None, str(tmp_path))
     saved = _run(keeper, [(0, 0.70, 0.0), (10, 0.80, 1.0), (20, 0.86, 2.0), (30, 0.81, 4.0), (40, 0.60, 9.0)])
     assert saved == [0, 10, 20]
-    assert keeper.summary() == {"best/step": 20, "best/eval/rule_mean": 0.86, "best/kl": 2.0}
+    assert keeper.summary() == {"best/step": 20, "best/metric": "eval/rule_mean", "best/value": 0.86,
+                                "best/kl": 2.0}
     assert BestPolicy("eval/rule_mean", None, str(tmp_path)).best.step == 20  # a resumed run knows it
 
 

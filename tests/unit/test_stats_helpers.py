@@ -147,3 +147,21 @@ def test_an_ensemble_serves_the_uncertainty_penalised_mean(tiny_model_dir, tmp_p
     assert served.metrics["reward/model_std_mean"] == pytest.approx(std.mean().item(), abs=1e-5)
     with pytest.raises(ModelPathError, match="holds 3 reward model.*reward.model.ensemble=1"):
         RewardActor(None, model_path=str(tmp_path), ensemble=1)
+
+
+def test_ensemble_members_are_put_on_one_scale_before_their_spread_is_read(tiny_model_dir, tmp_path):
+    """A Bradley-Terry score is defined up to a constant: each member is served as (score - offset)
+    / scale from ensemble.json, so members that differ only by an offset show no disagreement."""
+    from rlhf_dist.models.scalar_reward import write_ensemble
+
+    names = _reward_models(tiny_model_dir, tmp_path, (1, 2))
+    records = [{"prompt": p} for p in ("rev abcd=", "rev hello=", "rev xy=")]
+    texts = ["dcba", "olleh", "zz"]
+    raw = torch.tensor([RewardActor(None, model_path=str(tmp_path / n)).score(records, texts).model for n in names])
+    scales = [(raw[0].mean().item(), 2.0), (raw[1].mean().item(), 0.5)]
+    write_ensemble(str(tmp_path), names, scales)
+    served = RewardActor(None, model_path=str(tmp_path), ensemble=2).score(records, texts)
+    standard = torch.stack([(raw[k] - scales[k][0]) / scales[k][1] for k in range(2)])
+    torch.testing.assert_close(torch.tensor(served.model), standard.mean(0), atol=1e-5, rtol=0)
+    assert served.metrics["reward/model_std_mean"] == pytest.approx(
+        standard.std(0, unbiased=False).mean().item(), abs=1e-5)
