@@ -89,7 +89,8 @@ def sort_stages(out: Path, seed: int, ensemble: int) -> tuple[Path, Path, Path]:
              "sft.batch_size=64", "sft.micro_batch_size=32", "sft.eval_every=500"], out / f"sort_sft_s{seed}.log")
     rm = out / f"sort_rm{ensemble}_s{seed}"
     if not (rm / "reward_model").is_dir() or not (rm / "summary.json").exists():
-        cli([f"hydra.run.dir={rm}", "stage=reward_model", f"model.path={sft / 'sft_model'}",
+        # from the base model, as the recipe does (recipe.rm_init=base: from the SFT model it stayed near chance)
+        cli([f"hydra.run.dir={rm}", "stage=reward_model",
              f"reward_model.train_files=[{data / 'pairs.jsonl'}]", f"reward_model.eval_file={data / 'eval_pairs.jsonl'}",
              "reward_model.steps=600", "reward_model.eval_every=200", f"reward.model.ensemble={ensemble}"],
             out / f"sort_rm{ensemble}_s{seed}.log")
