@@ -17,7 +17,8 @@ Two cases:
 
 Variants: `none` (a KL leash only: kl_coef 0.3 for sort, the experiment's for recipe), `guards`
 (the recipe's default guards: 3 reward models served as mean - std, the SFT mix, keep_best on the
-gold), `klX` (kl_coef X, no other guard), `klt` (adaptive KL, target 2 nats). Every eval (every 10
+gold), each guard alone (`ensemble`, `sftmix`, `keepbest`), `klX` (kl_coef X, no other guard),
+`klt` (adaptive KL, target 2 nats). Every eval (every 10
 steps) logs the greedy gold on held-out prompts; every step logs the sampled gold and the KL. At the
 end the exported policy (final/: the last one, or with keep_best the kept one) and the SFT model are
 scored greedily on a third prompt set that no choice was made on (test gold), so keep_best's
@@ -41,23 +42,26 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 SORT = REPO / "examples" / "sort_case"
 
-# the recipe's default guards, as overrides (conf/experiment/full_recipe.yaml sets the same)
-GUARDS = ["reward.model.ensemble=3", "reward.model.uncertainty_coef=1.0", "algo.sft_coef=0.1",
-          "trainer.keep_best=eval/rule_mean"]
-NO_GUARDS = ["reward.model.ensemble=1", "reward.model.uncertainty_coef=0", "algo.sft_coef=0",
-             "trainer.keep_best=null", "trainer.save_final=true"]
+# the recipe's default guards (conf/experiment/full_recipe.yaml sets the same), one by one
+ENSEMBLE = {"reward.model.ensemble": "3", "reward.model.uncertainty_coef": "1.0"}
+SFT_MIX = {"algo.sft_coef": "0.1"}
+KEEP_BEST = {"trainer.keep_best": "eval/rule_mean"}
+NO_GUARDS = {"reward.model.ensemble": "1", "reward.model.uncertainty_coef": "0", "algo.sft_coef": "0",
+             "trainer.keep_best": "null", "trainer.save_final": "true"}
+GUARDS = {**NO_GUARDS, **ENSEMBLE, **SFT_MIX, **KEEP_BEST}
+SINGLE = {"none": {}, "guards": GUARDS, "ensemble": ENSEMBLE, "sftmix": SFT_MIX, "keepbest": KEEP_BEST,
+          "klt": {"algo.kl_target": "2.0", "algo.kl_coef": "0.1"}}
 
 
 def variant_overrides(name: str) -> list[str]:
-    if name == "none":
-        return NO_GUARDS
-    if name == "guards":
-        return GUARDS
-    if name == "klt":
-        return NO_GUARDS + ["algo.kl_target=2.0", "algo.kl_coef=0.1"]
-    if name.startswith("kl"):
-        return NO_GUARDS + [f"algo.kl_coef={float(name[2:])}"]
-    raise SystemExit(f"unknown variant {name!r}: none | guards | kl<coef> | klt")
+    """none | guards | ensemble | sftmix | keepbest (one guard alone) | kl<coef> | klt (adaptive KL)."""
+    if name in SINGLE:
+        chosen = {**NO_GUARDS, **SINGLE[name]}
+    elif name.startswith("kl"):
+        chosen = {**NO_GUARDS, "algo.kl_coef": str(float(name[2:]))}
+    else:
+        raise SystemExit(f"unknown variant {name!r}: {' | '.join(SINGLE)} | kl<coef>")
+    return [f"{key}={value}" for key, value in chosen.items()]
 
 
 def cli(args: list[str], log: Path) -> None:
@@ -160,18 +164,18 @@ def measure(run_dir: Path, case: str, out: Path, seed: int) -> dict:
         "eval_curve": [(e["step"], kl_at.get(e["step"], 0.0), e["eval/rule_mean"], e.get("eval/model_mean"))
                        for e in evals],
         "sampled_curve": [(r["step"], r.get("kl/seq_mean", 0.0), r["reward/rule_mean"]) for r in steps],
-        "sft_eval_gold": summary.get("eval/rule_start"),
-        "last_eval_gold": summary.get("eval/rule_end"),
+        "sft_eval_gold": evals[0]["eval/rule_mean"],
+        "last_eval_gold": evals[-1]["eval/rule_mean"],
         "peak_eval_gold": max(e["eval/rule_mean"] for e in evals),
         "peak_eval_step": max(evals, key=lambda e: e["eval/rule_mean"])["step"],
         "sampled_gold_first": steps[0]["reward/rule_mean"],
         "sampled_gold_last10": statistics.mean(r["reward/rule_mean"] for r in tail),
         "kl_last10": statistics.mean(r.get("kl/seq_mean", 0.0) for r in tail),
-        "kept_step": summary.get("best/step"),
+        "kept_step": (json.loads((run_dir / "best" / "choice.json").read_text())["step"]
+                      if (run_dir / "best" / "choice.json").exists() else None),
         "sft_test_gold": greedy_gold(sft_dir, prompts, targets, case),
         "final_test_gold": greedy_gold(run_dir / "final", prompts, targets, case),
-        "best_demo_gold": (json.loads((run_dir / "summary.json").read_text()).get("best_demo_gold")
-                           if case == "recipe" else 0.75),
+        "best_demo_gold": summary.get("best_demo_gold") if case == "recipe" else 0.75,
         "rl_s": summary.get("total_s") or summary.get("rl/total_s"),
     }
 
@@ -252,7 +256,7 @@ def main() -> None:
     stem = f"overoptimisation_{args.case}{'_' + args.tag if args.tag else ''}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(
-        {"case": args.case, "seeds": args.seeds, "steps": args.steps, "guards": GUARDS,
+        {"case": args.case, "seeds": args.seeds, "steps": args.steps, "guards": variant_overrides("guards"),
          "wall_s": time.perf_counter() - start, "results": results}, indent=1))
     plot(results, RESULTS / f"{stem}.png", args.case)
     print(f"wrote {RESULTS / stem}.json and .png")

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 
-# Independent families of streams within one run: RL training batches, and evaluation sampling.
-STREAMS = {"train": 0, "eval": 1}
+# Independent families of streams within one run: RL training batches, evaluation sampling, and
+# the keep_best selection prompts' sampling.
+STREAMS = {"train": 0, "eval": 1, "select": 2}
 
 
 def sample_seed(run_seed: int, stream: str, step: int, prompt: int, child: int) -> int:

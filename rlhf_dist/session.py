@@ -90,8 +90,28 @@ def prepare(cfg: RLConfig) -> dict:
     demos = [task.demonstration(r) if "target" in r else "" for r in sample]
     check_reward_fn(load_reward_fn(reward_spec), reward_spec, sample, demos)
     sft_pairs = sft_mix_pairs(cfg, task, train_records, tokenizer) if cfg.algo.sft_coef > 0 else None
+    select_records = None
+    if cfg.trainer.keep_best:
+        eval_records, select_records = selection_prompts(cfg, task, eval_records, tokenizer)
     return {"task": task, "model_path": str(model_path), "train": train_records,
-            "eval": eval_records, "reward_spec": reward_spec, "sft_pairs": sft_pairs}
+            "eval": eval_records, "reward_spec": reward_spec, "sft_pairs": sft_pairs,
+            "select": select_records}
+
+
+def selection_prompts(cfg: RLConfig, task, eval_records: list[dict], tokenizer) -> tuple[list[dict], list[dict]]:
+    """(eval prompts, keep_best's selection prompts), disjoint: the selection is made on prompts the
+    reported eval does not use. A built-in task draws task.num_eval more from its held-out split;
+    a task.eval_file is cut in two halves (the second half selects)."""
+    if cfg.task.eval_file:
+        if len(eval_records) < 2:
+            raise DatasetError(f"trainer.keep_best needs selection prompts besides the eval prompts, and "
+                               f"task.eval_file={cfg.task.eval_file} has {len(eval_records)}. Add prompts.")
+        half = len(eval_records) // 2
+        return eval_records[:half], eval_records[half:]
+    seen = {r["prompt"] for r in eval_records}
+    drawn = task.make_records("eval", 2 * cfg.task.num_eval, cfg.task.seed + 1)
+    select = [r for r in drawn if r["prompt"] not in seen][: cfg.task.num_eval]
+    return eval_records, fit_prompts(cfg, select, tokenizer, "keep_best selection")
 
 
 def sft_mix_pairs(cfg: RLConfig, task, records: list[dict], tokenizer) -> list[tuple[str, str]]:

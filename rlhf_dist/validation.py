@@ -95,10 +95,7 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"algo.sft_batch_size={cfg.algo.sft_batch_size} must split evenly over "
                           f"learner.world_size={cfg.learner.world_size} ranks. Fix: a multiple of "
                           f"{cfg.learner.world_size}, e.g. algo.sft_batch_size={4 * cfg.learner.world_size}.")
-    keep = cfg.trainer.keep_best
-    if keep is not None and not str(keep).startswith("eval/"):
-        raise ConfigError(f"trainer.keep_best={keep!r} must name an eval metric (eval/...), e.g. "
-                          "trainer.keep_best=eval/rule_mean (the gold/rule score) or eval/model_mean.")
+    _validate_keep_best(cfg)
     fallback = cfg.reward.fallback_score
     if fallback is not None and not math.isfinite(fallback):
         raise ConfigError(f"reward.fallback_score={fallback} must be a finite number (the score of a "
@@ -114,6 +111,23 @@ def validate(cfg: Any) -> None:
     _validate_rollout(cfg)
     _validate_off_policy(cfg)
     _validate_cluster(cfg)
+
+
+def _validate_keep_best(cfg: Any) -> None:
+    keep, budget = cfg.trainer.keep_best, cfg.trainer.kl_budget
+    if keep is not None and not str(keep).startswith("eval/"):
+        raise ConfigError(f"trainer.keep_best={keep!r} must name an eval metric (eval/...), e.g. "
+                          "trainer.keep_best=eval/rule_mean (the gold/rule score) or eval/model_mean.")
+    # the full recipe serves the reward model it trains; elsewhere these exist only beside a reward model
+    if keep in ("eval/rule_mean", "eval/model_mean") and not cfg.reward.model.path and cfg.stage != "full_recipe":
+        raise ConfigError(f"trainer.keep_best={keep} is logged only beside a reward model, and reward.model.path "
+                          "is not set. Fix: trainer.keep_best=eval/reward_mean, or give reward.model.path.")
+    if budget is not None and keep is None:
+        raise ConfigError(f"trainer.kl_budget={budget} limits which policy trainer.keep_best keeps, and "
+                          "trainer.keep_best is not set. Fix: trainer.keep_best=eval/reward_mean (or another eval metric).")
+    if budget is not None and cfg.algo.kl_coef == 0:
+        raise ConfigError(f"trainer.kl_budget={budget} needs the KL to the reference, which is not measured with "
+                          "algo.kl_coef=0 (no reference model). Fix: algo.kl_coef > 0, or trainer.kl_budget=null.")
 
 
 def _check_registered(key: str, value: str, registry: dict) -> None:

@@ -121,7 +121,10 @@ class DeepSpeedRank:
                 extra_micros = []
                 if extra is not None:
                     extra_shard, extra_tokens = extra[0][index]
-                    extra_micros = [m.trimmed() for m in extra_shard.chunk(self.grad_accum_steps)]
+                    # every row, in at most grad_accum_steps parts (the same count on every rank:
+                    # the shards are equal), none empty
+                    rows = torch.arange(len(extra_shard)).tensor_split(min(self.grad_accum_steps, len(extra_shard)))
+                    extra_micros = [extra_shard.select(part).trimmed() for part in rows]
                 for micro in extra_micros:  # the extra rows' loss joins this mini-batch's step
                     self.ds_engine.set_gradient_accumulation_boundary(False)
                     loss, metrics = extra[1](micro, extra_tokens)

@@ -66,6 +66,8 @@ class ModelScorer:
         from rlhf_dist.models.scalar_reward import reward_model_inputs, sequence_rewards
 
         prompts = [render_prompt(r["prompt"], self.tokenizer) for r in records]
+        if not prompts:
+            return [], []
         scores = []  # (members, B)
         for start in range(0, len(prompts), self.batch_size):
             end = start + self.batch_size

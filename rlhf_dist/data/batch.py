@@ -148,12 +148,12 @@ def split_evenly(items: list, parts: int) -> list[list]:
     return out
 
 
-def demonstration_batch(tokenizer, prompts: list[str], completions: list[str]) -> Batch:
+def demonstration_batch(tokenizer, prompts: list[str], completions: list[str], with_eos: bool = True) -> Batch:
     """(prompt, completion) demonstrations as a Batch in the rollout layout: prompt ids, then
-    completion ids + eos as the response (the SFT stage's, and the policy's SFT-mix rows)."""
+    completion ids (+ eos) as the response (the SFT stage's, and the policy's SFT-mix rows)."""
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
-    completion_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                      for c in completions]
+    eos = [tokenizer.eos_token_id] if with_eos else []
+    completion_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + eos for c in completions]
     return collate_sequences(prompt_ids, completion_ids, [[0.0] * len(c) for c in completion_ids],
                              tokenizer.pad_token_id)
 

@@ -41,9 +41,10 @@ def ensemble_scales(path: str) -> list[tuple[str, tuple[float, float]]]:
     except (ValueError, KeyError, TypeError) as err:
         raise ModelPathError(f"reward model {path!r}: {manifest} is not {{\"members\": [subdir, ...]}} "
                              f"({err}). Fix: re-run the reward-model stage, or remove the file.") from None
-    if not isinstance(names, list) or not names or len(scales) != len(names):
-        raise ModelPathError(f"reward model {path!r}: {manifest} lists no members, or not one scale per "
-                             "member. Fix: re-run the reward-model stage, or remove the file.")
+    if (not isinstance(names, list) or not names or len(scales) != len(names)
+            or any(len(pair) != 2 or not pair[1] > 0 for pair in scales)):
+        raise ModelPathError(f"reward model {path!r}: {manifest} lists no members, or not one (offset, "
+                             "scale > 0) per member. Fix: re-run the reward-model stage, or remove the file.")
     return [(str(Path(path) / name), scale) for name, scale in zip(names, scales)]
 
 

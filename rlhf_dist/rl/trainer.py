@@ -43,6 +43,7 @@ from rlhf_dist.config import critic_micro_batch_size, old_logprobs_source, uses_
 from rlhf_dist.data.messages import Sample, Scores
 from rlhf_dist.data.batch import Batch, collate_sequences, demonstration_batch, shard_minibatches
 from rlhf_dist.data.prompts import PromptSampler
+from rlhf_dist.validation import validate
 from rlhf_dist.errors import ActorDiedError, ConfigError, NonFiniteLossError, RewardSamplesFailedError, RlhfDistError
 from rlhf_dist.monitor import RunMonitor
 from rlhf_dist.rl.generation import Generation, GenerationBatch
@@ -55,8 +56,9 @@ _ADDITIVE = ("loss/", "kl/loss_term", "entropy/", "critic/value_loss")
 class RLTrainer:
     def __init__(self, cfg, model_path: str, tokenizer, train_records: list[dict],
                  eval_records: list[dict], reward_spec: str, monitor: RunMonitor,
-                 sft_pairs: list[tuple[str, str]] | None = None) -> None:
+                 sft_pairs: list[tuple[str, str]] | None = None, select_records: list[dict] | None = None) -> None:
         self.cfg, self.model_path, self.tokenizer = cfg, model_path, tokenizer
+        self.select_records = select_records  # trainer.keep_best's own held-out prompts
         self.sft_pairs = sft_pairs or []  # (rendered prompt, completion): the SFT mix's demonstrations
         if cfg.algo.sft_coef > 0 and not self.sft_pairs:
             raise ConfigError(f"algo.sft_coef={cfg.algo.sft_coef} needs demonstrations and this run has none. "
@@ -108,13 +110,17 @@ class RLTrainer:
         over estimators, a curriculum). Its needs must be among what start() created: a critic
         only if the run began with one, a reference only if it began with one."""
         cfg = dataclasses.replace(self.cfg, algo=algo)
-        for need, has in (("a critic", uses_critic(cfg) and self.critics is None),
-                          ("a reference model", uses_reference(cfg) and self.reference is None)):
-            if has:
+        validate(cfg)
+        if algo.sft_coef > 0 and not self.sft_pairs:
+            raise ConfigError(f"use_algo: algo.sft_coef={algo.sft_coef} needs demonstrations and this trainer "
+                              "was given none. Fix: algo.sft_coef=0, or start it with sft_pairs.")
+        for need, missing in (("a critic", uses_critic(cfg) and self.critics is None),
+                              ("a reference model", uses_reference(cfg) and self.reference is None)):
+            if missing:
                 raise ConfigError(f"use_algo: algo (advantage={algo.advantage!r}) needs {need}, and this "
                                   "run started without one; start the trainer with an algo that needs it")
-        self.cfg, self.use_critic = cfg, uses_critic(cfg)
-        self.kl_ctl = make_kl_controller(algo.kl_coef, algo.kl_target, algo.kl_horizon)
+        self.cfg, self.use_critic, self.use_reference = cfg, uses_critic(cfg), uses_reference(cfg)
+        self.kl_ctl = make_kl_controller(algo.kl_coef, algo.kl_target, algo.kl_horizon)  # starts afresh
 
     def _groups(self) -> list[ActorGroup | None]:
         return [self.engines, self.learners, self.reward, self.reference, self.critics]
@@ -238,9 +244,11 @@ class RLTrainer:
         for index in range(num_minibatches):
             rng = random.Random(f"sft-mix|{self.cfg.trainer.seed}|{step}|{index}")
             rows = [self.sft_pairs[rng.randrange(len(self.sft_pairs))] for _ in range(size)]
-            batch = demonstration_batch(self.tokenizer, [p for p, _ in rows], [c for _, c in rows])
+            # fixed lengths (rollout.ignore_eos): the policy never ends a response, so neither do these
+            batch = demonstration_batch(self.tokenizer, [p for p, _ in rows], [c for _, c in rows],
+                                        with_eos=self.banned_token_id is None)
             tokens = float(batch["response_mask"].sum())
-            for rank, shard in enumerate(torch.arange(size).chunk(ranks)):
+            for rank, shard in enumerate(torch.arange(size).tensor_split(ranks)):
                 per_rank[rank].append((batch.select(shard, ["input_ids", "attention_mask", "response_mask"]),
                                        tokens))
         return per_rank
@@ -371,11 +379,14 @@ class RLTrainer:
         return metrics
 
     # ------------------------------------------------------------------ eval
-    def evaluate(self, step: int) -> dict[str, float]:
-        """Greedy decoding on the held-out prompts, scored by the same reward function, with the
-        reward model's raw score (no running normalisation: one scale over the run)."""
+    def evaluate(self, step: int, records: list[dict] | None = None, prefix: str = "eval") -> dict[str, float]:
+        """Greedy decoding on the held-out prompts (or `records`), scored by the same reward
+        function, with the reward model's raw score (no running normalisation: one scale over
+        the run). Metrics are named <prefix>/...: trainer.keep_best selects on its own prompts
+        ("select/..."), so the eval/ figures of the policy it keeps are not flattered by the choice."""
         start = time.perf_counter()
-        samples, records = self.generate(self.eval_records, 1, 0.0, step, stream="eval")
+        samples, records = self.generate(self.eval_records if records is None else records, 1, 0.0, step,
+                                         stream=prefix)
         texts = [s.text for s in samples]
         try:
             scored = self.reward.run("score", records, texts, False, False,
@@ -383,10 +394,12 @@ class RLTrainer:
         except RewardSamplesFailedError as err:  # reward.fallback_score=null: no score for this eval
             self.monitor.print(f"[eval] step {step} not scored: {err}")
             nan = float("nan")
-            return {"eval/reward_mean": nan, "eval/solved_frac": nan, "eval/length_mean": nan}
+            return {f"{prefix}/reward_mean": nan, f"{prefix}/solved_frac": nan, f"{prefix}/length_mean": nan}
         if scored.report:
             self.monitor.print(scored.report)
         metrics = eval_metrics(scored, samples, time.perf_counter() - start)
+        if prefix != "eval":
+            metrics = {f"{prefix}/{k.split('/', 1)[1]}": v for k, v in metrics.items()}
         self.monitor.log_eval(step, metrics)
         return metrics
 

@@ -6,8 +6,10 @@
       2. SFT     on the best demonstrations                               -> run_dir/sft_model
       3. RM      Bradley-Terry on the pairs and every ordered pair of each ranking (T-REX)
                                                                           -> run_dir/reward_model
-      4. RL      the SFT model against the served reward model, KL to the SFT model; the gold score
-                 is logged beside the learned reward but never trained on
+      4. RL      the SFT model against the served reward model (an ensemble, uncertainty-penalised),
+                 KL to the SFT model, the SFT mix; the gold score is logged beside the learned
+                 reward and never trained on, but trainer.keep_best uses it to choose which policy
+                 to export (on selection prompts of its own, not the eval prompts)
       5. report  summary.json and recipe.png (learned reward, gold score and KL over RL steps)
 
 Each stage is a short driver over DeepSpeed actor groups (stages/sft.py, stages/reward_model.py,
@@ -106,6 +108,7 @@ def run_full_recipe(cfg, dict_cfg, run_dir: Path) -> dict:
     from omegaconf import OmegaConf
 
     from rlhf_dist.data.preference_source import build_recipe_data
+    from rlhf_dist.models.scalar_reward import ensemble_members
     from rlhf_dist.stages.rl import run_with_ray
     from rlhf_dist.monitor import format_summary
 
@@ -124,8 +127,9 @@ def run_full_recipe(cfg, dict_cfg, run_dir: Path) -> dict:
         rl_cfg = dataclasses.replace(
             cfg, model=dataclasses.replace(cfg.model, path=str(run_dir / "sft_model")),
             reward=dataclasses.replace(cfg.reward, model=dataclasses.replace(cfg.reward.model, path=rm_dir)),
-            # PPO's critic starts from the reward model (its body and scalar head), as in InstructGPT
-            critic=dataclasses.replace(cfg.critic, model_path=cfg.critic.model_path or rm_dir))
+            # PPO's critic starts from the reward model (its body and scalar head), as in InstructGPT;
+            # from an ensemble's first member
+            critic=dataclasses.replace(cfg.critic, model_path=cfg.critic.model_path or ensemble_members(rm_dir)[0]))
         monitor = make_monitor(cfg, redact(OmegaConf.to_container(dict_cfg, resolve=True)))
         # the SFT mix (algo.sft_coef) replays the demonstrations the SFT stage learned from
         inputs = {**inputs, "sft_pairs": sft_records[0] if cfg.algo.sft_coef > 0 else None}
@@ -144,9 +148,11 @@ def recipe_summary(data_stats: dict, sft: dict, rm: dict, rl: dict, run_dir: Pat
     tail = steps[-max(1, len(steps) // 10):]
     mean = lambda key, part: sum(r[key] for r in part) / len(part)  # noqa: E731
     best_demo = data_stats["best_demo_gold_mean"]
-    # final/ is the exported policy: with trainer.keep_best the kept one, else the last one
-    kept = rl.get("best/metric") == "eval/rule_mean"
-    final_gold = rl["best/value"] if kept else rl.get("eval/rule_end", float("nan"))
+    # final/ is the exported policy: with trainer.keep_best the kept one (chosen on the selection
+    # prompts, so its gold on the eval prompts is not flattered by the choice), else the last one
+    final_step = rl.get("best/step", rl.get("steps"))
+    evals = {r["step"]: r["eval/rule_mean"] for r in rows if "eval/rule_mean" in r}
+    final_gold = evals.get(final_step, rl.get("eval/rule_end", float("nan")))
     return {
         "best_demo_gold": best_demo,
         "sft/eval_loss_start": sft["sft/eval_loss_start"], "sft/eval_loss_end": sft["sft/eval_loss_end"],
@@ -157,7 +163,7 @@ def recipe_summary(data_stats: dict, sft: dict, rm: dict, rl: dict, run_dir: Pat
         "rl/learned_reward_first_step": steps[0].get("reward/model_mean", float("nan")) if steps else float("nan"),
         "rl/learned_reward_last_10pct": mean("reward/model_mean", tail) if steps else float("nan"),
         "final_policy/eval_gold": final_gold,
-        "final_policy/step": rl.get("best/step", rl.get("steps")),
+        "final_policy/step": final_step,
         "last_policy/eval_gold": rl.get("eval/rule_end", float("nan")),
         "last_policy/eval_learned_reward": rl.get("eval/model_end", float("nan")),
         "sft_policy/eval_gold": rl.get("eval/rule_start", float("nan")),

@@ -119,8 +119,9 @@ def member_scales(out_dir: str, names: list[str], pairs: list, most: int = 2000)
 
 
 def ensemble_accuracy(path: str, pairs: list) -> float:
-    """The share of `pairs` whose chosen text the served ensemble (mean over members) scores
-    higher, as the reward actor scores them; ties count half."""
+    """The share of `pairs` whose chosen text the ensemble's mean score (members on one scale, no
+    uncertainty penalty) ranks higher; ties count half. Scored on the driver, like member_scales:
+    right for the models this machine trains, slow for billion-parameter ones."""
     from rlhf_dist.actors.reward import ModelScorer
 
     scorer = ModelScorer(path)

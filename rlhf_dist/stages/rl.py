@@ -69,7 +69,8 @@ def run_with_ray(cfg: RLConfig, model_path: str, inputs: dict, monitor, resume: 
     trainer = None
     try:
         trainer = RLTrainer(cfg, model_path, load_tokenizer(model_path), inputs["train"],
-                            inputs["eval"], inputs["reward_spec"], monitor, inputs.get("sft_pairs"))
+                            inputs["eval"], inputs["reward_spec"], monitor, inputs.get("sft_pairs"),
+                            inputs.get("select"))
         return fit(trainer, cfg, monitor, resume)
     except RlhfDistError as err:
         saved = complete_checkpoints(checkpoint_root(cfg))
@@ -101,21 +102,22 @@ def fit(trainer, cfg: RLConfig, monitor, resume: Path | None = None) -> dict:
         trainer.history = [r for r in logged if "reward/mean" in r]
         first_eval = next((r for r in logged if r["step"] == 0 and "eval/reward_mean" in r), None)
         monitor.print(f"[resume] from {resume}: step {done} of {tr.total_steps}")
-    best = BestPolicy(tr.keep_best, tr.kl_budget, tr.run_dir) if tr.keep_best else None
+    best = BestPolicy(tr.keep_best, tr.kl_budget, tr.run_dir, resumed_at=done) if tr.keep_best else None
     if resume is None or first_eval is None:
         first_eval = trainer.evaluate(0)
-        keep_if_best(trainer, best, 0, first_eval, cfg)
+        keep_if_best(trainer, best, 0, cfg)
     for step in range(done + 1, tr.total_steps + 1):
         metrics = trainer.step(step)
         if "reward/mean" in metrics:  # not a step skipped for its rewards
             trainer.history.append(metrics)
         monitor.log(step, metrics)
         if tr.eval_every and step % tr.eval_every == 0 and step != tr.total_steps:
-            keep_if_best(trainer, best, step, trainer.evaluate(step), cfg)
+            trainer.evaluate(step)
+            keep_if_best(trainer, best, step, cfg)
         if tr.save_every and (step % tr.save_every == 0 or step == tr.total_steps):
             trainer.save_checkpoint(step, str(checkpoint_root(cfg)))
     last_eval = trainer.evaluate(tr.total_steps)
-    keep_if_best(trainer, best, tr.total_steps, last_eval, cfg)
+    keep_if_best(trainer, best, tr.total_steps, cfg)
     final = Path(cfg.trainer.run_dir) / "final"
     if best is not None and best.best is not None:  # the kept policy is the one exported
         shutil.rmtree(final, ignore_errors=True)
@@ -137,14 +139,19 @@ def save_policy(trainer, path: Path, cfg: RLConfig) -> None:
     bring_back(trainer.learners, str(path), cfg.cluster.shared_dir, cfg.cluster.ship_models)
 
 
-def keep_if_best(trainer, best: BestPolicy | None, step: int, evaluation: dict, cfg: RLConfig) -> None:
-    """trainer.keep_best: save the policy just evaluated if it is the best so far."""
+def keep_if_best(trainer, best: BestPolicy | None, step: int, cfg: RLConfig) -> None:
+    """trainer.keep_best: evaluate the policy on the selection prompts and save it if it is the best
+    so far. KL: the last step's kl/seq_mean, the rollout KL of the policy before that step's update."""
     if best is None:
         return
+    selected = trainer.evaluate(step, trainer.select_records, "select")
+    selected = {f"eval/{k.split('/', 1)[1]}": v for k, v in selected.items()}  # the metric's eval/ name
     kl = trainer.history[-1].get("kl/seq_mean", 0.0) if step > 0 and trainer.history else 0.0
-    if best.consider(step, evaluation, kl):
-        save_policy(trainer, best.dir, cfg)
-        best.kept(step, evaluation, kl)
+    if best.consider(step, selected, kl):
+        tmp = best.dir.with_name(best.dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_policy(trainer, tmp, cfg)
+        best.kept(step, selected, kl, tmp)
 
 
 def summarize(history: list[dict], first_eval: dict, last_eval: dict, startup: dict,

@@ -1,9 +1,12 @@
 """The `rlhf-dist` entry point on bad input: a clear message, a non-zero exit, no actor started."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+
+from rlhf_dist.models.scalar_reward import ensemble_members
 
 from helpers import REPO, assert_rises, run_cli
 
@@ -240,5 +243,7 @@ def test_full_recipe_short(tmp_path):
     assert summary["rm/ensemble_eval_accuracy"] >= 0.58, summary  # the recipe's 3 reward models
     assert (run_dir / "final" / "config.json").exists()  # keep_best exported the kept policy
     assert (run_dir / "recipe.png").stat().st_size > 10_000
-    for name in ("sft_model", "reward_model"):
-        assert (run_dir / name / "config.json").exists()
+    assert (run_dir / "sft_model" / "config.json").exists()
+    for member in ensemble_members(str(run_dir / "reward_model")):  # 3 reward models and ensemble.json
+        assert Path(member, "config.json").exists()
+    assert len(ensemble_members(str(run_dir / "reward_model"))) == 3

@@ -213,21 +213,24 @@ def test_grad_norm_is_the_global_pre_clip_norm_and_clipping_uses_it(local_ray, t
             torch.testing.assert_close(weights[0][name], want, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_the_sft_mix_adds_its_coefficient_times_the_demonstrations_gradient(local_ray, tiny_model_dir, minibatch):
-    """algo.sft_coef (PPO-ptx): 2 ranks x 2 micro-batches, the demonstrations sharded beside the
-    policy rows, make the step that torch makes on policy loss + coef x token-mean NLL of all
-    demonstrations. Adam with eps >> |g| moves by ~ lr x g / eps, so a term left out, a missing
-    coefficient or a per-rank instead of global token count shows in the weights."""
+@pytest.mark.parametrize("zero_stage,micro,num_demos", [(2, 2, 4), (3, 1, 6)])
+def test_the_sft_mix_adds_its_coefficient_times_the_demonstrations_gradient(local_ray, tiny_model_dir, minibatch,
+                                                                            zero_stage, micro, num_demos):
+    """algo.sft_coef (PPO-ptx): 2 ranks x 2 (or 4) micro-batches, the demonstrations sharded beside
+    the policy rows (3 per rank in 2 uneven parts in the second case), make the step that torch
+    makes on policy loss + coef x token-mean NLL of all demonstrations. Adam with eps >> |g| moves
+    by ~ lr x g / eps, so a term left out, a row dropped, a missing coefficient or a per-rank
+    instead of global token count shows in the weights."""
     from rlhf_dist.data.batch import demonstration_batch
     from rlhf_dist.models.hf import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    demos = demonstration_batch(tokenizer, ["rev abcd=", "rev xyz=", "rev hello=", "rev qq="],
-                                ["dcba", "zyx", "olleh", "qq"])
+    prompts = ["rev abcd=", "rev xyz=", "rev hello=", "rev qq=", "rev tuvw=", "rev mn="][:num_demos]
+    demos = demonstration_batch(tokenizer, prompts, [p[4:-1][::-1] for p in prompts])
     loss_cfg = dataclasses.replace(LOSS_CFG, sft_coef=0.5)
     without = _torch_reference_step(tiny_model_dir, minibatch, loss_cfg)
     expected = _torch_reference_step(tiny_model_dir, minibatch, loss_cfg, sft=demos)
-    group, metrics, _ = _ds_step(tiny_model_dir, minibatch, ranks=2, micro=2, zero_stage=2,
+    group, metrics, _ = _ds_step(tiny_model_dir, minibatch, ranks=2, micro=micro, zero_stage=zero_stage,
                                  loss_cfg=loss_cfg, sft=demos)
     weights = group.run("get_weights", timeout_s=60)[0]
     group.kill()

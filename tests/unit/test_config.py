@@ -157,6 +157,16 @@ def test_wrong_type_is_rejected():
          "trainer.async_rollout=true with algo.tis_cap=null: nothing would correct"),
         (["algo.rollout_correction=true", "algo.recompute_old_logprobs=true"], "both choose log pi_old"),
         (["cluster=gpu1", "trainer.async_rollout=true"], "so they cannot free their memory then"),
+        (["trainer.keep_best=reward/mean"], "must name an eval metric (eval/...)"),
+        (["trainer.keep_best=eval/rule_mean"], "logged only beside a reward model"),
+        (["trainer.kl_budget=2.0"], "trainer.keep_best is not set"),
+        (["trainer.keep_best=eval/reward_mean", "trainer.kl_budget=2", "algo.kl_coef=0"], "not measured with algo.kl_coef=0"),
+        (["trainer.kl_budget=0", "trainer.keep_best=eval/reward_mean"], "trainer.kl_budget=0.0 must be > 0"),
+        (["reward.model.uncertainty_coef=1.0"], "reward.model.ensemble=3"),
+        (["reward.model.ensemble=0"], "reward.model.ensemble=0 must be > 0"),
+        (["algo.sft_coef=-1"], "algo.sft_coef=-1.0 is out of range"),
+        (["algo.sft_coef=0.1", "algo.sft_batch_size=3"], "must split evenly over learner.world_size=2"),
+        (["recipe.bias=1.5"], "recipe.bias=1.5 is out of range"),
     ],
 )
 def test_bad_values_raise_config_error_with_fix(overrides, needle):

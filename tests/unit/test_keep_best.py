@@ -14,8 +14,10 @@ def _run(keeper, evals):
     for step, gold, kl in evals:
         evaluation = {"eval/rule_mean": gold, "eval/model_mean": 10.0 * step}
         if keeper.consider(step, evaluation, kl):
-            keeper.dir.mkdir(parents=True, exist_ok=True)
-            keeper.kept(step, evaluation, kl)
+            weights = keeper.dir.with_name("best.tmp")
+            weights.mkdir(parents=True)
+            (weights / "model.safetensors").write_text(f"the policy of step {step}")
+            keeper.kept(step, evaluation, kl, weights)
             saved.append(step)
     return saved
 
@@ -27,7 +29,12 @@ def test_the_best_gold_is_kept_even_when_the_last_policy_is_worse(tmp_path):
     assert saved == [0, 10, 20]
     assert keeper.summary() == {"best/step": 20, "best/metric": "eval/rule_mean", "best/value": 0.86,
                                 "best/kl": 2.0}
-    assert BestPolicy("eval/rule_mean", None, str(tmp_path)).best.step == 20  # a resumed run knows it
+    assert (keeper.dir / "model.safetensors").read_text() == "the policy of step 20"
+    assert not keeper.dir.with_name("best.tmp").exists() and not keeper.dir.with_name("best.old").exists()
+    assert BestPolicy("eval/rule_mean", None, str(tmp_path), resumed_at=30).best.step == 20  # resumed: kept
+    # resumed from a checkpoint before the kept step: that policy belongs to the abandoned steps
+    assert BestPolicy("eval/rule_mean", None, str(tmp_path), resumed_at=10).best is None
+    assert not keeper.dir.exists()
 
 
 def test_a_kl_budget_rules_out_policies_that_drifted_too_far(tmp_path):
@@ -45,3 +52,11 @@ def test_a_metric_the_run_does_not_log_is_named_with_the_ones_it_does(tmp_path):
     keeper = BestPolicy("eval/gold_mean", None, str(tmp_path))
     with pytest.raises(ConfigError, match=r"eval/gold_mean.*\['eval/reward_mean', 'eval/solved_frac'\]"):
         keeper.consider(0, {"eval/reward_mean": 0.5, "eval/solved_frac": 0.1}, 0.0)
+
+
+def test_an_eval_whose_rewards_failed_is_no_candidate_and_no_error(tmp_path):
+    """reward.fallback_score=null: an unscored eval has only NaN metrics; the run goes on."""
+    keeper = BestPolicy("eval/rule_mean", None, str(tmp_path))
+    assert _run(keeper, [(0, 0.7, 0.0)]) == [0]
+    nan = float("nan")
+    assert not keeper.consider(10, {"eval/reward_mean": nan, "eval/solved_frac": nan}, 1.0)
