@@ -129,6 +129,7 @@ class RLTrainer:
     def generate(self, records: list[dict], n: int, temperature: float, step: int | None = None,
                  stream: str = "train") -> tuple[list[Sample], list[dict]]:
         """Split prompts across engines; returns (samples, the record each sample answers)."""
+        self.weights.wake_engines()  # asleep if the last step ended early (rollout.sleep_level > 0)
         return self.generation.generate(records, n, temperature, step, stream)
 
     def score(self, batch: Batch, records: list[dict], texts: list[str]) -> None:
@@ -318,6 +319,7 @@ class RLTrainer:
         with timed(timing, "step"):
             with timed(timing, "generate"):  # 1. generate (async: done during the last step)
                 launch_next = cfg.trainer.async_rollout and step < cfg.trainer.total_steps
+                self.weights.wake_engines()  # asleep if the last step ended early (rollout.sleep_level > 0)
                 pending = self.generation.begin_step(step, launch_next)
                 batch = collate_sequences([s.prompt_ids for s in pending.samples],
                                           [s.token_ids for s in pending.samples],

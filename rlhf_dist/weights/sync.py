@@ -28,6 +28,9 @@ class WeightSync:
         # ZeRO-3 gathers are collective, so every rank joins; otherwise rank 0 holds everything
         self.ranks = learners.actors if zero_stage == 3 else learners.actors[:1]
         self.rank_names = learners.names[: len(self.ranks)]
+        # what the engines have released (rollout.sleep_level > 0): None (awake), "all" (since
+        # sleep_engines) or ["kv_cache"] (weights woken for a sync that did not finish)
+        self.asleep: str | list[str] | None = None
 
     def prepare(self, bucket_mb: float | None = None) -> None:
         ro = self.cfg
@@ -48,8 +51,9 @@ class WeightSync:
         ro = self.cfg
         transport = transport or ro.sync_transport
         verify = ro.verify_sync if verify is None else verify
-        if ro.sleep_level:  # asleep since generation: weights back first, KV cache after the sync
-            self.engines.wait(self.engines.call("wake_up", ["weights"]), "engine wake-up", ro.sync_timeout_s)
+        if self.asleep == "all":  # asleep since generation: weights back first, KV cache after the sync
+            self._wake(["weights"])
+            self.asleep = ["kv_cache"]
         # The learner hashes its weights (an actor runs its calls in order): on GPU after sending,
         # while the engines load; on CPU before sending, since hashing beside the engine's reload
         # on the same cores made both slower (113M: 2.4 s sync with the overlap, ~1 s without).
@@ -68,8 +72,7 @@ class WeightSync:
                    # CPU: re-packing vLLM's oneDNN linear weights after the reload (part of load_s)
                    "sync/engine_repack_s": max(r.get("refresh_s", 0.0) for r in loaded),
                    "sync/engine_verify_s": max(r.get("verify_s", 0.0) for r in loaded)}
-        if ro.sleep_level:
-            self.engines.wait(self.engines.call("wake_up", ["kv_cache"]), "engine wake-up", ro.sync_timeout_s)
+        self.wake_engines()
         if verify:
             expected = wait_all(sum_refs, self.rank_names, "weight checksums", ro.sync_timeout_s)[0]
             self._compare(expected, loaded)
@@ -82,9 +85,20 @@ class WeightSync:
 
     def sleep_engines(self) -> None:
         """After generation (rollout.sleep_level > 0): engines free their GPU memory for training."""
-        if self.cfg.sleep_level:
+        if self.cfg.sleep_level and self.asleep is None:
             self.engines.wait(self.engines.call("sleep", self.cfg.sleep_level), "engine sleep",
                               self.cfg.sync_timeout_s)
+            self.asleep = "all"
+
+    def wake_engines(self) -> None:
+        """Whatever the engines released, back: after a sync, and before anything generates, so
+        that no way out of a step (a skipped step, a failed sync) leaves them asleep."""
+        if self.asleep is not None:
+            self._wake(None if self.asleep == "all" else self.asleep)
+            self.asleep = None
+
+    def _wake(self, tags: list[str] | None) -> None:
+        self.engines.wait(self.engines.call("wake_up", tags), "engine wake-up", self.cfg.sync_timeout_s)
 
     def _compare(self, expected: list[dict], loaded: list[dict[str, Any]]) -> None:
         for name, result in zip(self.engines.names, loaded):
