@@ -3,7 +3,8 @@ receiver, no byte through the CPU.
 
 The engine is built with vLLM's IPC weight-transfer engine (`engine_options`). Each learner rank
 (every rank under ZeRO-3) runs vLLM's `IPCTrainerWeightTransferEngine` over the bucket plan: it
-packs the tensors into a GPU buffer of rollout.sync_bucket_mb, shares it by IPC handle and drives
+packs the tensors into a GPU buffer of rollout.sync_bucket_mb (or the largest tensor, if larger),
+shares it by IPC handle and drives
 the engine's start / update / finish calls itself through `RayVLLMWeightSyncClient`, which calls
 `RolloutActor.init_weight_transfer_engine`, `start_weight_update`, `update_weights` and
 `finish_weight_update` by name. The engine's own verb only reports (and verifies) the result.
@@ -31,15 +32,40 @@ def send(publisher: WeightPublisher, engine_handles: list, plan: BucketPlan, dty
     from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo, IPCTrainerWeightTransferEngine
 
     start = time.perf_counter()
-    sender = publisher.transport_state.get(NAME)
+    handles = list(engine_handles)
+    cached = publisher.transport_state.get(NAME)
+    # a replaced engine (engine recovery) never saw init_weight_transfer_engine: a new sender for it
+    sender = cached[1] if cached is not None and cached[0] == handles else None
     if sender is None:
-        sender = publisher.transport_state[NAME] = IPCTrainerWeightTransferEngine.trainer_init(
-            IPCTrainerInitInfo(rank=publisher.rank, packed=True, packed_buffer_size_bytes=int(buffer_mb * 2**20)),
-            client=RayVLLMWeightSyncClient(list(engine_handles)), source=plan_source(publisher, plan, dtype))
+        sender = IPCTrainerWeightTransferEngine.trainer_init(
+            IPCTrainerInitInfo(rank=publisher.rank, packed=True,
+                               packed_buffer_size_bytes=buffer_bytes(plan, dtype, buffer_mb)),
+            client=RayVLLMWeightSyncClient(handles), source=plan_source(publisher, plan, dtype))
+        publisher.transport_state[NAME] = (handles, sender)
     sender.source.plan = plan
-    sender.send_weights()
+    try:
+        sender.send_weights()
+    except BaseException:
+        # vLLM starts the update before sending and does not end it on an error: the engine would
+        # keep layers on the meta device and refuse to generate. End it (the next sync's
+        # verification then finds what it holds) and start the next sync with a new sender.
+        publisher.transport_state.pop(NAME, None)
+        if publisher.rank == 0:
+            try:
+                sender.client.finish_weight_update()
+            except Exception:  # noqa: BLE001 - the send's own error is the one to report
+                pass
+        raise
     total = sum(math.prod(shape) for bucket in plan for _, shape in bucket) * DTYPES[dtype].itemsize
     return {"bytes": total, "buckets": len(plan), "publish_s": time.perf_counter() - start}
+
+
+def buffer_bytes(plan: BucketPlan, dtype: str, buffer_mb: float) -> int:
+    """vLLM's packed IPC buffer: rollout.sync_bucket_mb, or the largest single tensor of the plan if
+    that is larger (vLLM refuses a tensor bigger than its buffer; a 0.5B model's embedding alone is
+    272 MB in bf16)."""
+    largest = max((math.prod(shape) for bucket in plan for _, shape in bucket), default=0)
+    return max(int(buffer_mb * 2**20), largest * DTYPES[dtype].itemsize)
 
 
 def plan_source(publisher: WeightPublisher, plan: BucketPlan, dtype: str):
