@@ -300,6 +300,7 @@ def _validate_cluster(cfg: Any) -> None:
                 "cluster.device=cuda but cluster.gpus_per_learner / gpus_per_engine is 0. "
                 "Fix: use cluster=gpu8 (or set both to 1).")
         _check_gpu_shares(cfg)
+        _check_nccl_devices(cfg)
     if cfg.learner.backend == "nccl" and cfg.cluster.device != "cuda":
         raise ConfigError("learner.backend=nccl needs cluster.device=cuda; on CPU use gloo or auto.")
     for role in ("engine", "learner", "critic", "aux"):
@@ -352,6 +353,29 @@ def _check_gpu_shares(cfg: Any) -> None:
         return
     raise ConfigError(f"cluster.device=cuda, but {who} gets no GPU share, so Ray places its model "
                       f"on no GPU of its own. Fix: {fix}.")
+
+
+def _check_nccl_devices(cfg: Any) -> None:
+    """NCCL refuses two members of one group on one GPU ("Duplicate GPU detected"). Ray packs
+    fractional GPU shares onto one device, so a group whose members take half a GPU or less may
+    land there: the DeepSpeed ranks of the learner or critic, or the learner's rank 0 and an
+    engine in the collective weight group."""
+    cl = cfg.cluster
+    for role, ranks, share, key in (("learner", cfg.learner.world_size, cl.gpus_per_learner, "learner"),
+                                    ("critic", cfg.critic.world_size, cl.gpus_per_critic, "critic")):
+        if role == "critic" and not uses_critic(cfg):
+            continue
+        if ranks > 1 and share <= 0.5:
+            raise ConfigError(
+                f"{role}.world_size={ranks} with cluster.gpus_per_{key}={share}: Ray may put two {role} "
+                "ranks on one GPU, and NCCL refuses two ranks of a group on one device. Fix: "
+                f"cluster.gpus_per_{key}=1 (a GPU per rank), or {role}.world_size=1.")
+    if cfg.rollout.sync_transport == "collective" and cl.gpus_per_learner < 1 and cl.gpus_per_engine < 1:
+        raise ConfigError(
+            f"rollout.sync_transport=collective (NCCL) with cluster.gpus_per_learner={cl.gpus_per_learner} and "
+            f"cluster.gpus_per_engine={cl.gpus_per_engine}: Ray may put the learner and an engine on one GPU, "
+            "and NCCL refuses two members of the weight group on one device. Fix: rollout.sync_transport=ipc "
+            "(one engine on the learner's GPU, cluster=gpu1), or whole GPUs for each (cluster=gpu8).")
 
 
 def check_override_keys(overrides: list[str]) -> None:

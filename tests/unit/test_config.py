@@ -167,6 +167,10 @@ def test_wrong_type_is_rejected():
         (["algo.sft_coef=-1"], "algo.sft_coef=-1.0 is out of range"),
         (["algo.sft_coef=0.1", "algo.sft_batch_size=3"], "must split evenly over learner.world_size=2"),
         (["recipe.bias=1.5"], "recipe.bias=1.5 is out of range"),
+        (["cluster=gpu1", "rollout.sync_transport=collective"], "NCCL refuses two members of the weight group"),
+        (["cluster=gpu8", "cluster.gpus_per_learner=0.5"], "NCCL refuses two ranks of a group on one device"),
+        (["cluster=gpu8", "algo=ppo", "cluster.gpus_per_critic=0.25", "critic.world_size=2"],
+         "Fix: cluster.gpus_per_critic=1"),
     ],
 )
 def test_bad_values_raise_config_error_with_fix(overrides, needle):
