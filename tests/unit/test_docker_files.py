@@ -175,3 +175,26 @@ def test_job_overrides_compose_and_need_both_nodes(services, job_args):
     worker_cpus = float(option(shell_words(services["worker"])[-1], "--num-cpus"))
     need = sum(parts["CPU"] for parts in required_resources(cfg).values())
     assert head_cpus < need <= head_cpus + worker_cpus  # spans both nodes, and fits
+
+
+def test_install_gpu_refuses_a_venv_with_the_cpu_torch(tmp_path):
+    """`install.sh gpu` over a CPU venv would keep torch+cpu (pip keeps what satisfies the pin):
+    it stops before installing anything, with the command that fixes it."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if "+cpu" not in torch.__version__:
+        pytest.skip(f"this venv's torch is {torch.__version__}, not a CPU build")
+    (tmp_path / "launch").mkdir()
+    (tmp_path / "launch" / "install.sh").write_text((REPO / "launch" / "install.sh").read_text())
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    venv_python = tmp_path / ".venv" / "bin" / "python"  # this venv's interpreter, with its torch
+    venv_python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    venv_python.chmod(0o755)
+    done = subprocess.run(["bash", "launch/install.sh", "gpu"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "holds the CPU build of torch" in done.stderr and "rm -rf .venv && bash launch/install.sh gpu" in done.stderr
+    assert not (tmp_path / "rlhf_dist.egg-info").exists()  # nothing was installed
