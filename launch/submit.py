@@ -109,6 +109,28 @@ def ray_cli() -> list[str]:
     return [found]
 
 
+def check_reachable(address: str, timeout_s: float = 10.0) -> str | None:
+    """None if a Ray dashboard answers at `address`, else one message saying what was tried and how
+    to fix it (instead of the `ray job` CLI's traceback)."""
+    import urllib.error
+    import urllib.request
+
+    url = address.rstrip("/") + "/api/version"
+    if not url.startswith(("http://", "https://")):
+        return (f"error: --address {address} is not a dashboard URL. Expected http://HEAD:8265 (the Ray "
+                "dashboard's job API; `ray start --head` prints it).")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as reply:
+            json.loads(reply.read() or b"{}")
+        return None
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        return (f"error: no Ray dashboard answers at {address} (tried GET {url}: {reason}). Start a cluster "
+                "(`ray start --head --dashboard-host=0.0.0.0` on the head), or point at one with --address "
+                "http://HEAD:8265 or RAY_API_SERVER_ADDRESS (the dashboard port, 8265 by default; the job API "
+                "is not the GCS port 6379).")
+
+
 def submit_command(args, overrides: list[str], runtime_env_file: str) -> list[str]:
     program = ["rlhf-dist"] if args.no_working_dir else [args.python, "-m", "rlhf_dist.main"]
     cmd = [*ray_cli(), "job", "submit", "--address", args.address, "--runtime-env", runtime_env_file]
@@ -148,7 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [*ray_cli(), "job", verb, "--address", args.address, job_id]
         cmd += ["--follow"] if verb == "logs" else []
         print("$", shlex.join(cmd), flush=True)
-        return 0 if args.dry_run else subprocess.call(cmd)
+        if args.dry_run:
+            return 0
+        problem = check_reachable(args.address)
+        if problem:
+            print(problem, file=sys.stderr)
+            return 1
+        return subprocess.call(cmd)
     env = job_env(args.env, parser)
     spec = runtime_env(args, env)
     print(f"address: {args.address}")
@@ -162,7 +190,13 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(spec, f)  # JSON is YAML
         cmd = submit_command(args, overrides, path)
         print("$", shlex.join(cmd).replace(path, "<runtime-env file>"), flush=True)
-        return 0 if args.dry_run else subprocess.call(cmd)
+        if args.dry_run:
+            return 0
+        problem = check_reachable(args.address)
+        if problem:
+            print(problem, file=sys.stderr)
+            return 1
+        return subprocess.call(cmd)
     except KeyboardInterrupt:
         print("\nstopped following the logs; the job keeps running. Stop it with "
               "`python launch/submit.py --stop JOB_ID` (the id is printed above).", file=sys.stderr)

@@ -55,6 +55,8 @@ def resolve_address(address: str) -> tuple[str, int, str]:
             target = canonicalize_bootstrap_address("auto")
         except ImportError:  # a private API: other Ray versions may move it
             target = os.environ.get("RAY_ADDRESS") or None
+        except ConnectionError:  # Ray 2.60: "Could not find any running Ray instance"
+            target = None
         if target is None:
             raise ClusterConnectError(
                 "cluster.address=auto found no running Ray cluster: RAY_ADDRESS is unset and no "

@@ -135,6 +135,31 @@ def test_auto_names_the_address_it_resolved(monkeypatch):
         join_cluster("auto", 1.0, {})
 
 
+def test_auto_with_no_cluster_anywhere_is_one_message(monkeypatch):
+    """`rlhf-dist cluster=multinode` on a machine with no Ray: Ray's own lookup raises
+    ConnectionError ("Could not find any running Ray instance"); the user gets one message. (Ray's
+    scan for Ray processes is emptied: other tests' local Ray may be running on this machine.)"""
+    from ray._private import services
+
+    from rlhf_dist.errors import ClusterConnectError
+    from rlhf_dist.runtime.connect import join_cluster
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: [])
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir=None: None)
+    with pytest.raises(ClusterConnectError, match=r"cluster.address=auto found no running Ray cluster.*ray start --head"):
+        join_cluster("auto", 1.0, {})
+
+
+def test_submit_against_a_dead_dashboard_is_one_message():
+    out = submit("--address", f"http://127.0.0.1:{free_port()}", "--status", "rl-1")
+    assert out.returncode == 1
+    assert "no Ray dashboard answers at http://127.0.0.1:" in out.stderr and "Traceback" not in out.stderr
+    assert "ray start --head" in out.stderr
+    out = submit("--address", f"http://127.0.0.1:{free_port()}", "--", "trainer.total_steps=3")
+    assert out.returncode == 1 and "no Ray dashboard answers" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_dashboard_address_is_refused_with_the_right_one():
     from rlhf_dist.runtime.connect import join_cluster
     from rlhf_dist.errors import ClusterConnectError
