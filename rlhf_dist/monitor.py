@@ -61,11 +61,15 @@ class RunMonitor:
         if wandb_mode != "disabled":
             import wandb
 
-            self.wandb = wandb.init(
-                mode=wandb_mode, project=project, entity=entity, name=name, tags=list(tags),
-                config=config, dir=str(self.run_dir), reinit="finish_previous",
-                **({"id": wandb_id, "resume": "allow"} if wandb_id else {}),
-            )
+            from rlhf_dist.redact import redact_text, redacted_argv
+
+            with redacted_argv():  # the run's metadata records the command line, its name and tags
+                self.wandb = wandb.init(
+                    mode=wandb_mode, project=project, entity=entity,
+                    name=redact_text(name) if name else name, tags=[redact_text(str(t)) for t in tags],
+                    config=config, dir=str(self.run_dir), reinit="finish_previous",
+                    **({"id": wandb_id, "resume": "allow"} if wandb_id else {}),
+                )
 
     @property
     def wandb_id(self) -> str | None:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Mapping
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 MASK = "***"
 ENV_SECRETS = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
@@ -86,3 +88,15 @@ def redact_files(paths) -> None:
         if clean != text:
             with open(path, "w", encoding="utf-8") as f:
                 f.write(clean)
+
+
+@contextmanager
+def redacted_argv() -> Iterator[None]:
+    """sys.argv with `redact_text` applied to each argument while the block runs: W&B records the
+    command line (wandb-metadata.json "args") when a run starts, and overrides may hold secrets."""
+    saved = sys.argv[:]
+    sys.argv[1:] = [redact_text(arg) for arg in saved[1:]]
+    try:
+        yield
+    finally:
+        sys.argv[:] = saved

@@ -100,9 +100,11 @@ def test_run_with_wandb_offline_writes_no_secret_anywhere(tmp_path):
     """A whole run (W&B offline): no file in the run dir holds the W&B key, the HF token or the
     literal secret, and neither does the console."""
     run_dir = tmp_path / "run"
+    # typed on the command line too: W&B records argv, the run's name and its tags
     result = _cli([f"hydra.run.dir={run_dir}", "experiment=smoke", "warmup.steps=2",
                    "trainer.total_steps=1", "logger.wandb.mode=offline",
-                   "critic.model_path=/m/${oc.env:HF_TOKEN}"], tmp_path, timeout=900)
+                   "critic.model_path=/m/${oc.env:HF_TOKEN}", f"logger.wandb.name=run-{WANDB_KEY}",
+                   f"logger.wandb.tags=[t-{HF_TOKEN}]"], tmp_path, timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert list((run_dir / "wandb").glob("offline-run-*"))
     assert not _files_holding(run_dir, HF_TOKEN, WANDB_KEY)
