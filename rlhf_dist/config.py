@@ -312,6 +312,7 @@ class TrainerConfig:
     resume: Optional[str] = None  # null | auto (newest complete checkpoint of the run) | a checkpoint path
     max_bad_steps: int = 3  # non-finite loss/gradient: skip the update; this many in a row stop the run
     max_engine_restarts: int = 3  # a dead rollout engine is replaced and the phase retried, this often per run
+    max_aux_restarts: int = 3  # the same for a dead reward or reference actor (they hold no training state)
     # engines generate batch k+1 while the learner trains on batch k (one batch in flight). A resumed
     # run is then not bit-exact: the batch after the checkpoint is regenerated with newer weights.
     # (one batch in flight: each batch from step 2 on is exactly one policy update stale)

@@ -156,7 +156,7 @@ class RewardActor:
         if model_std is not None and len(self.model.models) > 1:
             metrics["reward/model_std_mean"] = sum(model_std) / len(model_std)
         return Scores(reward=reward, rule=rule, model=model, failures=failures, report=report,
-                      metrics=metrics)
+                      metrics=metrics, state=self.state_dict() if self.norm is not None and update_stats else None)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps: the reward normaliser's running statistics."""

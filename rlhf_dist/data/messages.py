@@ -28,3 +28,4 @@ class Scores:
     failures: list = field(default_factory=list)  # samples reward.fn raised on
     report: str = ""  # their console lines ("" when none)
     metrics: dict[str, float] = field(default_factory=dict)  # {"reward/failed_samples": n}
+    state: dict | None = None  # the actor's state after scoring (its normaliser), to restore a replacement

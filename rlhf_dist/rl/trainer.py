@@ -71,6 +71,8 @@ class RLTrainer:
         self.history: list[dict[str, float]] = []
         self.bad_steps = self.bad_in_a_row = 0  # updates skipped for a non-finite loss/gradient
         self.skipped_steps = 0  # steps skipped because reward.fn raised (reward.fallback_score=null)
+        self.aux_restarts = 0  # reward/reference actors replaced (with_aux_recovery)
+        self.reward_state: dict | None = None  # the reward normaliser's statistics after the last scoring
         self.engines = self.learners = self.reward = self.reference = self.critics = None  # start()
         # weight versions (updates applied since start-up) of the learner and of the engines; a
         # rollout records the engines' at launch, so staleness = policy_version - rollout.version
@@ -158,6 +160,7 @@ class RLTrainer:
                 scores: Scores = parts[0]
                 batch[key] = torch.tensor(scores.reward, dtype=torch.float32)
                 batch.meta.update(scores.metrics)
+                self.reward_state = scores.state or self.reward_state
                 if scores.report:
                     self.monitor.print(scores.report)
                 for part, values in (("rule", scores.rule), ("model", scores.model)):
@@ -280,6 +283,36 @@ class RLTrainer:
                 self.weights.sync()
                 self.engine_version = self.policy_version
 
+    def with_aux_recovery(self, phase: str, call):
+        """Run a phase that needs the reward and reference actors; if one has died, replace it
+        (same placement bundle) and run the phase again. They hold nothing the run cannot give
+        back: the frozen initial policy, the reward function and model, and the reward
+        normaliser's statistics (restored from the copy taken after the last scoring). At most
+        trainer.max_aux_restarts replacements over the run (faults/aux_restarts)."""
+        while True:
+            try:
+                return call()
+            except RlhfDistError as err:  # a dead actor shows as ActorDiedError or a timeout
+                groups = [g for g in (self.reward, self.reference) if g is not None]
+                dead = [(g, i) for g in groups for i in g.dead()]
+                limit = self.cfg.trainer.max_aux_restarts
+                if not dead:
+                    raise
+                if self.aux_restarts + len(dead) > limit:
+                    raise ActorDiedError(f"{err}\n{len(dead)} reward/reference actor(s) dead after "
+                                         f"{self.aux_restarts} restart(s) (trainer.max_aux_restarts={limit}).") from None
+                names = ", ".join(g.names[i] for g, i in dead)
+                self.monitor.print(f"[fault] {names} died during {phase}; restarting it "
+                                   f"({self.aux_restarts + len(dead)}/{limit} restarts)")
+                for group, i in dead:
+                    group.restart(i)
+                    group.wait([group.actors[i].ready.remote()], f"{group.names[i]} restart",
+                               self.cfg.learner.init_timeout_s)
+                    if group is self.reward and self.reward_state is not None:
+                        group.wait([group.actors[i].load_state_dict.remote(self.reward_state)],
+                                   "reward state restore", 60)
+                self.aux_restarts += len(dead)
+
     def train_or_skip(self, batch: Batch, step: int, staleness: int = 0) -> dict[str, float]:
         """Phase 4, where a non-finite loss or gradient skips the update on every rank (the ranks
         agree and discard the mini-batch's gradients) instead of ending the run, until
@@ -328,7 +361,8 @@ class RLTrainer:
             staleness = self._staleness(step, pending)
             with timed(timing, "score"):  # 2. score (+ reference logprobs, critic values, old logprobs)
                 try:
-                    self.score(batch, pending.sample_records, [s.text for s in pending.samples])
+                    self.with_aux_recovery("scoring", lambda: self.score(
+                        batch, pending.sample_records, [s.text for s in pending.samples]))
                 except RewardSamplesFailedError as err:  # reward.fallback_score=null: skip this step
                     return self._skip_step(step, err)
             with timed(timing, "train"):
@@ -368,6 +402,7 @@ class RLTrainer:
         metrics = rollout_metrics(batch["rewards"], batch["response_mask"], samples,
                                   cfg.rollout.n_samples_per_prompt, timing)
         metrics["faults/engine_restarts"] = float(self.engines.restarts)
+        metrics["faults/aux_restarts"] = float(self.aux_restarts)
         # which prompts this step drew (a resumed run must draw the same ones)
         metrics["data/prompt_crc"] = float(zlib.crc32("\n".join(r["prompt"] for r in rollout.records).encode()))
         for part in parts:
@@ -391,8 +426,8 @@ class RLTrainer:
                                          stream=prefix)
         texts = [s.text for s in samples]
         try:
-            scored = self.reward.run("score", records, texts, False, False,
-                                     timeout_s=self.cfg.reward.timeout_s)[0]
+            scored = self.with_aux_recovery("eval", lambda: self.reward.run(
+                "score", records, texts, False, False, timeout_s=self.cfg.reward.timeout_s)[0])
         except RewardSamplesFailedError as err:  # reward.fallback_score=null: no score for this eval
             self.monitor.print(f"[eval] step {step} not scored: {err}")
             nan = float("nan")

@@ -1,5 +1,6 @@
 """Faults during a run that must not end it: a killed rollout engine (replaced, weights re-sent,
-the phase retried, the restart counted) and a reward function raising on some samples."""
+the phase retried, the restart counted), killed reference and reward actors (replaced, the phase
+retried) and a reward function raising on some samples."""
 
 import os
 import signal
@@ -30,6 +31,27 @@ def test_a_killed_engine_is_replaced_and_the_run_finishes(tiny_model_dir, tmp_pa
     assert [s["step"] for s in steps] == [1, 2, 3, 4, 5]
     assert steps[-1]["faults/engine_restarts"] == 1.0
     assert steps[-1]["sync/verified_tensors"] > 0  # the new engine holds the learner's weights
+
+
+def test_killed_reference_and_reward_actors_are_replaced_and_the_run_finishes(tiny_model_dir, tmp_path):
+    """They hold no training state (the frozen initial policy; the reward function): a killed one
+    is restarted in its placement and the phase that found it dead runs again."""
+    run_dir = tmp_path / "run"
+    args = ["experiment=smoke", f"model.path={tiny_model_dir}", f"trainer.run_dir={run_dir}",
+            f"reward.fn={REPO / 'tests' / 'data' / 'slow_reward.py'}:score", "trainer.total_steps=5"]
+    driver = start_cli(args, tmp_path, until=lambda: len(_logged_steps(run_dir)) >= 2)
+    for actor in ("ReferenceActor", "RewardActor"):
+        pids = actor_pids(driver, actor)
+        assert len(pids) == 1, (actor, pids)
+        os.kill(pids[0], signal.SIGKILL)
+    output, _ = driver.communicate(timeout=900)
+    assert driver.returncode == 0, output[-4000:]
+    assert "[fault] reward[0], reference[0] died during" in output or (
+        "[fault] reward[0] died during" in output and "[fault] reference[0] died during" in output), output[-3000:]
+    steps = _logged_steps(run_dir)
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5]
+    assert steps[-1]["faults/aux_restarts"] == 2.0 and steps[-1]["faults/engine_restarts"] == 0.0
+    assert all(s["kl/seq_mean"] >= 0 for s in steps[2:])  # the new reference scores the KL again
 
 
 def test_a_reward_function_that_raises_on_some_samples_does_not_end_the_run(tiny_model_dir, tmp_path):
