@@ -126,7 +126,7 @@ def check_reachable(address: str, timeout_s: float = 10.0) -> str | None:
     except (urllib.error.URLError, OSError, ValueError) as err:
         reason = getattr(err, "reason", err)
         return (f"error: no Ray dashboard answers at {address} (tried GET {url}: {reason}). Start a cluster "
-                "(`ray start --head --dashboard-host=0.0.0.0` on the head), or point at one with --address "
+                "(`ray start --head` on the head; launch/README.md), or point at one with --address "
                 "http://HEAD:8265 or RAY_API_SERVER_ADDRESS (the dashboard port, 8265 by default; the job API "
                 "is not the GCS port 6379).")
 
