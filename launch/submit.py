@@ -118,7 +118,7 @@ def check_reachable(address: str, timeout_s: float = 10.0) -> str | None:
     url = address.rstrip("/") + "/api/version"
     if not url.startswith(("http://", "https://")):
         return (f"error: --address {address} is not a dashboard URL. Expected http://HEAD:8265 (the Ray "
-                "dashboard's job API; `ray start --head` prints it).")
+                "dashboard's job API; the head prints it when it starts).")
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as reply:
             json.loads(reply.read() or b"{}")
@@ -126,7 +126,7 @@ def check_reachable(address: str, timeout_s: float = 10.0) -> str | None:
     except (urllib.error.URLError, OSError, ValueError) as err:
         reason = getattr(err, "reason", err)
         return (f"error: no Ray dashboard answers at {address} (tried GET {url}: {reason}). Start a cluster "
-                "(`ray start --head` on the head; launch/README.md), or point at one with --address "
+                "on the head node (launch/README.md), or point at one with --address "
                 "http://HEAD:8265 or RAY_API_SERVER_ADDRESS (the dashboard port, 8265 by default; the job API "
                 "is not the GCS port 6379).")
 

@@ -155,7 +155,7 @@ def test_submit_against_a_dead_dashboard_is_one_message():
     out = submit("--address", f"http://127.0.0.1:{free_port()}", "--status", "rl-1")
     assert out.returncode == 1
     assert "no Ray dashboard answers at http://127.0.0.1:" in out.stderr and "Traceback" not in out.stderr
-    assert "ray start --head" in out.stderr
+    assert "Start a cluster on the head node (launch/README.md)" in out.stderr
     out = submit("--address", f"http://127.0.0.1:{free_port()}", "--", "trainer.total_steps=3")
     assert out.returncode == 1 and "no Ray dashboard answers" in out.stderr and "Traceback" not in out.stderr
 
