@@ -21,7 +21,7 @@ class CriticActor(DeepSpeedRank):
     role = "critic"
 
     def build_model(self) -> torch.nn.Module:
-        return load_value_model(self.model_path, self.device)
+        return load_value_model(self.model_path, self.load_device)
 
     def compute_values(self, batch: Batch, micro_batch_size: int) -> torch.Tensor:
         """V(s_t) of every response position of this rank's shard, (B, T) float32."""

@@ -51,11 +51,19 @@ class DeepSpeedRank:
         if device == "cpu":  # the ranks share the node's cores (or cluster.learner_cores)
             use_cores(cpu_cores, world_size)
         self.ds_engine = None
+        self.zero_stage = 0  # set by init
         self.optimizer_steps = 0
         self._skipped_steps = 0  # DeepSpeed's count of steps it skipped (non-finite gradients)
 
     def build_model(self) -> torch.nn.Module:
         raise NotImplementedError
+
+    @property
+    def load_device(self) -> str:
+        """Where `build_model` loads the weights: the CPU, unless ZeRO-3 partitions them onto the
+        device while loading. DeepSpeed casts the model (bf16) before it moves it to the GPU, so a
+        GPU never holds the full fp32 copy beside a colocated engine."""
+        return self.device if self.zero_stage == 3 else "cpu"
 
     def address(self) -> tuple[str, int]:
         return node_ip(), free_port()
@@ -73,6 +81,7 @@ class DeepSpeedRank:
         init_learner_process_group(self.rank, self.world_size, master_addr, master_port, backend, timeout_s)
         if self.device == "cuda":
             torch.cuda.set_device(0)
+        self.zero_stage = zero_stage
         config = build_deepspeed_config(zero_stage, micro_batch_size, grad_accum_steps,
                                         self.world_size, optim["grad_clip"], bf16)
         with zero3_loading(config) if zero_stage == 3 else nullcontext():
@@ -167,6 +176,8 @@ class DeepSpeedRank:
         result["perf/forwards_per_rank"] = float(forwards)
         result[STATS_WEIGHT] = float(response_tokens)  # weights this rank's stats in merge_rank_metrics
         result["perf/padded_token_frac"] = 1.0 - real / max(1, padded)
+        if self.device == "cuda":  # freed activations back to the GPU: a colocated engine wakes next
+            torch.cuda.empty_cache()
         return {k if k.startswith(prefix) else f"{prefix}{k}": v for k, v in result.items()}
 
     def _micro_batches(self, shard: Batch, max_tokens: int) -> list[Batch]:

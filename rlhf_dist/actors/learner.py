@@ -25,7 +25,7 @@ class LearnerActor(DeepSpeedRank):
     role = "learner"
 
     def build_model(self) -> torch.nn.Module:
-        return load_causal_lm(self.model_path, "float32", self.device)
+        return load_causal_lm(self.model_path, "float32", self.load_device)
 
     def init(self, *args, **kwargs) -> dict[str, Any]:
         info = super().init(*args, **kwargs)

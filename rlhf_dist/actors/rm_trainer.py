@@ -20,7 +20,7 @@ class RewardModelTrainerActor(DeepSpeedRank):
     stage = "reward-model"
 
     def build_model(self) -> torch.nn.Module:
-        return load_reward_model(self.model_path, self.device)
+        return load_reward_model(self.model_path, self.load_device)
 
     def _pair_rewards(self, model, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(r_chosen, r_rejected), (b,) each, from one forward over both halves."""

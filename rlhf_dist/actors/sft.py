@@ -20,7 +20,7 @@ class SFTActor(DeepSpeedRank):
     stage = "SFT"
 
     def build_model(self) -> torch.nn.Module:
-        return load_causal_lm(self.model_path, "float32", self.device)
+        return load_causal_lm(self.model_path, "float32", self.load_device)
 
     def train_step(self, minibatches: list[tuple[Batch, float, float]], step: int) -> dict[str, float]:
         def micro_loss(micro: Batch, num_tokens: float, num_seqs: float):
