@@ -227,7 +227,8 @@ def _validate_rollout(cfg: Any) -> None:
     tp = ro.tensor_parallel_size
     from rlhf_dist.weights.transports import get_transport
 
-    get_transport(ro.sync_transport).check_config(device, tp, ro.num_engines)
+    get_transport(ro.sync_transport).check_config(device, tp, ro.num_engines, cfg.learner.world_size,
+                                                  cfg.learner.zero_stage)
     if device == "cpu" and ro.sleep_level:
         raise ConfigError(
             f"rollout.sleep_level={ro.sleep_level}: vLLM's CPU platform has no sleep mode (vLLM "

@@ -4,7 +4,8 @@ reward, reference and critic ranks, and the weight sync between learners and eng
 This is where the config becomes actor arguments. Each `start_*` returns once the group's actors
 exist; they load their models in their own processes, so `start_rl_actors` creates every group
 first and then waits for them (`wait_ready`, and the DeepSpeed init refs `start_ds_group` returns):
-engines, reference, learners and critics load concurrently.
+engines, reference, learners and critics load concurrently (on a shared GPU the engines first:
+`engines_start_alone`).
 """
 
 from __future__ import annotations
@@ -53,13 +54,14 @@ def start_rl_actors(cfg, model_path: str, reward_spec: str, use_reference: bool,
         # model dirs go to actors on other nodes through Ray unless under cluster.shared_dir
         model = model_dir(model_path, cl.shared_dir, cl.ship_models)
         groups["engines"] = start_engines(cfg, model)
+        engine_info = wait_ready(groups["engines"], ro.init_timeout_s) if engines_start_alone(cfg) else None
         groups["learners"], init_refs = start_learners(cfg, model)
         groups["reward"] = start_reward(cfg, reward_spec)
         if use_reference:
             groups["reference"] = start_reference(cfg, model)
         if use_critic:
             groups["critics"], critic_refs = start_critics(cfg, model)
-        engine_info = wait_ready(groups["engines"], ro.init_timeout_s)
+        engine_info = engine_info or wait_ready(groups["engines"], ro.init_timeout_s)
         wait_ready(groups["reward"], 120.0)
         if use_reference:
             wait_ready(groups["reference"], cfg.learner.init_timeout_s)
@@ -80,6 +82,13 @@ def start_rl_actors(cfg, model_path: str, reward_spec: str, use_reference: bool,
                "startup/weight_sync_prepare_s": time.perf_counter() - ready}
     return RLActors(model, groups["engines"], groups["learners"], groups["reward"], groups.get("reference"),
                     groups.get("critics"), weights, learner_info[0]["num_params"], timings)
+
+
+def engines_start_alone(cfg) -> bool:
+    """Whether the engines must be ready before any other actor starts: on a GPU they share (a
+    fraction of one GPU each), vLLM's memory profiling counts what other processes allocate or free
+    meanwhile as its own and fails ("Error in memory profiling"). Elsewhere all groups load at once."""
+    return cfg.cluster.device == "cuda" and cfg.cluster.gpus_per_engine < 1
 
 
 def start_engines(cfg, model: ModelDir) -> ActorGroup:

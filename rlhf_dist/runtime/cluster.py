@@ -8,6 +8,9 @@ from rlhf_dist.config import uses_critic, uses_reference
 from rlhf_dist.errors import ClusterResourceError
 
 
+NETWORK_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME")
+
+
 def init_ray(cluster) -> None:
     """Local Ray by default (the embedded laptop mode); `cluster.address=auto` joins a cluster."""
     import ray
@@ -41,6 +44,9 @@ def quiet_env() -> dict[str, str]:
     env = {"TOKENIZERS_PARALLELISM": "false"}
     if "DS_ACCELERATOR" in os.environ:  # the driver's choice from cluster.device, also on remote nodes
         env["DS_ACCELERATOR"] = os.environ["DS_ACCELERATOR"]
+    # the network settings of NCCL and gloo (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, GLOO_SOCKET_IFNAME,
+    # TORCH_NCCL_*...) as the driver's environment has them: actors on other nodes do not inherit it
+    env.update({k: v for k, v in os.environ.items() if k.startswith(NETWORK_ENV_PREFIXES)})
     if verbose():
         return env
     return {

@@ -71,6 +71,18 @@ def test_actor_env_quiets_the_libraries_and_carries_the_deepspeed_device(monkeyp
     assert env["DS_ACCELERATOR"] == "cpu"
 
 
+def test_actor_env_carries_the_network_settings_of_nccl_and_gloo(monkeypatch):
+    """Actors on other nodes do not inherit the driver's environment: NCCL_SOCKET_IFNAME and the
+    like travel in the job's runtime env, other variables do not."""
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth1")
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth1")
+    monkeypatch.setenv("MY_UNRELATED_SETTING", "x")
+    env = quiet_env()
+    assert env["NCCL_SOCKET_IFNAME"] == env["GLOO_SOCKET_IFNAME"] == "eth1"
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2" and "MY_UNRELATED_SETTING" not in env
+
+
 def test_driver_drops_the_token_notice_but_not_other_ray_warnings(monkeypatch):
     monkeypatch.delenv("RLHF_DIST_VERBOSE", raising=False)
     console.quiet_driver_logging()

@@ -168,6 +168,8 @@ def test_wrong_type_is_rejected():
         (["algo.sft_coef=0.1", "algo.sft_batch_size=3"], "must split evenly over learner.world_size=2"),
         (["recipe.bias=1.5"], "recipe.bias=1.5 is out of range"),
         (["cluster=gpu1", "rollout.sync_transport=collective"], "NCCL refuses two members of the weight group"),
+        (["cluster=gpu1", "learner.world_size=2", "cluster.gpus_per_learner=1", "learner.zero_stage=2"],
+         "vLLM's IPC sender needs every learner rank in each sync"),
         (["cluster=gpu8", "cluster.gpus_per_learner=0.5"], "NCCL refuses two ranks of a group on one device"),
         (["cluster=gpu8", "algo=ppo", "cluster.gpus_per_critic=0.25", "critic.world_size=2"],
          "Fix: cluster.gpus_per_critic=1"),
@@ -242,3 +244,11 @@ def test_what_an_estimator_needs_comes_from_its_registry_entry():
     finally:
         for name in ("test_values", "test_groups"):
             ADVANTAGE_ESTIMATORS.pop(name), ESTIMATOR_NEEDS.pop(name)
+
+
+@pytest.mark.parametrize("overrides,alone", [([], False), (["cluster=gpu1"], True), (["cluster=gpu8"], False)])
+def test_engines_start_alone_only_on_a_gpu_they_share(overrides, alone):
+    """vLLM profiles GPU memory while it starts: on a shared GPU nothing else may load meanwhile."""
+    from rlhf_dist.rl.launcher import engines_start_alone
+
+    assert engines_start_alone(_compose(overrides)) is alone

@@ -18,7 +18,8 @@ class Transport:
     engine_verbs: Mapping[str, Callable] = {}  # verb -> fn(rollout actor, *args)
     worker_verbs: Mapping[str, Callable] = {}  # verb -> fn(vLLM worker, *args)
 
-    def check_config(self, device: str, tensor_parallel_size: int, num_engines: int) -> None:
+    def check_config(self, device: str, tensor_parallel_size: int, num_engines: int,
+                     learner_ranks: int = 1, zero_stage: int = 0) -> None:
         """Raise ConfigError (what was given, why it cannot work, the fix) for a layout it cannot serve."""
 
     def connect(self, sync: Any) -> None:

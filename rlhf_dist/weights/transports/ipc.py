@@ -100,7 +100,8 @@ class Ipc(Transport):
     learner_verbs = {"send": send}
     engine_verbs = {"receive": loaded}
 
-    def check_config(self, device: str, tensor_parallel_size: int, num_engines: int) -> None:
+    def check_config(self, device: str, tensor_parallel_size: int, num_engines: int,
+                     learner_ranks: int = 1, zero_stage: int = 0) -> None:
         if device == "cpu":
             raise ConfigError(
                 "rollout.sync_transport=ipc hands CUDA memory from the learner to an engine on the same "
@@ -111,6 +112,14 @@ class Ipc(Transport):
                 f"rollout.sync_transport=ipc needs one engine with one shard on the learner's GPU; got "
                 f"rollout.num_engines={num_engines}, rollout.tensor_parallel_size={tensor_parallel_size}. "
                 "Fix: rollout.sync_transport=collective (NCCL) for several engines or shards.")
+        if learner_ranks > 1 and zero_stage != 3:
+            # vLLM's sender gathers IPC handles over the ranks' default group (all_gather_object,
+            # barrier): every rank must take part, and below ZeRO-3 only rank 0 is called
+            raise ConfigError(
+                f"rollout.sync_transport=ipc with learner.world_size={learner_ranks} and "
+                f"learner.zero_stage={zero_stage}: vLLM's IPC sender needs every learner rank in each "
+                "sync, and below ZeRO-3 only rank 0 sends, so the others would never join. Fix: "
+                "learner.world_size=1 (one GPU, cluster=gpu1), or learner.zero_stage=3.")
 
     def start(self, sync, verify: bool) -> tuple[list, list]:
         ro = sync.cfg

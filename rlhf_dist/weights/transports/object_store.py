@@ -108,7 +108,8 @@ class ObjectStore(Transport):
     learner_verbs = {"send": publish}
     engine_verbs = {"receive": receive, "load": load}
 
-    def check_config(self, device: str, tensor_parallel_size: int, num_engines: int) -> None:
+    def check_config(self, device: str, tensor_parallel_size: int, num_engines: int,
+                     learner_ranks: int = 1, zero_stage: int = 0) -> None:
         if tensor_parallel_size > 1:
             raise ConfigError(
                 f"rollout.sync_transport=object_store with rollout.tensor_parallel_size={tensor_parallel_size}: "
