@@ -9,7 +9,11 @@ cut its own shard out of them. Works with any tensor_parallel_size.
 
 Deadlines: every broadcast and the closing barrier carry `timeout`, so a participant that stalls
 or dies makes every other participant fail within it, with the phase in the message, instead of
-leaving a rank waiting in a collective.
+leaving a rank waiting in a collective. gloo enforces it in `wait`; NCCL does not (its `wait` only
+orders the GPU stream), so on NCCL each collective is polled on the host and the communicator
+aborted at the deadline (`wait_with_deadline`); the runtime env sets
+TORCH_NCCL_ASYNC_ERROR_HANDLING=2 so that torch's own watchdog cleans up instead of killing the
+process.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ class WeightGroup:
     def broadcast(self, tensor: torch.Tensor, phase: str, timeout_s: float) -> None:
         """Rank 0's `tensor` into every rank's `tensor`, in place, or WeightSyncError at the deadline."""
         try:
-            self.pg.broadcast(tensor, 0, datetime.timedelta(seconds=timeout_s)).wait()
+            self._finish(self.pg.broadcast(tensor, 0, datetime.timedelta(seconds=timeout_s)), timeout_s)
         except RuntimeError as exc:
             raise self._failed(phase, timeout_s, exc) from exc
 
@@ -70,9 +74,23 @@ class WeightGroup:
         """Every rank confirms it got through the whole sync (an all-reduce of one element)."""
         flag = torch.ones(1, device=self.device)
         try:
-            self.pg.allreduce([flag]).wait(datetime.timedelta(seconds=timeout_s))
+            self._finish(self.pg.allreduce([flag]), timeout_s)
         except RuntimeError as exc:
             raise self._failed(phase, timeout_s, exc) from exc
+
+    def _finish(self, work, timeout_s: float) -> None:
+        """Wait for one collective, at most `timeout_s`. gloo's wait takes the deadline itself. On
+        NCCL, wait() only orders the GPU stream and returns at once, so the deadline is kept here,
+        on the host: poll until done, and past it abort the communicator (its kernels would hang
+        the next use) and raise. Each bucket is thereby waited for before the next is queued: the
+        deadline is per bucket, not per sync."""
+        wait_with_deadline(work, timeout_s, self.backend == "nccl", self._abort)
+
+    def _abort(self) -> None:
+        try:
+            self.pg.abort()
+        except Exception:  # noqa: BLE001 - aborting a broken communicator is best effort
+            pass
 
     def _failed(self, phase: str, timeout_s: float, exc: Exception) -> WeightSyncError:
         who = "the sender (learner rank 0)" if self.rank == 0 else f"engine worker rank {self.rank}"
@@ -83,6 +101,21 @@ class WeightGroup:
 
     def close(self) -> None:
         self.pg = self._store = None
+
+
+def wait_with_deadline(work, timeout_s: float, poll: bool, abort, interval_s: float = 0.002) -> None:
+    """`work.wait(timeout)` where the backend honours it (gloo); else poll `is_completed` until
+    `timeout_s` and then call `abort()` and raise RuntimeError (NCCL)."""
+    if not poll:
+        work.wait(datetime.timedelta(seconds=timeout_s))
+        return
+    deadline = time.monotonic() + timeout_s
+    while not work.is_completed():
+        if time.monotonic() > deadline:
+            abort()
+            raise RuntimeError(f"collective not completed within {timeout_s:.0f} s; communicator aborted")
+        time.sleep(interval_s)
+    work.wait()  # raises what the collective itself raised
 
 
 def _replace_group(holder: dict[str, Any], group: WeightGroup) -> None:
