@@ -80,3 +80,72 @@ def test_bf16_logprobs_track_fp32(tiny_model_dir):
         lp16, _ = response_logprobs(bf16, ids, mask, batch.prompt_width)
     valid = batch["response_mask"].cuda().bool()
     assert (lp32 - lp16)[valid].abs().max() < 0.1
+
+
+LR, EPS = 1e-2, 1.0  # Adam's first step with eps >> |g| is ~ lr * g / eps: the update shows the gradient
+
+
+def _torch_step(model_dir, batch):
+    """Plain torch on one device: the same loss on the whole batch, one AdamW step."""
+    from rlhf_dist.algo.objective import policy_objective
+
+    model = load_causal_lm(str(model_dir), "float32", "cuda")
+    tensors = {k: v.cuda() for k, v in batch.tensors.items()}
+    logprobs, entropy = response_logprobs(model, tensors["input_ids"], tensors["attention_mask"],
+                                          batch.prompt_width, with_entropy=True)
+    loss, _, _ = policy_objective(logprobs, tensors["rollout_logprobs"], tensors["advantages"],
+                                  tensors["response_mask"], ref_logprobs=tensors["ref_logprobs"],
+                                  entropy=entropy, **LOSS.objective_kwargs())
+    loss.backward()
+    torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, weight_decay=0.0).step()
+    return {n: p.detach().cpu() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
+def test_one_cuda_rank_makes_the_plain_torch_step(tiny_model_dir, zero_stage):
+    """fp32, 2 accumulation micro-batches: the rank's update equals torch's on the whole batch."""
+    optim = dict(OPTIM, lr=LR, eps=EPS, grad_clip=1e9, scheduler="constant", warmup_steps=0, min_lr_ratio=1.0)
+    learner = LearnerActor(rank=0, world_size=1, model_path=str(tiny_model_dir), device="cuda")
+    learner.init("127.0.0.1", free_port(), "nccl", zero_stage, micro_batch_size=8, grad_accum_steps=2,
+                 optim=optim, total_optimizer_steps=1, bf16=False, gradient_checkpointing=False, timeout_s=120)
+    batch = _batch(tiny_model_dir)
+    tokens = float(batch["response_mask"].sum())
+    learner.train_step([(batch, tokens, float(len(batch)))], LOSS, step=1)
+    got, want = learner.get_weights(), _torch_step(tiny_model_dir, batch)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def _rank(rank, port, model_dir, zero_stage, queue):
+    torch.cuda.set_device(rank)
+    optim = dict(OPTIM, lr=LR, eps=EPS, grad_clip=1e9, scheduler="constant", warmup_steps=0, min_lr_ratio=1.0)
+    learner = LearnerActor(rank=rank, world_size=2, model_path=model_dir, device="cuda")
+    learner.init("127.0.0.1", port, "nccl", zero_stage, micro_batch_size=4, grad_accum_steps=2,
+                 optim=optim, total_optimizer_steps=1, bf16=False, gradient_checkpointing=False, timeout_s=120)
+    batch = _batch(model_dir)
+    tokens = float(batch["response_mask"].sum())
+    shard = batch.chunk(2)[rank]
+    learner.train_step([(shard, tokens, float(len(batch)))], LOSS, step=1)
+    queue.put((rank, learner.get_weights()))
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_cuda_ranks_over_nccl_make_the_plain_torch_step(tiny_model_dir, zero_stage):
+    """2 ranks (one GPU each: NCCL refuses two on one device) x 2 micro-batches, ZeRO-2/3 over NCCL:
+    both ranks end with torch's single-device weights."""
+    import torch.multiprocessing as mp
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("NCCL needs one device per rank: 2 GPUs")
+    ctx, port = mp.get_context("spawn"), free_port()
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, port, str(tiny_model_dir), zero_stage, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=600) for _ in procs)
+    for p in procs:
+        p.join(60)
+    want = _torch_step(tiny_model_dir, _batch(tiny_model_dir))
+    for rank in (0, 1):
+        for name, value in want.items():
+            torch.testing.assert_close(results[rank][name], value, rtol=1e-3, atol=1e-5, msg=f"rank {rank}: {name}")

@@ -74,3 +74,36 @@ def test_chunked_checksum_is_identical_on_cpu_and_cuda():
     weights = torch.randn(5 * 2**20 + 7)  # several chunks, the last one partial
     assert tensor_checksum(weights) == tensor_checksum(weights.cuda())
     assert tensor_checksum(weights.bfloat16()) == tensor_checksum(weights.bfloat16().cuda())
+
+
+def _stalled_rank(rank, port, queue):
+    import time
+
+    torch.cuda.set_device(rank)
+    group = WeightGroup.open("127.0.0.1", port, rank, 2, "nccl", 60)
+    if rank == 1:  # joins the group, never the broadcast
+        time.sleep(40)
+        queue.put((rank, "slept"))
+        return
+    start = time.monotonic()
+    try:
+        group.broadcast(torch.randn(2**20, device="cuda"), "bucket 1/1", 5.0)
+        queue.put((rank, "returned"))
+    except Exception as exc:  # noqa: BLE001 - the test reads what happened
+        queue.put((rank, f"raised after {time.monotonic() - start:.1f} s: {exc}"))
+
+
+def test_a_stalled_nccl_broadcast_fails_at_its_deadline():
+    """NCCL's wait() returns at once; the deadline is kept on the host (wait_with_deadline)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("NCCL needs one device per rank: 2 GPUs")
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_stalled_rank, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+    assert results[0].startswith("raised after") and "while bucket 1/1" in results[0], results[0]
+    assert float(results[0].split()[2]) < 15
