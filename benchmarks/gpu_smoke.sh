@@ -25,8 +25,8 @@ if "$py" -c "import vllm, ray" 2>/dev/null; then
   check gpu1-ipc-sleep "$py" -m rlhf_dist.main cluster=gpu1 experiment=smoke trainer.total_steps=3 \
     rollout.verify_sync=true logger.wandb.mode=disabled "hydra.run.dir=$out/gpu1"
   if [ "$gpus" -ge 2 ]; then
-    check collective-nccl "$py" -m rlhf_dist.main cluster=gpu8 experiment=smoke trainer.total_steps=3 \
-      rollout.sync_transport=collective rollout.verify_sync=true learner.world_size=1 \
+    check collective-nccl "$py" -m rlhf_dist.main cluster=gpu8 cluster.address=null rollout.num_engines=1 \
+      experiment=smoke trainer.total_steps=3 rollout.sync_transport=collective rollout.verify_sync=true learner.world_size=1 \
       algo.kl_coef=0 logger.wandb.mode=disabled "hydra.run.dir=$out/nccl"
   else
     echo "SKIP  collective-nccl (needs 2 GPUs: NCCL refuses two members of a group on one device)"

@@ -115,13 +115,12 @@ def check_reachable(address: str, timeout_s: float = 10.0) -> str | None:
     import urllib.error
     import urllib.request
 
-    url = address.rstrip("/") + "/api/version"
-    if not url.startswith(("http://", "https://")):
-        return (f"error: --address {address} is not a dashboard URL. Expected http://HEAD:8265 (the Ray "
-                "dashboard's job API; the head prints it when it starts).")
+    base = address if "://" in address else f"http://{address}"  # as `ray job` reads it
+    url = base.rstrip("/") + "/api/version"
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as reply:
-            json.loads(reply.read() or b"{}")
+        with urllib.request.urlopen(url, timeout=timeout_s):
+            return None
+    except urllib.error.HTTPError:  # something answers (401 with token auth): let `ray job` talk to it
         return None
     except (urllib.error.URLError, OSError, ValueError) as err:
         reason = getattr(err, "reason", err)

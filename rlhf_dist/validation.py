@@ -371,7 +371,13 @@ def _check_nccl_devices(cfg: Any) -> None:
                 f"{role}.world_size={ranks} with cluster.gpus_per_{key}={share}: Ray may put two {role} "
                 "ranks on one GPU, and NCCL refuses two ranks of a group on one device. Fix: "
                 f"cluster.gpus_per_{key}=1 (a GPU per rank), or {role}.world_size=1.")
-    if cfg.rollout.sync_transport == "collective" and cl.gpus_per_learner < 1 and cl.gpus_per_engine < 1:
+    ro = cfg.rollout
+    if ro.sync_transport == "collective" and ro.num_engines > 1 and cl.gpus_per_engine <= 0.5:
+        raise ConfigError(
+            f"rollout.sync_transport=collective (NCCL) with rollout.num_engines={ro.num_engines} and "
+            f"cluster.gpus_per_engine={cl.gpus_per_engine}: Ray may put two engines on one GPU, and NCCL "
+            "refuses two members of the weight group on one device. Fix: cluster.gpus_per_engine=1.")
+    if ro.sync_transport == "collective" and cl.gpus_per_learner + cl.gpus_per_engine <= 1:
         raise ConfigError(
             f"rollout.sync_transport=collective (NCCL) with cluster.gpus_per_learner={cl.gpus_per_learner} and "
             f"cluster.gpus_per_engine={cl.gpus_per_engine}: Ray may put the learner and an engine on one GPU, "

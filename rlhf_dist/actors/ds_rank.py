@@ -61,8 +61,9 @@ class DeepSpeedRank:
     @property
     def load_device(self) -> str:
         """Where `build_model` loads the weights: the CPU, unless ZeRO-3 partitions them onto the
-        device while loading. DeepSpeed casts the model (bf16) before it moves it to the GPU, so a
-        GPU never holds the full fp32 copy beside a colocated engine."""
+        device while loading. DeepSpeed casts the model (bf16) before it moves it to the GPU, so
+        the module's fp32 load never lands on a GPU a colocated engine has sized its memory on;
+        the optimizer's fp32 master copy still does (about 6 bytes per parameter in all)."""
         return self.device if self.zero_stage == 3 else "cpu"
 
     def address(self) -> tuple[str, int]:

@@ -308,9 +308,8 @@ class RLTrainer:
                     group.restart(i)
                     group.wait([group.actors[i].ready.remote()], f"{group.names[i]} restart",
                                self.cfg.learner.init_timeout_s)
-                    if group is self.reward and self.reward_state is not None:
-                        group.wait([group.actors[i].load_state_dict.remote(self.reward_state)],
-                                   "reward state restore", 60)
+                if self.reward_state is not None:  # also the survivors: the retry scores this batch again
+                    self.reward.wait(self.reward.call("load_state_dict", self.reward_state), "reward state restore", 60)
                 self.aux_restarts += len(dead)
 
     def train_or_skip(self, batch: Batch, step: int, staleness: int = 0) -> dict[str, float]:
@@ -488,6 +487,7 @@ class RLTrainer:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.bad_steps = int(state.get("bad_steps", 0))
         self.reward.run("load_state_dict", state["reward"], timeout_s=60)
+        self.reward_state = state["reward"]  # what a replaced reward actor starts from
 
     def shutdown(self) -> None:
         """Kill every actor group started (best effort, also after a failure)."""

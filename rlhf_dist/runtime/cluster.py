@@ -47,10 +47,6 @@ def quiet_env() -> dict[str, str]:
     # the network settings of NCCL and gloo (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, GLOO_SOCKET_IFNAME,
     # TORCH_NCCL_*...) as the driver's environment has them: actors on other nodes do not inherit it
     env.update({k: v for k, v in os.environ.items() if k.startswith(NETWORK_ENV_PREFIXES)})
-    # a NCCL collective past its timeout: abort the communicator, keep the process (the weight
-    # sync's deadline raises and the next sync rebuilds the group), instead of torch's default
-    # of tearing the whole process down
-    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     if verbose():
         return env
     return {

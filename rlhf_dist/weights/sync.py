@@ -92,7 +92,12 @@ class WeightSync:
 
     def wake_engines(self) -> None:
         """Whatever the engines released, back: after a sync, and before anything generates, so
-        that no way out of a step (a skipped step, a failed sync) leaves them asleep."""
+        that no way out of a step (a skipped step, a failed sync) leaves them asleep. Level 2
+        discarded the weights, and waking does not bring them back: they are sent again (the
+        policy is the one the engines last held, since nothing trained in between)."""
+        if self.asleep == "all" and self.cfg.sleep_level == 2:
+            self.sync()  # wakes the weights, sends them, wakes the KV cache
+            return
         if self.asleep is not None:
             self._wake(None if self.asleep == "all" else self.asleep)
             self.asleep = None

@@ -81,7 +81,7 @@ def _stalled_rank(rank, port, queue):
 
     torch.cuda.set_device(rank)
     group = WeightGroup.open("127.0.0.1", port, rank, 2, "nccl", 60)
-    if rank == 1:  # joins the group, never the broadcast
+    if rank == 1:  # opens the group (its communicator included), never joins the broadcast
         time.sleep(40)
         queue.put((rank, "slept"))
         return
@@ -99,11 +99,13 @@ def test_a_stalled_nccl_broadcast_fails_at_its_deadline():
         pytest.skip("NCCL needs one device per rank: 2 GPUs")
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_stalled_rank, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(60)
+    procs = [ctx.Process(target=_stalled_rank, args=(r, port, queue), daemon=True) for r in range(2)]
+    try:
+        for p in procs:
+            p.start()
+        results = dict(queue.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.terminate()
     assert results[0].startswith("raised after") and "while bucket 1/1" in results[0], results[0]
     assert float(results[0].split()[2]) < 15

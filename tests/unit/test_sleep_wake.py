@@ -59,6 +59,24 @@ def test_a_sync_that_fails_after_waking_the_weights_leaves_the_kv_cache_to_the_n
     assert weights.engines.calls[-1] == ("wake_up", ["kv_cache"]) and weights.asleep is None
 
 
+def test_level_2_sends_the_weights_again_before_generating(monkeypatch):
+    """Level 2 dropped the weights: after a skipped step the engines get them again, not garbage."""
+    weights = _sync(sleep_level=2)
+    weights.sleep_engines()
+    sent = []
+
+    class Recording:
+        def start(self, sync, verify):
+            sent.append(sync.engines.calls[-1])  # what the engines had been told just before
+            raise RuntimeError("stop after the send started")
+
+    monkeypatch.setattr(sync_module, "get_transport", lambda name: Recording())
+    weights.cfg.sync_transport, weights.cfg.verify_sync = "collective", False
+    with pytest.raises(RuntimeError, match="send started"):
+        weights.wake_engines()
+    assert weights.engines.calls == [("sleep", 2), ("wake_up", ["weights"])] and sent == [("wake_up", ["weights"])]
+
+
 def test_without_sleep_mode_nothing_is_called():
     weights = _sync(sleep_level=0)
     weights.sleep_engines()

@@ -9,17 +9,18 @@ cut its own shard out of them. Works with any tensor_parallel_size.
 
 Deadlines: every broadcast and the closing barrier carry `timeout`, so a participant that stalls
 or dies makes every other participant fail within it, with the phase in the message, instead of
-leaving a rank waiting in a collective. gloo enforces it in `wait`; NCCL does not (its `wait` only
-orders the GPU stream), so on NCCL each collective is polled on the host and the communicator
-aborted at the deadline (`wait_with_deadline`); the runtime env sets
-TORCH_NCCL_ASYNC_ERROR_HANDLING=2 so that torch's own watchdog cleans up instead of killing the
-process.
+leaving a rank waiting in a collective. gloo enforces it in `wait`; on NCCL each collective is
+polled on the host and the communicator aborted at the deadline (`wait_with_deadline`), its
+communicator is created when the group opens (not inside the first broadcast, where NCCL would block
+outside any deadline), and the group is built with TORCH_NCCL_ASYNC_ERROR_HANDLING=2, so torch's
+watchdog cleans up instead of killing the process.
 """
 
 from __future__ import annotations
 
 import datetime
 import math
+import os
 import time
 from typing import Any
 
@@ -31,6 +32,7 @@ from rlhf_dist.weights.plan import DTYPES, BucketPlan, WeightPublisher, unflatte
 from rlhf_dist.weights.transports.base import Transport, register_transport, with_checksums
 
 NAME = "collective"
+ASYNC_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
 
 
 class WeightGroup:
@@ -58,10 +60,29 @@ class WeightGroup:
         elif backend == "nccl":
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout
-            pg, device = dist.ProcessGroupNCCL(store, rank, world_size, options), torch.device("cuda")
+            device = torch.device("cuda", torch.cuda.current_device())
+            # read when the group is built: at a timeout, abort this group's communicator and keep
+            # the process (the sync raises; connect() builds a new group) instead of torch's
+            # default of tearing the process down. DeepSpeed's and vLLM's own groups keep theirs.
+            saved = os.environ.get(ASYNC_ERROR_HANDLING)
+            os.environ[ASYNC_ERROR_HANDLING] = "2"
+            try:
+                pg = dist.ProcessGroupNCCL(store, rank, world_size, options)
+            finally:
+                if saved is None:
+                    os.environ.pop(ASYNC_ERROR_HANDLING, None)
+                else:
+                    os.environ[ASYNC_ERROR_HANDLING] = saved
         else:
             raise WeightSyncError(f"weight group backend {backend!r}: expected 'gloo' or 'nccl'")
-        return cls(pg, rank, world_size, backend, device, store)
+        group = cls(pg, rank, world_size, backend, device, store)
+        if backend == "nccl":
+            # NCCL creates its communicator at the first collective and blocks there until every
+            # member arrives, outside any deadline: create it now, while all members open the
+            # group together (connect), with the deadline kept on the host
+            pg.eager_connect_single_device(device)
+            group.barrier("opening the weight group", timeout_s)
+        return group
 
     def broadcast(self, tensor: torch.Tensor, phase: str, timeout_s: float) -> None:
         """Rank 0's `tensor` into every rank's `tensor`, in place, or WeightSyncError at the deadline."""
@@ -80,10 +101,10 @@ class WeightGroup:
 
     def _finish(self, work, timeout_s: float) -> None:
         """Wait for one collective, at most `timeout_s`. gloo's wait takes the deadline itself. On
-        NCCL, wait() only orders the GPU stream and returns at once, so the deadline is kept here,
-        on the host: poll until done, and past it abort the communicator (its kernels would hang
-        the next use) and raise. Each bucket is thereby waited for before the next is queued: the
-        deadline is per bucket, not per sync."""
+        NCCL the deadline is kept here, on the host: poll until done, and past it abort the
+        communicator (its kernels would hang the next use) and raise. Each bucket is thereby
+        waited for before the next is queued: the deadline is per bucket, not per sync (the
+        sender no longer queues buckets ahead)."""
         wait_with_deadline(work, timeout_s, self.backend == "nccl", self._abort)
 
     def _abort(self) -> None:

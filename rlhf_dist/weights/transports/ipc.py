@@ -47,8 +47,9 @@ def send(publisher: WeightPublisher, engine_handles: list, plan: BucketPlan, dty
         sender.send_weights()
     except BaseException:
         # vLLM starts the update before sending and does not end it on an error: the engine would
-        # keep layers on the meta device and refuse to generate. End it (the next sync's
-        # verification then finds what it holds) and start the next sync with a new sender.
+        # keep layers on the meta device and refuse to generate. End it (layers not received keep
+        # their old weights; a half-received one is garbage, and the error ends the run or the
+        # next sync replaces it) and start the next sync with a new sender.
         publisher.transport_state.pop(NAME, None)
         if publisher.rank == 0:
             try:
