@@ -130,6 +130,15 @@ def check_reachable(address: str, timeout_s: float = 10.0) -> str | None:
                 "is not the GCS port 6379).")
 
 
+def run_ray(cmd: list[str], address: str) -> int:
+    """`cmd` (a `ray job ...` command), once a dashboard answers at `address`; else one message."""
+    problem = check_reachable(address)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
+    return subprocess.call(cmd)
+
+
 def submit_command(args, overrides: list[str], runtime_env_file: str) -> list[str]:
     program = ["rlhf-dist"] if args.no_working_dir else [args.python, "-m", "rlhf_dist.main"]
     cmd = [*ray_cli(), "job", "submit", "--address", args.address, "--runtime-env", runtime_env_file]
@@ -169,13 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [*ray_cli(), "job", verb, "--address", args.address, job_id]
         cmd += ["--follow"] if verb == "logs" else []
         print("$", shlex.join(cmd), flush=True)
-        if args.dry_run:
-            return 0
-        problem = check_reachable(args.address)
-        if problem:
-            print(problem, file=sys.stderr)
-            return 1
-        return subprocess.call(cmd)
+        return 0 if args.dry_run else run_ray(cmd, args.address)
     env = job_env(args.env, parser)
     spec = runtime_env(args, env)
     print(f"address: {args.address}")
@@ -189,13 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(spec, f)  # JSON is YAML
         cmd = submit_command(args, overrides, path)
         print("$", shlex.join(cmd).replace(path, "<runtime-env file>"), flush=True)
-        if args.dry_run:
-            return 0
-        problem = check_reachable(args.address)
-        if problem:
-            print(problem, file=sys.stderr)
-            return 1
-        return subprocess.call(cmd)
+        return 0 if args.dry_run else run_ray(cmd, args.address)
     except KeyboardInterrupt:
         print("\nstopped following the logs; the job keeps running. Stop it with "
               "`python launch/submit.py --stop JOB_ID` (the id is printed above).", file=sys.stderr)
