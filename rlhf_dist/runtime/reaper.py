@@ -14,6 +14,13 @@ When the driver is gone it sends each of them still alive SIGTERM, SIGKILL after
 and exits. When the session's own processes are gone while the driver lives (`ray.shutdown()`), it
 exits too. Processes of other Ray sessions never match: they name another session directory and
 another raylet. Its log: <session dir>/logs/rlhf_dist_reaper.log.
+
+A run that joined a cluster (`cluster.address`) gets no watchdog: the Ray session there is the
+cluster's, and ending it would end every job on it. There Ray itself ends what the run started
+when the driver dies: the job's placement groups are removed and its actors with them (engines,
+learner ranks, reference, reward, all placed in ActorGroup placement groups). Tested by killing a
+run with SIGKILL on a two-node cluster (tests/e2e/test_multinode.py): every actor of the job ends,
+another job's actor and both nodes stay.
 """
 
 from __future__ import annotations

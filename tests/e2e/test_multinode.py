@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -447,3 +448,81 @@ def test_run_submitted_to_two_nodes_places_actors_on_both_and_syncs(two_nodes, t
     steps = [s for s in steps if "sync/verified_tensors" in s]
     assert len(steps) == 2 and all(s["sync/verified_tensors"] > 0 for s in steps), steps
     assert (run_dir / "summary.json").is_file()
+
+
+_BYSTANDER = """
+import sys, time, ray
+ray.init(address=sys.argv[1], logging_level="ERROR")
+@ray.remote(num_cpus=0)
+class Bystander:
+    def pid(self):
+        import os
+        return os.getpid()
+keeper = Bystander.remote()
+print("ready", ray.get(keeper.pid.remote()), ray.get_runtime_context().get_job_id(), flush=True)
+time.sleep(600)
+"""
+
+
+_ALIVE_ACTORS = """
+import json, sys
+from ray.util.state import list_actors
+print(json.dumps([{k: a[k] for k in ("job_id", "class_name", "pid")} for a in list_actors(
+    address=sys.argv[1], filters=[("state", "=", "ALIVE")], limit=1000)]))
+"""
+
+
+def _alive_actors(cluster: "TwoNodeCluster") -> list[dict]:
+    """The cluster's live actors from Ray's state API (in a process with the cluster's token)."""
+    out = subprocess.run([sys.executable, "-c", _ALIVE_ACTORS, f"http://127.0.0.1:{cluster.dashboard_port}"],
+                         env=cluster.env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_killed_driver_that_joined_a_cluster_ends_its_actors_and_only_them(two_nodes, tmp_path):
+    """`rlhf-dist cluster.address=...` killed with SIGKILL mid-run: every actor of its job (engine,
+    learner ranks, reference, reward) and their processes end, while another job's actor and both
+    nodes' Ray processes stay. The local-Ray watchdog (runtime/reaper.py) is not started on a
+    cluster: it ends a whole Ray session, which here is the cluster's."""
+    from test_reaper import _start
+
+    env = dict(two_nodes.env, PYTHONPATH=str(REPO))
+    gcs = f"127.0.0.1:{two_nodes.gcs_port}"
+    bystander = subprocess.Popen([sys.executable, "-c", _BYSTANDER, gcs], env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    driver = None
+    try:
+        _, bystander_pid, bystander_job = bystander.stdout.readline().split()
+        driver = _start([sys.executable, "-m", "rlhf_dist.main", "cluster=multinode",
+                         f"cluster.address={gcs}", "experiment=smoke", f"hydra.run.dir={tmp_path}/run",
+                         "cluster.engine_resources={node_b:1}", "cluster.learner_resources={node_a:1}",
+                         "cluster.cpus_per_engine=0.3", "cluster.cpus_per_learner=0.3",
+                         "cluster.cpus_per_aux=0.1", "cluster.connect_timeout_s=30",
+                         "warmup.steps=2", "trainer.total_steps=200", "trainer.save_every=0",
+                         "logger.wandb.mode=disabled"], "step ", tmp_path, 420, env=env)
+        assert not [p for p in psutil.Process(driver.pid).children(recursive=True)
+                    if "reaper.py" in " ".join(p.cmdline())], "the local-Ray watchdog started on a cluster"
+        ours = [a for a in _alive_actors(two_nodes) if a["job_id"] != bystander_job]
+        assert {a["class_name"] for a in ours} >= {"RolloutActor", "RewardActor"}, ours
+        pids = [psutil.Process(a["pid"]) for a in ours]
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            left = [a for a in _alive_actors(two_nodes) if a["job_id"] != bystander_job]
+            if not left and not [p for p in pids if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
+                break
+            time.sleep(1)
+        else:
+            raise AssertionError(f"left after 60 s: actors {left}, processes "
+                                 f"{[p.pid for p in pids if p.is_running()]}")
+        assert [a["job_id"] for a in _alive_actors(two_nodes)] == [bystander_job]
+        assert psutil.pid_exists(int(bystander_pid))
+        assert all(proc.poll() is None for proc in two_nodes.procs), "a Ray node stopped"
+    finally:
+        if driver is not None and driver.poll() is None:
+            driver.kill()
+        bystander.kill()

@@ -74,9 +74,9 @@ def _naming(session_dir: str) -> list[psutil.Process]:
     return found
 
 
-def _start(args: list[str], ready: str, cwd, timeout_s: float) -> subprocess.Popen:
+def _start(args: list[str], ready: str, cwd, timeout_s: float, env: dict | None = None) -> subprocess.Popen:
     """Start a driver; return once it printed a line starting with `ready`."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(env or os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     lines: queue.Queue = queue.Queue()
