@@ -104,6 +104,13 @@ class RolloutConfig:
     # 1 = weights to CPU and KV cache dropped, 2 = both dropped (the sync rewrites the weights).
     # vLLM's CPU platform has no sleep mode (measured: vLLM 0.32 refuses it): refused on CPU.
     sleep_level: int = 0
+    # multi-turn episodes (rlhf_dist.rl.episodes): an environment class answers the policy between
+    # turns, "file.py:Class" or "package.module:Class" (contract: rlhf_dist/envs/base.py); null =
+    # one completion per prompt. max_new_tokens is then the budget of one policy turn.
+    env: Optional[str] = None
+    max_turns: int = 4  # policy turns per episode
+    max_episode_tokens: int = 64  # policy and observation tokens of one episode together
+    tool_timeout_s: float = 10.0  # one environment step (a tool call); past it the policy sees an error
 
 
 @dataclass
@@ -413,6 +420,11 @@ def old_logprobs_source(cfg: Any) -> str:
     if cfg.algo.rollout_correction or cfg.trainer.async_rollout:
         return "current"
     return "rollout"
+
+
+def response_budget(cfg: Any) -> int:
+    """Most response tokens of one sample: an episode's budget with rollout.env, else one completion's."""
+    return cfg.rollout.max_episode_tokens if cfg.rollout.env else cfg.rollout.max_new_tokens
 
 
 def uses_reference(cfg: Any) -> bool:

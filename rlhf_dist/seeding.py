@@ -26,10 +26,11 @@ import numpy as np
 STREAMS = {"train": 0, "eval": 1, "select": 2}
 
 
-def sample_seed(run_seed: int, stream: str, step: int, prompt: int, child: int) -> int:
-    """The seed of sample `child` of the `prompt`-th prompt of `step`: a 63-bit integer."""
-    words = np.random.SeedSequence(run_seed, spawn_key=(STREAMS[stream], step, prompt, child)).generate_state(
-        2, np.uint32)
+def sample_seed(run_seed: int, stream: str, step: int, prompt: int, child: int, turn: int = 0) -> int:
+    """The seed of sample `child` of the `prompt`-th prompt of `step`: a 63-bit integer. In a
+    multi-turn episode each policy turn after the first has its own (`turn` >= 1)."""
+    key = (STREAMS[stream], step, prompt, child) + ((turn,) if turn else ())
+    words = np.random.SeedSequence(run_seed, spawn_key=key).generate_state(2, np.uint32)
     return (int(words[0]) << 32 | int(words[1])) & (2**63 - 1)
 
 

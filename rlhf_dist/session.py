@@ -51,7 +51,7 @@ def prepare(cfg: RLConfig) -> dict:
     """Everything that can fail on bad input, checked before any actor starts."""
     from rlhf_dist.data.prompts import load_prompt_records
     from rlhf_dist.data.reward_fn import check_reward_fn, load_reward_fn
-    from rlhf_dist.data.tasks import get_task
+    from rlhf_dist.data.tasks import episode_text, get_task
     from rlhf_dist.models.hf import load_tokenizer
     from rlhf_dist.models.tiny import check_model_dir, ensure_tiny_model
 
@@ -87,7 +87,7 @@ def prepare(cfg: RLConfig) -> dict:
         check_reward_model_dir(cfg.reward.model.path, cfg.reward.model.ensemble)
     reward_spec = cfg.reward.fn or task.reward_fn
     sample = train_records[:2]
-    demos = [task.demonstration(r) if "target" in r else "" for r in sample]
+    demos = [episode_text(task.demonstration(r)) if "target" in r else "" for r in sample]
     check_reward_fn(load_reward_fn(reward_spec), reward_spec, sample, demos)
     sft_pairs = sft_mix_pairs(cfg, task, train_records, tokenizer) if cfg.algo.sft_coef > 0 else None
     select_records = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from rlhf_dist.config import (STAGES, RLConfig, critic_micro_batch_size, old_logprobs_source, uses_critic,
+from rlhf_dist.config import (STAGES, RLConfig, critic_micro_batch_size, old_logprobs_source, response_budget, uses_critic,
                               uses_reference)
 from rlhf_dist.errors import ConfigError
 
@@ -31,6 +31,7 @@ _CHOICES = {
 _POSITIVE = (
     "trainer.total_steps", "trainer.prompts_per_step", "trainer.max_bad_steps", "rollout.num_engines",
     "rollout.n_samples_per_prompt", "rollout.max_new_tokens", "rollout.tensor_parallel_size",
+    "rollout.max_turns", "rollout.max_episode_tokens", "rollout.tool_timeout_s",
     "rollout.sync_bucket_mb", "rollout.sync_timeout_s", "learner.world_size",
     "learner.mini_batch_size", "learner.micro_batch_size", "learner.optim.lr", "algo.ppo_epochs",
     "algo.kl_horizon", "critic.optim.lr", "task.max_prompt_len", "sft.steps", "sft.batch_size", "sft.micro_batch_size",
@@ -96,6 +97,10 @@ def validate(cfg: Any) -> None:
                           f"learner.world_size={cfg.learner.world_size} ranks. Fix: a multiple of "
                           f"{cfg.learner.world_size}, e.g. algo.sft_batch_size={4 * cfg.learner.world_size}.")
     _validate_keep_best(cfg)
+    if cfg.rollout.env:  # importable, with a step method: before any actor starts
+        from rlhf_dist.envs.base import load_env
+
+        load_env(cfg.rollout.env)
     fallback = cfg.reward.fallback_score
     if fallback is not None and not math.isfinite(fallback):
         raise ConfigError(f"reward.fallback_score={fallback} must be a finite number (the score of a "
@@ -199,12 +204,13 @@ def _validate_batches(cfg: Any) -> None:
                 f"multiple of {section}.micro_batch_size={micro}. Fix: "
                 f"{section}.micro_batch_size={_divisor(per_rank, micro)}.")
     budget = cfg.learner.max_tokens_per_micro_batch
-    longest = cfg.task.max_prompt_len + cfg.rollout.max_new_tokens
+    response = "rollout.max_episode_tokens" if cfg.rollout.env else "rollout.max_new_tokens"
+    longest = cfg.task.max_prompt_len + response_budget(cfg)
     if budget and not budget >= longest:
         raise ConfigError(
             f"learner.max_tokens_per_micro_batch={budget} is smaller than one sequence of maximum "
-            f"length: task.max_prompt_len + rollout.max_new_tokens = {cfg.task.max_prompt_len} + "
-            f"{cfg.rollout.max_new_tokens} = {longest} tokens. Fix: learner.max_tokens_per_micro_batch"
+            f"length: task.max_prompt_len + {response} = {cfg.task.max_prompt_len} + "
+            f"{response_budget(cfg)} = {longest} tokens. Fix: learner.max_tokens_per_micro_batch"
             f"={longest} or more (a multiple of it fits that many long sequences), or 0 to use "
             "learner.micro_batch_size rows.")
     if cfg.warmup.steps and cfg.warmup.batch_size % cfg.learner.world_size:

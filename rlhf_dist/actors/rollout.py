@@ -92,7 +92,7 @@ class RolloutActor:
         n: int,
         temperature: float,
         top_p: float,
-        max_new_tokens: int,
+        max_new_tokens: int | list[int],
         seeds: list[list[int]] | None = None,
     ) -> list[Sample]:
         """Sample `n` responses per prompt. Returns one Sample each, prompt-major order.
@@ -102,18 +102,21 @@ class RolloutActor:
         one n=G request with seed + j, shared with the neighbouring prompts' seeds), and a sample
         is a function of (weights, prompt, seed) alone: a resumed run draws what the
         uninterrupted one did. Without seeds, one n-sample request per prompt from the engine's
-        own generator.
+        own generator. `max_new_tokens` may be one per prompt (multi-turn episodes: what is left of
+        each episode's token budget).
         """
         from vllm import SamplingParams, TokensPrompt
 
         greedy = temperature == 0.0
 
-        def sampling(count, seed):
+        limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompt_token_ids)
+
+        def sampling(count, seed, max_tokens):
             return SamplingParams(
-                n=count, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed,
+                n=count, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
                 # fixed lengths: EOS is masked until max_new_tokens (as HF's min_new_tokens), not
                 # sampled mid-response and kept in the loss
-                ignore_eos=self.ignore_eos, min_tokens=max_new_tokens if self.ignore_eos else 0,
+                ignore_eos=self.ignore_eos, min_tokens=max_tokens if self.ignore_eos else 0,
                 logprobs=None if greedy else 0)  # 0 = only the sampled token's logprob
 
         if seeds is not None:
@@ -121,9 +124,9 @@ class RolloutActor:
                 raise ValueError(f"generate: need {len(prompt_token_ids)} x {n} seeds, got "
                                  f"{[len(row) for row in seeds]}")
             prompt_token_ids = [ids for ids in prompt_token_ids for _ in range(n)]
-            params = [sampling(1, seed) for row in seeds for seed in row]
+            params = [sampling(1, seed, limit) for row, limit in zip(seeds, limits) for seed in row]
         else:
-            params = sampling(n, None)
+            params = [sampling(n, None, limit) for limit in limits]
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids]
         start = time.perf_counter()
         outputs = self.llm.generate(prompts, params, use_tqdm=False)

@@ -8,6 +8,9 @@ Every estimator takes the same keyword arguments and ignores the ones it does no
     response_mask  (B, T)  1 on response tokens, 0 on padding (responses are right-padded)
     values         (B, T)  critic values V(s_t), used by "gae" only
     group_size, gamma, lam
+    turn_rewards   (B, T)  optional rewards an environment gave during a multi-turn episode, each
+                           on the last token of the policy turn it rewards (compute_advantages
+                           only: it folds them into the per-token term, see there)
 
 and returns `(advantages, returns)`, both (B, T), float32 and zero on padding. For the group
 estimators the G = group_size responses to one prompt are contiguous rows: prompt i owns rows
@@ -75,9 +78,19 @@ def compute_advantages(
     group_size: int = 1,
     gamma: float = 1.0,
     lam: float = 1.0,
+    turn_rewards: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the advantage estimator registered as `name`; returns (advantages, returns), (B, T)."""
+    """Run the advantage estimator registered as `name`; returns (advantages, returns), (B, T).
+
+    `turn_rewards` (multi-turn episodes) enter as a negative per-token penalty, so every estimator
+    sees them where it sees the KL: the sequence estimators' reward is the episode return
+    score + sum of turn rewards - sum of KL, and the token estimators (REINFORCE++, GAE) get each
+    turn's reward at its own token (for REINFORCE++-baseline only the final score is centred).
+    """
     estimator = lookup(ADVANTAGE_ESTIMATORS, name, "advantage estimator")
+    if turn_rewards is not None:
+        _check_shapes(scores, turn_rewards, response_mask)
+        kl_penalty = kl_penalty - torch.where(response_mask.bool(), turn_rewards.float(), 0.0)
     return estimator(
         scores=scores, kl_penalty=kl_penalty, response_mask=response_mask, values=values,
         group_size=group_size, gamma=gamma, lam=lam,

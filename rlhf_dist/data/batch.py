@@ -81,8 +81,15 @@ def collate_sequences(
     response_ids: list[list[int]],
     response_logprobs: list[list[float]],
     pad_id: int,
+    loss_masks: list[list[int] | None] | None = None,
+    turn_rewards: list[dict[int, float] | None] | None = None,
 ) -> Batch:
-    """Pad prompts on the left and responses on the right into one Batch."""
+    """Pad prompts on the left and responses on the right into one Batch.
+
+    Multi-turn episodes (rlhf_dist.rl.episodes) give `loss_masks`: their observation tokens are in
+    the context (attention 1) but not in the response mask, so no loss, KL or advantage touches
+    them; and `turn_rewards` ({token index: reward}), which become a (B, T) "turn_rewards" tensor.
+    """
     num = len(prompt_ids)
     width_p = max(len(p) for p in prompt_ids)
     width_t = max(1, max(len(r) for r in response_ids))
@@ -97,7 +104,10 @@ def collate_sequences(
         if response:
             input_ids[row, width_p : width_p + len(response)] = torch.tensor(response)
             attention_mask[row, width_p : width_p + len(response)] = 1
-            response_mask[row, : len(response)] = 1.0
+            mask = loss_masks[row] if loss_masks and loss_masks[row] is not None else None
+            if mask is not None and len(mask) != len(response):
+                raise ValueError(f"row {row}: loss mask of {len(mask)} for {len(response)} response tokens")
+            response_mask[row, : len(response)] = 1.0 if mask is None else torch.tensor(mask, dtype=torch.float32)
             logprobs[row, : len(response)] = torch.tensor(lps, dtype=torch.float32)
     tensors = {
         "input_ids": input_ids,
@@ -105,7 +115,20 @@ def collate_sequences(
         "response_mask": response_mask,
         "rollout_logprobs": logprobs,
     }
+    if turn_rewards and any(turn_rewards):
+        tensors["turn_rewards"] = torch.zeros((num, width_t), dtype=torch.float32)
+        for row, rewards in enumerate(turn_rewards):
+            for index, reward in (rewards or {}).items():
+                tensors["turn_rewards"][row, index] = float(reward)
     return Batch(tensors, width_p)
+
+
+def samples_batch(samples: list, pad_id: int) -> Batch:
+    """The engines' samples (rlhf_dist.data.messages.Sample) as one Batch, with the loss masks and
+    turn rewards of multi-turn episodes."""
+    return collate_sequences([s.prompt_ids for s in samples], [s.token_ids for s in samples],
+                             [s.logprobs for s in samples], pad_id, [s.loss_mask for s in samples],
+                             [s.turn_rewards for s in samples])
 
 
 def token_budget_parts(lengths: list[int], prompt_width: int, max_tokens: int,
@@ -148,14 +171,28 @@ def split_evenly(items: list, parts: int) -> list[list]:
     return out
 
 
-def demonstration_batch(tokenizer, prompts: list[str], completions: list[str], with_eos: bool = True) -> Batch:
+def demonstration_batch(tokenizer, prompts: list[str], completions: list, with_eos: bool = True) -> Batch:
     """(prompt, completion) demonstrations as a Batch in the rollout layout: prompt ids, then
-    completion ids (+ eos) as the response (the SFT stage's, and the policy's SFT-mix rows)."""
+    completion ids (+ eos) as the response (the SFT stage's, and the policy's SFT-mix rows).
+
+    A completion may be a whole multi-turn episode, [policy turn, observation, policy turn, ...]:
+    each policy turn ends with eos and is trained on; observations are context only (mask 0),
+    tokenised on their own as the rollout loop tokenises them (rlhf_dist.rl.episodes).
+    """
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
     eos = [tokenizer.eos_token_id] if with_eos else []
-    completion_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + eos for c in completions]
+    completion_ids, masks = [], []
+    for completion in completions:
+        turns = [completion] if isinstance(completion, str) else list(completion)
+        ids, mask = [], []
+        for k, text in enumerate(turns):
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"] + (eos if k % 2 == 0 else [])
+            ids += piece
+            mask += [1 - k % 2] * len(piece)
+        completion_ids.append(ids)
+        masks.append(mask)
     return collate_sequences(prompt_ids, completion_ids, [[0.0] * len(c) for c in completion_ids],
-                             tokenizer.pad_token_id)
+                             tokenizer.pad_token_id, masks)
 
 
 def shard_minibatches(batch: Batch, keys: list[str], orders: list[torch.Tensor], mini: int,

@@ -16,6 +16,11 @@ class Sample:
     text: str
     finish_reason: str | None  # "stop" (EOS or a stop string) | "length" (max_new_tokens)
     prompt_ids: list[int] = field(default_factory=list)  # (P_i,) set by the controller on arrival
+    # multi-turn episodes (rollout.env, rlhf_dist.rl.episodes): token_ids hold every policy turn and
+    # every observation in order, as the engine and the tokenizer produced them
+    loss_mask: list[int] | None = None  # (T_i,) 1 on policy tokens, 0 on observation tokens
+    turn_rewards: dict[int, float] | None = None  # {token index: reward} on a turn's last token
+    episode: dict | None = None  # its turns ([{"role", "content"}]) and counters (turns, tool calls, ...)
 
 
 @dataclass

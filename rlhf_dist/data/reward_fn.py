@@ -34,15 +34,15 @@ def _is_file_spec(target: str) -> bool:
     return target.endswith(".py") or "/" in target or os.sep in target
 
 
-def _import_file(target: str, spec: str) -> ModuleType:
+def _import_file(target: str, spec: str, option: str = "reward.fn", error: type = RewardFnError) -> ModuleType:
     path = Path(target).expanduser().absolute()
     if not path.is_file():
-        raise RewardFnError(
-            f"reward.fn={spec!r}: file not found: {path} (cwd is {Path.cwd()}). Expected a "
-            f"Python file defining the reward function. Fix: give a path relative to the "
+        raise error(
+            f"{option}={spec!r}: file not found: {path} (cwd is {Path.cwd()}). Expected a "
+            f"Python file defining it. Fix: give a path relative to the "
             f"directory you run from, or an absolute path."
         )
-    module_name = f"rlhf_dist_user_reward_{path.stem}"
+    module_name = f"rlhf_dist_user_{option.replace('.', '_')}_{path.stem}"
     import_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(import_spec)
     # Registered only while it runs (dataclasses and `from x import y` of siblings need that),
@@ -53,8 +53,8 @@ def _import_file(target: str, spec: str) -> ModuleType:
     try:
         import_spec.loader.exec_module(module)
     except Exception as exc:
-        raise RewardFnError(
-            f"reward.fn={spec!r}: importing {path} failed with {type(exc).__name__}: {exc}"
+        raise error(
+            f"{option}={spec!r}: importing {path} failed with {type(exc).__name__}: {exc}"
             f"{_where(exc)}. Fix: run `python {path}` to see the full error."
         ) from exc
     finally:
@@ -63,12 +63,12 @@ def _import_file(target: str, spec: str) -> ModuleType:
     return module
 
 
-def _import_module(target: str, spec: str) -> ModuleType:
+def _import_module(target: str, spec: str, option: str = "reward.fn", error: type = RewardFnError) -> ModuleType:
     try:
         return importlib.import_module(target)
     except Exception as exc:
-        raise RewardFnError(
-            f"reward.fn={spec!r}: importing module {target!r} failed with "
+        raise error(
+            f"{option}={spec!r}: importing module {target!r} failed with "
             f"{type(exc).__name__}: {exc}{_where(exc)}. Expected an importable module "
             f"(or a path ending in .py). Fix: check the name, install the package, or run "
             f"from the directory that contains it."
@@ -84,27 +84,34 @@ def _public_callables(module: ModuleType) -> list[str]:
     return sorted(own or public)
 
 
-def load_reward_fn(spec: str) -> Callable:
-    """Import the reward function named by `spec` (see module docstring for the format)."""
-    target, sep, fn_name = str(spec).rpartition(":")
-    if not sep or not target or not fn_name:
-        raise RewardFnError(
-            f"reward.fn={spec!r} is not a valid spec. Expected {SPEC_FORMAT}. "
-            f"Fix: add ':' and the function name, e.g. reward.fn=examples/my_rewards.py:score."
+def load_named(spec: str, option: str, error: type, example: str, noun: str = "fn_name") -> tuple[Any, str]:
+    """The object `spec` names ('file.py:name' or 'package.module:name'), and where it was found;
+    `error` naming `option` when the spec is malformed, does not import or lacks the name."""
+    target, sep, name = str(spec).rpartition(":")
+    if not sep or not target or not name:
+        raise error(
+            f"{option}={spec!r} is not a valid spec. Expected {SPEC_FORMAT.replace('fn_name', noun)}. "
+            f"Fix: add ':' and the name, e.g. {option}={example}."
         )
     if _is_file_spec(target):
-        module = _import_file(target, spec)
+        module = _import_file(target, spec, option, error)
         where = f"file {Path(target).expanduser().absolute()}"
     else:
-        module = _import_module(target, spec)
+        module = _import_module(target, spec, option, error)
         where = f"module {target!r}"
-    if not hasattr(module, fn_name):
+    if not hasattr(module, name):
         defined = _public_callables(module)
-        raise RewardFnError(
-            f"reward.fn={spec!r}: {where} has no attribute {fn_name!r}. It defines these "
+        raise error(
+            f"{option}={spec!r}: {where} has no attribute {name!r}. It defines these "
             f"callables: {defined or 'none'}. Fix: use one of those after the ':'."
         )
-    fn = getattr(module, fn_name)
+    return getattr(module, name), where
+
+
+def load_reward_fn(spec: str) -> Callable:
+    """Import the reward function named by `spec` (see module docstring for the format)."""
+    fn, where = load_named(spec, "reward.fn", RewardFnError, "examples/my_rewards.py:score")
+    fn_name = str(spec).rpartition(":")[2]
     if not callable(fn):
         raise RewardFnError(
             f"reward.fn={spec!r}: {fn_name!r} in {where} is a {type(fn).__name__}, not a "

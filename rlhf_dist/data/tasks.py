@@ -88,6 +88,21 @@ def add_reward(prompts: list[str], completions: list[str], **fields) -> list[flo
     ]
 
 
+def episode_text(demonstration: str | list[str]) -> str:
+    """A demonstration as the reward function sees a sample: a multi-turn one's turns joined by
+    newlines, as rlhf_dist.rl.episodes joins an episode's."""
+    return demonstration if isinstance(demonstration, str) else "\n".join(demonstration)
+
+
+def calc_reward(prompts: list[str], completions: list[str], **fields) -> list[float]:
+    """The calculator task (multi-turn): the episode's last line is the answer, scored against
+    the sum digit by digit from the right as in `add_reward`; tool calls and their results
+    (earlier lines) earn nothing by themselves."""
+    targets = _targets(fields, len(completions))
+    answers = [(c.strip().splitlines() or [""])[-1].strip() for c in completions]
+    return [position_match_score(a[::-1], t[::-1]) for a, t in zip(answers, targets)]
+
+
 # --------------------------------------------------------------------------- tasks
 
 
@@ -188,6 +203,42 @@ class AddTask(Task):
         return {"prompt": f"add {a}+{b}=", "target": str(a + b)}
 
 
+@dataclass(frozen=True)
+class CalcTask(Task):
+    """Sums of two integers in min_value..max_value, "calc A+B=", to be answered with the help of a
+    calculator tool (rlhf_dist.envs.calculator, `experiment=agentic`).
+
+    Its demonstrations (the warm-up) are whole episodes, [policy turn, observation, policy turn]:
+    in `tool_fraction` of them the demonstrator calls the tool ("call A+B", the tool answers
+    "got S;") and then answers S; in the others it answers S at once, from its head. A tiny model
+    cannot add three-digit numbers in its head, so its direct answers are mostly wrong; RL has to
+    find out that calling the tool pays.
+    """
+
+    min_value: int = 100
+    max_value: int = 999
+    tool_fraction: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.min_value <= self.max_value or not 0.0 <= self.tool_fraction <= 1.0:
+            raise ConfigError(
+                f"task {self.name!r}: min_value={self.min_value}, max_value={self.max_value}, "
+                f"tool_fraction={self.tool_fraction}; expected 0 <= min_value <= max_value and a "
+                "tool_fraction in [0, 1]. Fix: e.g. min_value=100 max_value=999 tool_fraction=0.5."
+            )
+
+    def sample(self, rng: random.Random) -> dict:
+        a, b = rng.randint(self.min_value, self.max_value), rng.randint(self.min_value, self.max_value)
+        return {"prompt": f"calc {a}+{b}=", "target": str(a + b)}
+
+    def demonstration(self, record: dict) -> list[str]:
+        expression = record["prompt"].removeprefix("calc ").removesuffix("=")
+        if _stable_unit(f"tool|{record['prompt']}") < self.tool_fraction:
+            return [f"call {expression}", f"got {record['target']};", record["target"]]
+        return [record["target"]]
+
+
 # --------------------------------------------------------------------------- registry
 
 TASKS: dict[str, Task] = {}
@@ -223,3 +274,4 @@ register_task(StringTask(name="reverse", reward_fn="rlhf_dist.data.tasks:reverse
 register_task(StringTask(name="copy", reward_fn="rlhf_dist.data.tasks:copy_reward",
                          verb="copy", reverse=False))
 register_task(AddTask(name="add", reward_fn="rlhf_dist.data.tasks:add_reward"))
+register_task(CalcTask(name="calc", reward_fn="rlhf_dist.data.tasks:calc_reward"))

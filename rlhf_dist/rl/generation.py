@@ -22,7 +22,8 @@ from rlhf_dist.runtime.group import ActorGroup, wait_all
 from rlhf_dist.data.batch import split_evenly
 from rlhf_dist.data.messages import Sample
 from rlhf_dist.data.prompts import PromptSampler
-from rlhf_dist.seeding import sample_seeds
+from rlhf_dist.rl.episodes import EpisodeRunner
+from rlhf_dist.seeding import sample_seed, sample_seeds
 
 
 @dataclass
@@ -52,8 +53,10 @@ class Generation:
 
     def __init__(self, engines: ActorGroup, tokenizer, sampler: PromptSampler, n_samples: int,
                  temperature: float, top_p: float, max_new_tokens: int, seed: int, timeout_s: float,
-                 recover: Callable[[str, Callable[[], Any]], Any], engine_version: Callable[[], int]) -> None:
+                 recover: Callable[[str, Callable[[], Any]], Any], engine_version: Callable[[], int],
+                 episodes: EpisodeRunner | None = None) -> None:
         self.engines, self.tokenizer, self.sampler = engines, tokenizer, sampler
+        self.episodes = episodes  # rollout.env: multi-turn episodes instead of single completions
         self.n_samples, self.temperature, self.top_p = n_samples, temperature, top_p
         self.max_new_tokens, self.seed, self.timeout_s = max_new_tokens, seed, timeout_s
         self.recover, self.engine_version = recover, engine_version
@@ -77,6 +80,8 @@ class Generation:
         and a step's samples do not depend on the engine's history (a resumed run repeats them).
         """
         prompt_ids = [self.tokenizer(r["prompt"])["input_ids"] for r in records]
+        if self.episodes is not None:
+            return self._launch_episodes(records, prompt_ids, n, temperature, step or 0, stream)
         parts = split_evenly(list(range(len(records))), len(self.engines))
         seeds = sample_seeds(self.seed, stream, step, len(records), n) if step is not None else None
         refs = self.engines.call_each("generate", [
@@ -88,6 +93,10 @@ class Generation:
     def collect_generate(self, launched: dict[str, Any]) -> tuple[list[Sample], list[dict], float]:
         """Wait for `launch_generate`: (samples, the record each sample answers, seconds the
         slowest engine spent generating)."""
+        if "episodes" in launched:  # rollout.env: the episode loop's thread
+            samples = launched["episodes"].result(timeout=self.timeout_s * self.episodes.limits.max_turns)
+            order = launched["order"]
+            return samples, [launched["records"][i] for i in order], time.perf_counter() - launched["start"]
         parts, n, prompt_ids = launched["parts"], launched["n"], launched["prompt_ids"]
         names = self.engines.names[: len(parts)]
         results = wait_all(launched["refs"], names * 2, "generate", self.timeout_s)
@@ -96,6 +105,28 @@ class Generation:
         for sample, i in zip(samples, order):
             sample.prompt_ids = prompt_ids[i]
         return samples, [launched["records"][i] for i in order], max(results[len(parts):])
+
+    def _launch_episodes(self, records: list[dict], prompt_ids: list[list[int]], n: int, temperature: float,
+                         step: int, stream: str) -> dict[str, Any]:
+        """Start `n` multi-turn episodes per prompt (rlhf_dist.rl.episodes); every turn of every
+        episode has its own seed, from (rollout.seed, stream, step, prompt, child, turn)."""
+        order = [i for i in range(len(records)) for _ in range(n)]  # prompt-major, G contiguous
+        seeds = [sample_seed(self.seed, stream, step, i, k % n) for k, i in enumerate(order)]
+
+        def seed_of(k: int, turn: int) -> int:
+            return sample_seed(self.seed, stream, step, order[k], k % n, turn)
+
+        def generate_turn(contexts: list[list[int]], turn_seeds: list[int], limits: list[int]) -> list[Sample]:
+            parts = split_evenly(list(range(len(contexts))), len(self.engines))
+            refs = self.engines.call_each("generate", [
+                ([contexts[i] for i in part], 1, temperature, self.top_p, [limits[i] for i in part],
+                 [[turn_seeds[i]] for i in part]) for part in parts])
+            results = wait_all(refs, self.engines.names[: len(parts)], "generate", self.timeout_s)
+            return [sample for engine_samples in results for sample in engine_samples]
+
+        future = self.episodes.submit([records[i] for i in order], [prompt_ids[i] for i in order], seeds,
+                                      seed_of, generate_turn)
+        return {"records": records, "order": order, "episodes": future, "start": time.perf_counter()}
 
     # ------------------------------------------------------------------ one RL step's batch
     def begin_step(self, step: int, launch_next: bool) -> GenerationBatch:

@@ -26,7 +26,7 @@ from rlhf_dist.actors.reference import ReferenceActor
 from rlhf_dist.actors.reward import RewardActor
 from rlhf_dist.actors.rollout import RolloutActor
 from rlhf_dist.weights.sync import WeightSync
-from rlhf_dist.config import critic_micro_batch_size
+from rlhf_dist.config import critic_micro_batch_size, response_budget
 
 
 @dataclass
@@ -108,7 +108,7 @@ def start_engines(cfg, model: ModelDir) -> ActorGroup:
 
     engine_kwargs = dict(
         model_path=model, dtype=ro.dtype,
-        max_model_len=ro.max_new_tokens + cfg.task.max_prompt_len,
+        max_model_len=response_budget(cfg) + cfg.task.max_prompt_len,
         tensor_parallel_size=ro.tensor_parallel_size,
         gpu_memory_utilization=ro.gpu_memory_utilization,
         kv_cache_gb=ro.kv_cache_gb, enforce_eager=ro.enforce_eager,

@@ -42,6 +42,19 @@ def rollout_metrics(rewards: torch.Tensor, response_mask: torch.Tensor, samples:
     }
 
 
+EPISODE_COUNTS = ("turns", "tool_calls", "tool_errors", "env_errors", "truncated", "policy_tokens",
+                  "observation_tokens", "turn_reward_sum")
+
+
+def episode_metrics(samples: list[Sample], prefix: str = "episode") -> dict[str, float]:
+    """Means over multi-turn episodes (rollout.env) of their counters: turns, tool calls, tool and
+    environment errors, truncated episodes, policy vs observation tokens, turn rewards; {} without."""
+    episodes = [s.episode for s in samples if s.episode is not None]
+    if not episodes:
+        return {}
+    return {f"{prefix}/{key}_mean": sum(e[key] for e in episodes) / len(episodes) for key in EPISODE_COUNTS}
+
+
 def eval_metrics(scored: Scores, samples: list[Sample], time_s: float) -> dict[str, float]:
     """eval/* from the reward actor's reply `scored` ({"reward", "rule", "model"} lists) on greedy
     samples; solved means a rule (gold) score of 1."""
@@ -56,6 +69,7 @@ def eval_metrics(scored: Scores, samples: list[Sample], time_s: float) -> dict[s
     if scored.model is not None:  # learned reward beside the rule (gold) score
         metrics["eval/model_mean"] = sum(scored.model) / len(scored.model)
         metrics["eval/rule_mean"] = rule.mean().item()
+    metrics.update(episode_metrics(samples, "eval/episode"))
     if "reward/model_std_mean" in scored.metrics:  # an ensemble's disagreement on these samples
         metrics["eval/model_std_mean"] = scored.metrics["reward/model_std_mean"]
     return metrics

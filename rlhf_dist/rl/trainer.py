@@ -39,15 +39,17 @@ from rlhf_dist.algo import (
     masked_whiten,
 )
 from rlhf_dist.algo.objective import PolicyLossConfig, ValueLossConfig
-from rlhf_dist.config import critic_micro_batch_size, old_logprobs_source, uses_critic, uses_reference
+from rlhf_dist.config import critic_micro_batch_size, old_logprobs_source, response_budget, uses_critic, uses_reference
 from rlhf_dist.data.messages import Sample, Scores
-from rlhf_dist.data.batch import Batch, collate_sequences, demonstration_batch, shard_minibatches
+from rlhf_dist.data.batch import Batch, demonstration_batch, samples_batch, shard_minibatches
 from rlhf_dist.data.prompts import PromptSampler
 from rlhf_dist.validation import validate
 from rlhf_dist.errors import ActorDiedError, ConfigError, NonFiniteLossError, RewardSamplesFailedError, RlhfDistError
 from rlhf_dist.monitor import RunMonitor
+from rlhf_dist.envs.base import load_env
+from rlhf_dist.rl.episodes import EpisodeLimits, EpisodeRunner
 from rlhf_dist.rl.generation import Generation, GenerationBatch
-from rlhf_dist.rl.metrics import eval_metrics, rollout_metrics, sample_rows, timed
+from rlhf_dist.rl.metrics import episode_metrics, eval_metrics, rollout_metrics, sample_rows, timed
 
 # metrics that each rank computes as its share of a global-normalised sum: summed over ranks
 _ADDITIVE = ("loss/", "kl/loss_term", "entropy/", "critic/value_loss")
@@ -101,10 +103,14 @@ class RLTrainer:
         self.engines, self.learners, self.reward = actors.engines, actors.learners, actors.reward
         self.reference, self.critics = actors.reference, actors.critics
         ro = self.cfg.rollout
+        episodes = None
+        if ro.env:  # multi-turn episodes (rlhf_dist.rl.episodes)
+            episodes = EpisodeRunner(load_env(ro.env), self.tokenizer, EpisodeLimits(
+                ro.max_turns, ro.max_new_tokens, ro.max_episode_tokens, ro.tool_timeout_s))
         self.generation = Generation(
             self.engines, self.tokenizer, self.sampler, ro.n_samples_per_prompt, ro.temperature, ro.top_p,
             ro.max_new_tokens, ro.seed, ro.init_timeout_s, recover=self.with_engine_recovery,
-            engine_version=lambda: self.engine_version)
+            engine_version=lambda: self.engine_version, episodes=episodes)
         return actors.timings
 
     def use_algo(self, algo) -> None:
@@ -188,7 +194,7 @@ class RLTrainer:
         advantages, returns = compute_advantages(
             algo.advantage, scores=batch["rewards"], kl_penalty=penalty, response_mask=mask,
             values=batch.tensors.get("values"), group_size=self.cfg.rollout.n_samples_per_prompt,
-            gamma=algo.gamma, lam=algo.lam)
+            gamma=algo.gamma, lam=algo.lam, turn_rewards=batch.tensors.get("turn_rewards"))
         if algo.whiten_advantages:
             advantages = masked_whiten(advantages, mask) * mask
         batch["advantages"], batch["returns"] = advantages, returns
@@ -210,7 +216,7 @@ class RLTrainer:
             clip_low=algo.clip_low, clip_high=algo.clip_high, clip_ratio_c=algo.clip_ratio_c,
             kl_loss_coef=self.kl_ctl.value if algo.kl_in_loss else 0.0,
             kl_loss_estimator=algo.kl_loss_estimator, entropy_coef=algo.entropy_coef,
-            loss_agg=algo.loss_agg, horizon=cfg.rollout.max_new_tokens,
+            loss_agg=algo.loss_agg, horizon=response_budget(cfg),
             old_logprobs_source=source, tis_cap=algo.tis_cap if source != "rollout" else None,
             same_weights_as_engine=staleness == 0, banned_token_id=self.banned_token_id,
             sft_coef=algo.sft_coef)
@@ -225,7 +231,7 @@ class RLTrainer:
         groups = [self.learners]
         if self.use_critic:
             value_loss = ValueLossConfig(clip_range=cfg.critic.value_clip, loss_agg=algo.loss_agg,
-                                         horizon=cfg.rollout.max_new_tokens,
+                                         horizon=response_budget(cfg),
                                          value_loss_coef=cfg.critic.value_loss_coef)
             critic_keys = ["input_ids", "attention_mask", "response_mask", "values", "returns"]
             refs += self.critics.call_each("train_step", [
@@ -353,9 +359,7 @@ class RLTrainer:
                 launch_next = cfg.trainer.async_rollout and step < cfg.trainer.total_steps
                 self.weights.wake_engines()  # asleep if the last step ended early (rollout.sleep_level > 0)
                 pending = self.generation.begin_step(step, launch_next)
-                batch = collate_sequences([s.prompt_ids for s in pending.samples],
-                                          [s.token_ids for s in pending.samples],
-                                          [s.logprobs for s in pending.samples], self.tokenizer.pad_token_id)
+                batch = samples_batch(pending.samples, self.tokenizer.pad_token_id)
                 self.weights.sleep_engines()  # rollout.sleep_level > 0 (GPU): memory to the learner
             staleness = self._staleness(step, pending)
             with timed(timing, "score"):  # 2. score (+ reference logprobs, critic values, old logprobs)
@@ -400,6 +404,7 @@ class RLTrainer:
         cfg, samples = self.cfg, rollout.samples
         metrics = rollout_metrics(batch["rewards"], batch["response_mask"], samples,
                                   cfg.rollout.n_samples_per_prompt, timing)
+        metrics.update(episode_metrics(samples))
         metrics["faults/engine_restarts"] = float(self.engines.restarts)
         metrics["faults/aux_restarts"] = float(self.aux_restarts)
         # which prompts this step drew (a resumed run must draw the same ones)
@@ -491,5 +496,7 @@ class RLTrainer:
 
     def shutdown(self) -> None:
         """Kill every actor group started (best effort, also after a failure)."""
+        if self.generation is not None and self.generation.episodes is not None:
+            self.generation.episodes.close()
         launcher.kill_all(self._groups())
 

@@ -1,0 +1,1 @@
+"""Environments of multi-turn rollouts: the contract (base.py) and the built-in ones."""
