@@ -20,7 +20,7 @@ class Sample:
     # every observation in order, as the engine and the tokenizer produced them
     loss_mask: list[int] | None = None  # (T_i,) 1 on policy tokens, 0 on observation tokens
     turn_rewards: dict[int, float] | None = None  # {token index: reward} on a turn's last token
-    episode: dict | None = None  # its turns ([{"role", "content"}]) and counters (turns, tool calls, ...)
+    episode: dict | None = None  # its conversation ([{"role", "content"}]) and counters (turns, tool calls, ...)
 
 
 @dataclass

@@ -75,7 +75,7 @@ class _Episode:
         text = "\n".join(turn["content"] for turn in self.conversation[1:])
         return Sample(self.ids, self.logprobs, text, self.finish_reason, list(self.prompt_ids),
                       loss_mask=self.mask, turn_rewards=dict(self.rewards),
-                      episode={"turns": self.conversation[1:], **self.counts,
+                      episode={"conversation": self.conversation[1:], **self.counts,
                                "turn_reward_sum": sum(self.rewards.values()), "errors": self.errors[:3]})
 
 
