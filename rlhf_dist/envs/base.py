@@ -13,8 +13,6 @@ An environment is a plain Python class; one instance runs one episode:
             #                {"role": "assistant", "content": the policy's latest turn}]
             # return EnvStep(observation=..., reward=..., done=...), or the tuple
             # (observation, reward, done); observation is a str (None or "" when done)
-        def demonstration(self) -> list[str]:  # optional: for the warm-up (SFT) stage
-            # the ideal episode as alternating texts: [policy turn, observation, policy turn, ...]
 
 The rollout loop (rlhf_dist.rl.episodes) calls `step` after every policy turn, with the turn's
 text as decoded from the tokens the engine sampled. The observation is tokenised once and
