@@ -27,6 +27,22 @@ from rlhf_dist.weights.transports import call_verb, get_transport
 from rlhf_dist.weights.engine_weights import keep_cpu_linear_weights
 
 
+def whole_prompts_per_step(device: str, max_model_len: int, tensor_parallel_size: int) -> dict[str, Any]:
+    """On CPU, no prompt is split across engine steps (chunked prefill off).
+
+    vLLM schedules at most 4096 tokens per step on CPU; a prompt that does not fit is split, its
+    sampled token discarded, and its seeded generator rewound by `set_offset`, which a CPU
+    torch.Generator refuses ("CPU Generator does not use offset"): any batch of seeded samples over
+    4096 prompt tokens failed (long prompts, the second turn of a multi-turn batch). Without
+    chunking the scheduler stops at the first prompt that does not fit and takes it next step.
+    CUDA generators have offsets: GPUs keep vLLM's default.
+    """
+    if device != "cpu":
+        return {}
+    return {"enable_chunked_prefill": False,
+            "max_num_batched_tokens": max(max_model_len, 4096 * tensor_parallel_size)}
+
+
 class RolloutActor:
     def __init__(
         self,
@@ -73,6 +89,7 @@ class RolloutActor:
             # which the CPU platform refuses
             distributed_executor_backend="mp" if tensor_parallel_size > 1 else None,
             enable_sleep_mode=sleep_level > 0,
+            **whole_prompts_per_step(device, max_model_len, tensor_parallel_size),
             **get_transport(sync_transport).engine_options,  # e.g. vLLM's CUDA-IPC receiver
         )
         self.init_s = time.perf_counter() - start

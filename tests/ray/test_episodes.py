@@ -85,3 +85,13 @@ def test_masks_ids_and_engine_logprobs_on_multi_turn_sequences(trainer, tiny_mod
     assert gap < 1e-3, f"engine logprobs differ from the learner's weights by {gap} on multi-turn sequences"
     second_turn = [row for row, s in enumerate(samples) if s.loss_mask[-1] == 1 and 0 in s.loss_mask]
     assert len(second_turn) == len(samples)  # the gap covered tokens after an observation
+
+
+def test_a_batch_larger_than_the_engines_step_budget_samples_with_seeds(trainer):
+    """vLLM's CPU default schedules 4096 tokens per engine step and used to split a prompt that did
+    not fit (chunked prefill), then rewind that request's seeded generator, which a CPU generator
+    cannot do ("CPU Generator does not use offset"). The second turns of a multi-turn batch, or
+    long prompts, reach that budget; 80 episodes of ~110-token prompts are 8800 tokens."""
+    records = [{"prompt": "rev " + "abcdefghij" * 11 + "=" + str(i)} for i in range(40)]
+    samples, _ = trainer.generate(records, 2, 1.0, step=9)
+    assert len(samples) == 80 and all(s.episode["turns"] >= 1 for s in samples)
