@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rlhf_dist.data.records import render_observation
+
 
 @dataclass
 class Batch:
@@ -186,6 +188,7 @@ def demonstration_batch(tokenizer, prompts: list[str], completions: list, with_e
         turns = [completion] if isinstance(completion, str) else list(completion)
         ids, mask = [], []
         for k, text in enumerate(turns):
+            text = text if k % 2 == 0 else render_observation(text, tokenizer)
             piece = tokenizer(text, add_special_tokens=False)["input_ids"] + (eos if k % 2 == 0 else [])
             ids += piece
             mask += [1 - k % 2] * len(piece)

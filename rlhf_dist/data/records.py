@@ -194,6 +194,36 @@ def render_prompt(prompt: str | list[dict], tokenizer=None) -> str:
     return lines + "assistant: "
 
 
+def render_observation(observation: str, tokenizer=None) -> str:
+    """The text appended to a multi-turn episode after a policy turn (rlhf_dist.rl.episodes).
+
+    Without a chat template: the observation as is. With one: what the template writes between
+    the end of an assistant turn and the start of the next one, around a "tool" message (a "user"
+    one if the template refuses that role). The policy's turn ended with the end-of-sequence
+    token the engine sampled; what the template writes after an assistant turn's content comes
+    first, less that token where the template writes it too (Qwen's "<|im_end|>" + newline: the
+    newline).
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return observation
+    turns = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    for role in ("tool", "user"):
+        try:
+            before = tokenizer.apply_chat_template(turns, tokenize=False)
+            after = tokenizer.apply_chat_template(turns + [{"role": role, "content": observation}],
+                                                  tokenize=False, add_generation_prompt=True)
+        except Exception:  # noqa: BLE001 - a template that refuses the role: try the next
+            continue
+        if not after.startswith(before):
+            continue
+        tail = before[before.rindex("a") + 1:]  # what the template writes after an assistant turn
+        eos = tokenizer.eos_token or ""
+        carried = tail[tail.index(eos) + len(eos):] if eos and eos in tail else tail
+        return carried + after[len(before):]
+    return observation
+
+
 def fit_prompt_length(
     records: list[dict], tokenizer, max_prompt_len: int | None, policy: str = "truncate"
 ) -> tuple[list[dict], int, int]:

@@ -95,12 +95,13 @@ def episode_text(demonstration: str | list[str]) -> str:
 
 
 def calc_reward(prompts: list[str], completions: list[str], **fields) -> list[float]:
-    """The calculator task (multi-turn): the episode's last line is the answer, scored against
-    the sum digit by digit from the right as in `add_reward`; tool calls and their results
-    (earlier lines) earn nothing by themselves."""
+    """The calculator task (multi-turn): 1 when the episode's last line is the sum, else 0. Tool
+    calls and their results (earlier lines) earn nothing by themselves. No partial credit: a
+    model guessing in its head gets the last digit and roughly the first one right, and
+    per-digit credit would pay that nearly as well as using the tool."""
     targets = _targets(fields, len(completions))
     answers = [(c.strip().splitlines() or [""])[-1].strip() for c in completions]
-    return [position_match_score(a[::-1], t[::-1]) for a, t in zip(answers, targets)]
+    return [float(a == t) for a, t in zip(answers, targets)]
 
 
 # --------------------------------------------------------------------------- tasks
@@ -217,7 +218,7 @@ class CalcTask(Task):
 
     min_value: int = 100
     max_value: int = 999
-    tool_fraction: float = 0.5
+    tool_fraction: float = 0.3
 
     def __post_init__(self):
         super().__post_init__()

@@ -11,7 +11,8 @@ Every episode of a batch advances together, one turn at a time:
 
 Token in, token out: the response of an episode is the policy's tokens exactly as the engine
 sampled them (with their logprobs), interleaved with each observation tokenised once, on its own,
-and never re-tokenised with its neighbours. So the learner scores exactly the ids the engine
+and never re-tokenised with its neighbours (with a chat template, the observation goes in as the
+template writes a tool message: data.records.render_observation). So the learner scores exactly the ids the engine
 sampled. `loss_mask` is 1 on the policy's tokens and 0 on the observations'; a turn's reward sits
 on its last token (`turn_rewards`). The episode's text (what the reward function and the samples
 table see) is its turns joined by newlines.
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from rlhf_dist.data.messages import Sample
+from rlhf_dist.data.records import render_observation
 from rlhf_dist.envs.base import EnvStep, as_env_step
 from rlhf_dist.errors import RlhfDistError
 
@@ -169,7 +171,7 @@ def _answer(live: list[_Episode], name: str, pool: futures.ThreadPoolExecutor, l
         if result.done or last_turn:
             episode.done = True
             continue
-        ids = tokenizer(result.observation, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(render_observation(result.observation, tokenizer), add_special_tokens=False)["input_ids"]
         if len(episode.ids) + len(ids) >= limits.max_episode_tokens:  # no room left for a policy turn
             episode.done, episode.counts["truncated"] = True, 1
             continue

@@ -272,3 +272,21 @@ def test_every_turn_of_every_episode_has_its_own_seed():
 def test_collate_rejects_a_mask_of_the_wrong_length():
     with pytest.raises(ValueError, match="row 0: loss mask of 2 for 3 response tokens"):
         collate_sequences([[5]], [[6, 7, 8]], [[0.0] * 3], 0, [[1, 0]])
+
+
+def test_observations_follow_the_chat_template(tokenizer):
+    from rlhf_dist.data.records import render_observation
+    from rlhf_dist.models.tiny import build_char_tokenizer
+
+    assert render_observation("got 3;", tokenizer) == "got 3;"  # no template: as is
+    templated = build_char_tokenizer()
+    templated.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    assert render_observation("got 3;", templated) == "\n<tool>got 3;\n<assistant>"
+    qwen_like = build_char_tokenizer()  # the end-of-turn marker is the eos the policy samples
+    qwen_like.chat_template = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}" + qwen_like.eos_token
+                               + "\n{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
+    assert render_observation("got 3;", qwen_like) == "\n[tool]got 3;" + qwen_like.eos_token + "\n[assistant]"
+    batch = demonstration_batch(templated, ["calc 1+2="], [["call 1+2", "got 3;", "3"]])
+    obs = templated("\n<tool>got 3;\n<assistant>", add_special_tokens=False)["input_ids"]
+    assert batch["response_mask"][0].tolist().count(0.0) == len(obs)
