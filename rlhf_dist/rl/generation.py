@@ -54,9 +54,10 @@ class Generation:
     def __init__(self, engines: ActorGroup, tokenizer, sampler: PromptSampler, n_samples: int,
                  temperature: float, top_p: float, max_new_tokens: int, seed: int, timeout_s: float,
                  recover: Callable[[str, Callable[[], Any]], Any], engine_version: Callable[[], int],
-                 episodes: EpisodeRunner | None = None) -> None:
+                 episodes: EpisodeRunner | None = None, wake: Callable[[], None] = lambda: None) -> None:
         self.engines, self.tokenizer, self.sampler = engines, tokenizer, sampler
         self.episodes = episodes  # rollout.env: multi-turn episodes instead of single completions
+        self.wake = wake  # engines asleep (rollout.sleep_level > 0) are woken before every launch
         self.n_samples, self.temperature, self.top_p = n_samples, temperature, top_p
         self.max_new_tokens, self.seed, self.timeout_s = max_new_tokens, seed, timeout_s
         self.recover, self.engine_version = recover, engine_version
@@ -79,6 +80,7 @@ class Generation:
         (rollout.seed, stream, step, i, j) (rlhf_dist.seeding): no two samples of a run share one,
         and a step's samples do not depend on the engine's history (a resumed run repeats them).
         """
+        self.wake()  # asleep if the last step ended early (a skipped step, a failed sync)
         prompt_ids = [self.tokenizer(r["prompt"])["input_ids"] for r in records]
         if self.episodes is not None:
             return self._launch_episodes(records, prompt_ids, n, temperature, step or 0, stream)

@@ -53,8 +53,8 @@ class BestPolicy:
             return None
         return choice
 
-    def consider(self, step: int, evaluation: dict[str, float], kl: float) -> bool:
-        """Whether the policy just evaluated at `step` is the best so far (then save it, and call
+    def consider(self, evaluation: dict[str, float], kl: float) -> bool:
+        """Whether the policy just evaluated is the best so far (then save it, and call
         `kept`). NaN metrics and policies past the KL budget never are."""
         if not self._checked and self.metric not in evaluation and not any(
                 math.isnan(v) for v in evaluation.values()):

@@ -62,9 +62,7 @@ class RLTrainer:
         self.cfg, self.model_path, self.tokenizer = cfg, model_path, tokenizer
         self.select_records = select_records  # trainer.keep_best's own held-out prompts
         self.sft_pairs = sft_pairs or []  # (rendered prompt, completion): the SFT mix's demonstrations
-        if cfg.algo.sft_coef > 0 and not self.sft_pairs:
-            raise ConfigError(f"algo.sft_coef={cfg.algo.sft_coef} needs demonstrations and this run has none. "
-                              "Fix: sft.train_file=<records>, a built-in task, or algo.sft_coef=0.")
+        self._check_sft_mix(cfg.algo)
         self.eval_records, self.reward_spec, self.monitor = eval_records, reward_spec, monitor
         self.sampler = PromptSampler(train_records, cfg.trainer.prompts_per_step, cfg.trainer.seed)
         self.generator = torch.Generator().manual_seed(cfg.trainer.seed)
@@ -110,7 +108,7 @@ class RLTrainer:
         self.generation = Generation(
             self.engines, self.tokenizer, self.sampler, ro.n_samples_per_prompt, ro.temperature, ro.top_p,
             ro.max_new_tokens, ro.seed, ro.init_timeout_s, recover=self.with_engine_recovery,
-            engine_version=lambda: self.engine_version, episodes=episodes)
+            engine_version=lambda: self.engine_version, episodes=episodes, wake=self.weights.wake_engines)
         return actors.timings
 
     def use_algo(self, algo) -> None:
@@ -119,9 +117,7 @@ class RLTrainer:
         only if the run began with one, a reference only if it began with one."""
         cfg = dataclasses.replace(self.cfg, algo=algo)
         validate(cfg)
-        if algo.sft_coef > 0 and not self.sft_pairs:
-            raise ConfigError(f"use_algo: algo.sft_coef={algo.sft_coef} needs demonstrations and this trainer "
-                              "was given none. Fix: algo.sft_coef=0, or start it with sft_pairs.")
+        self._check_sft_mix(algo)
         for need, missing in (("a critic", uses_critic(cfg) and self.critics is None),
                               ("a reference model", uses_reference(cfg) and self.reference is None)):
             if missing:
@@ -130,6 +126,11 @@ class RLTrainer:
         self.cfg, self.use_critic, self.use_reference = cfg, uses_critic(cfg), uses_reference(cfg)
         self.kl_ctl = make_kl_controller(algo.kl_coef, algo.kl_target, algo.kl_horizon)  # starts afresh
 
+    def _check_sft_mix(self, algo) -> None:
+        if algo.sft_coef > 0 and not self.sft_pairs:
+            raise ConfigError(f"algo.sft_coef={algo.sft_coef} needs demonstrations and this run has none. "
+                              "Fix: sft.train_file=<records>, a built-in task, or algo.sft_coef=0.")
+
     def _groups(self) -> list[ActorGroup | None]:
         return [self.engines, self.learners, self.reward, self.reference, self.critics]
 
@@ -137,7 +138,6 @@ class RLTrainer:
     def generate(self, records: list[dict], n: int, temperature: float, step: int | None = None,
                  stream: str = "train") -> tuple[list[Sample], list[dict]]:
         """Split prompts across engines; returns (samples, the record each sample answers)."""
-        self.weights.wake_engines()  # asleep if the last step ended early (rollout.sleep_level > 0)
         return self.generation.generate(records, n, temperature, step, stream)
 
     def score(self, batch: Batch, records: list[dict], texts: list[str]) -> None:
@@ -267,27 +267,13 @@ class RLTrainer:
         """Run a phase that needs every engine; if one has died, replace it (same placement
         bundle), give it the current weights by a verified sync, and run the phase again.
         At most trainer.max_engine_restarts replacements over the run (faults/engine_restarts)."""
-        while True:
-            try:
-                return call()
-            except RlhfDistError as err:  # a dead engine shows as ActorDiedError, WeightSyncError, a timeout
-                dead = self.engines.dead()
-                limit = self.cfg.trainer.max_engine_restarts
-                if not dead or self.engines.restarts + len(dead) > limit:
-                    if dead:
-                        raise ActorDiedError(f"{err}\n{len(dead)} engine(s) dead after {self.engines.restarts} "
-                                             f"restart(s) (trainer.max_engine_restarts={limit}).") from None
-                    raise
-                names = ", ".join(self.engines.names[i] for i in dead)
-                self.monitor.print(f"[fault] {names} died during {phase}; restarting it and re-sending "
-                                   f"the weights ({self.engines.restarts + len(dead)}/{limit} restarts)")
-                for i in dead:
-                    self.engines.restart(i)
-                self.engines.wait([self.engines.actors[i].ready.remote() for i in dead], "engine restart",
-                                  self.cfg.rollout.init_timeout_s)
-                self.weights.prepare()  # a new member: the collective group is rebuilt
-                self.weights.sync()
-                self.engine_version = self.policy_version
+        def resync(_: int) -> None:
+            self.weights.prepare()  # a new member: the collective group is rebuilt
+            self.weights.sync()
+            self.engine_version = self.policy_version
+
+        return self._with_restarts(phase, call, [self.engines], "max_engine_restarts", lambda: self.engines.restarts,
+                                   self.cfg.rollout.init_timeout_s, " and re-sending the weights", resync)
 
     def with_aux_recovery(self, phase: str, call):
         """Run a phase that needs the reward and reference actors; if one has died, replace it
@@ -295,28 +281,40 @@ class RLTrainer:
         back: the frozen initial policy, the reward function and model, and the reward
         normaliser's statistics (restored from the copy taken after the last scoring). At most
         trainer.max_aux_restarts replacements over the run (faults/aux_restarts)."""
+        def restore(restarted: int) -> None:
+            if self.reward_state is not None:  # also the survivors: the retry scores this batch again
+                self.reward.wait(self.reward.call("load_state_dict", self.reward_state), "reward state restore", 60)
+            self.aux_restarts += restarted
+
+        groups = [g for g in (self.reward, self.reference) if g is not None]
+        return self._with_restarts(phase, call, groups, "max_aux_restarts", lambda: self.aux_restarts,
+                                   self.cfg.learner.init_timeout_s, "", restore)
+
+    def _with_restarts(self, phase: str, call, groups: list[ActorGroup], limit_key: str, used,
+                       ready_timeout_s: float, also: str, after_restart):
+        """Run `call`; when it fails (a dead actor shows as ActorDiedError, WeightSyncError or a
+        timeout) and actors of `groups` have died, replace each in its placement bundle, wait until
+        they are ready, run `after_restart(how many)` and `call` again. Past trainer.<limit_key>
+        replacements over the run (`used()` so far), ActorDiedError."""
         while True:
             try:
                 return call()
-            except RlhfDistError as err:  # a dead actor shows as ActorDiedError or a timeout
-                groups = [g for g in (self.reward, self.reference) if g is not None]
-                dead = [(g, i) for g in groups for i in g.dead()]
-                limit = self.cfg.trainer.max_aux_restarts
+            except RlhfDistError as err:
+                dead = [(group, i) for group in groups for i in group.dead()]
+                limit = getattr(self.cfg.trainer, limit_key)
                 if not dead:
                     raise
-                if self.aux_restarts + len(dead) > limit:
-                    raise ActorDiedError(f"{err}\n{len(dead)} reward/reference actor(s) dead after "
-                                         f"{self.aux_restarts} restart(s) (trainer.max_aux_restarts={limit}).") from None
-                names = ", ".join(g.names[i] for g, i in dead)
-                self.monitor.print(f"[fault] {names} died during {phase}; restarting it "
-                                   f"({self.aux_restarts + len(dead)}/{limit} restarts)")
+                if used() + len(dead) > limit:
+                    raise ActorDiedError(f"{err}\n{len(dead)} actor(s) ({', '.join(g.names[i] for g, i in dead)}) "
+                                         f"dead after {used()} restart(s) (trainer.{limit_key}={limit}).") from None
+                names = ", ".join(group.names[i] for group, i in dead)
+                self.monitor.print(f"[fault] {names} died during {phase}; restarting it{also} "
+                                   f"({used() + len(dead)}/{limit} restarts)")
                 for group, i in dead:
                     group.restart(i)
-                    group.wait([group.actors[i].ready.remote()], f"{group.names[i]} restart",
-                               self.cfg.learner.init_timeout_s)
-                if self.reward_state is not None:  # also the survivors: the retry scores this batch again
-                    self.reward.wait(self.reward.call("load_state_dict", self.reward_state), "reward state restore", 60)
-                self.aux_restarts += len(dead)
+                for group, i in dead:
+                    group.wait([group.actors[i].ready.remote()], f"{group.names[i]} restart", ready_timeout_s)
+                after_restart(len(dead))
 
     def train_or_skip(self, batch: Batch, step: int, staleness: int = 0) -> dict[str, float]:
         """Phase 4, where a non-finite loss or gradient skips the update on every rank (the ranks
@@ -357,8 +355,7 @@ class RLTrainer:
         with timed(timing, "step"):
             with timed(timing, "generate"):  # 1. generate (async: done during the last step)
                 launch_next = cfg.trainer.async_rollout and step < cfg.trainer.total_steps
-                self.weights.wake_engines()  # asleep if the last step ended early (rollout.sleep_level > 0)
-                pending = self.generation.begin_step(step, launch_next)
+                pending = self.generation.begin_step(step, launch_next)  # wakes sleeping engines first
                 batch = samples_batch(pending.samples, self.tokenizer.pad_token_id)
                 self.weights.sleep_engines()  # rollout.sleep_level > 0 (GPU): memory to the learner
             staleness = self._staleness(step, pending)

@@ -147,7 +147,7 @@ def keep_if_best(trainer, best: BestPolicy | None, step: int, cfg: RLConfig) -> 
     selected = trainer.evaluate(step, trainer.select_records, "select")
     selected = {f"eval/{k.split('/', 1)[1]}": v for k, v in selected.items()}  # the metric's eval/ name
     kl = trainer.history[-1].get("kl/seq_mean", 0.0) if step > 0 and trainer.history else 0.0
-    if best.consider(step, selected, kl):
+    if best.consider(selected, kl):
         tmp = best.dir.with_name(best.dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         save_policy(trainer, tmp, cfg)

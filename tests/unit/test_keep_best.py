@@ -13,7 +13,7 @@ def _run(keeper, evals):
     saved = []
     for step, gold, kl in evals:
         evaluation = {"eval/rule_mean": gold, "eval/model_mean": 10.0 * step}
-        if keeper.consider(step, evaluation, kl):
+        if keeper.consider(evaluation, kl):
             weights = keeper.dir.with_name("best.tmp")
             weights.mkdir(parents=True)
             (weights / "model.safetensors").write_text(f"the policy of step {step}")
@@ -51,7 +51,7 @@ def test_the_initial_policy_stays_when_rl_only_hurts(tmp_path):
 def test_a_metric_the_run_does_not_log_is_named_with_the_ones_it_does(tmp_path):
     keeper = BestPolicy("eval/gold_mean", None, str(tmp_path))
     with pytest.raises(ConfigError, match=r"eval/gold_mean.*\['eval/reward_mean', 'eval/solved_frac'\]"):
-        keeper.consider(0, {"eval/reward_mean": 0.5, "eval/solved_frac": 0.1}, 0.0)
+        keeper.consider({"eval/reward_mean": 0.5, "eval/solved_frac": 0.1}, 0.0)
 
 
 def test_an_eval_whose_rewards_failed_is_no_candidate_and_no_error(tmp_path):
@@ -59,4 +59,4 @@ def test_an_eval_whose_rewards_failed_is_no_candidate_and_no_error(tmp_path):
     keeper = BestPolicy("eval/rule_mean", None, str(tmp_path))
     assert _run(keeper, [(0, 0.7, 0.0)]) == [0]
     nan = float("nan")
-    assert not keeper.consider(10, {"eval/reward_mean": nan, "eval/solved_frac": nan}, 1.0)
+    assert not keeper.consider({"eval/reward_mean": nan, "eval/solved_frac": nan}, 1.0)

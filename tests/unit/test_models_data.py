@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_dist.data.prompts import PromptSampler, load_prompt_records
 from rlhf_dist.data.reward_fn import check_reward_fn, load_reward_fn
-from rlhf_dist.data.tasks import TASKS, add_reward, copy_reward, get_task, reverse_reward
+from rlhf_dist.data.tasks import TASKS, add_reward, copy_reward, episode_text, get_task, reverse_reward
 from rlhf_dist.errors import ConfigError, DatasetError, ModelPathError, RewardFnError
 from rlhf_dist.models.tiny import (
     NUM_TOKENS,
@@ -137,11 +137,12 @@ def test_demonstration_gets_full_reward_and_wrong_gets_less(name):
     task = get_task(name)
     reward_fn = load_reward_fn(task.reward_fn)
     records = task.make_records("train", 20, seed=3)
-    demos = [task.demonstration(record) for record in records]
+    demos = [episode_text(task.demonstration(record)) for record in records]  # calc: whole episodes
     assert check_reward_fn(reward_fn, task.reward_fn, records, demos) == [1.0] * 20
     wrong = [demo + demo[-1] for demo in demos]  # one extra character
     rewards = check_reward_fn(reward_fn, task.reward_fn, records, wrong)
-    assert all(0.0 < reward < 1.0 for reward in rewards)
+    # partial credit, except calc's exact answer
+    assert all((reward == 0.0) if name == "calc" else (0.0 < reward < 1.0) for reward in rewards)
     assert check_reward_fn(reward_fn, task.reward_fn, records, [""] * 20) == [0.0] * 20
 
 
@@ -164,7 +165,7 @@ def test_task_formats_and_partial_credit_by_hand():
 
 
 def test_get_task_errors_and_overrides():
-    with pytest.raises(ConfigError, match=r"task='nope'.*\['add', 'copy', 'reverse'\]"):
+    with pytest.raises(ConfigError, match=r"task='nope'.*\['add', 'calc', 'copy', 'reverse'\]"):
         get_task("nope")
     long_task = get_task("reverse", min_len=7, max_len=7)
     assert all(len(r["target"]) == 7 for r in long_task.make_records("train", 10, seed=0))
