@@ -92,40 +92,50 @@ def run_reward_model_ensemble(model_path: str, out_dir: str, train: list, held_o
         histories.append(run_reward_model(model_path, str(Path(out_dir) / name), resample, held_out,
                                           dataclasses.replace(spec, seed=spec.seed + k), steps,
                                           eval_every, seed + k, log))
-    write_ensemble(out_dir, names, member_scales(out_dir, names, held_out or train))
+    pairs = held_out or train[:SCALE_PAIRS]
+    raw = member_scores(out_dir, names, pairs)  # (K, 2N): each pair's chosen, then its rejected
+    scales = member_scales(raw, SCALE_PAIRS)
+    write_ensemble(out_dir, names, scales)
     summary = {key: sum(h[key] for h in histories) / members for key in histories[0]}
     for k, history in enumerate(histories):
         summary[f"rm/member{k}/eval_accuracy"] = history["rm/eval_accuracy_end"]
     if held_out:
-        summary["rm/ensemble_eval_accuracy"] = ensemble_accuracy(out_dir, held_out)
+        summary["rm/ensemble_eval_accuracy"] = ensemble_accuracy(raw, scales)
         log(f"[reward_model] ensemble of {members}: held-out accuracy "
             f"{summary['rm/ensemble_eval_accuracy']:.4f} (members' mean {summary['rm/eval_accuracy_end']:.4f})")
     return summary
 
 
-def member_scales(out_dir: str, names: list[str], pairs: list, most: int = 2000) -> list[tuple[float, float]]:
-    """(mean, std) of each member's scores over the texts of up to `most` pairs (both answers):
-    what puts the members on one scale before their spread is read as uncertainty."""
+SCALE_PAIRS = 2000  # pairs whose texts put the members on one scale
+
+
+def member_scores(out_dir: str, names: list[str], pairs: list) -> torch.Tensor:
+    """(K, 2N) raw scores of each of the K members: the N pairs' chosen texts, then their rejected
+    ones. Scored once on the driver and shared by member_scales and ensemble_accuracy: right for
+    the models this machine trains, slow for billion-parameter ones."""
     from rlhf_dist.actors.reward import ModelScorer
 
-    pairs = pairs[:most]
     records = [{"prompt": p.prompt} for p in pairs] * 2
     texts = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    scales = []
-    for name in names:
-        scores = torch.tensor(ModelScorer(str(Path(out_dir) / name)).score(records, texts)[0])
-        scales.append((scores.mean().item(), max(scores.std().item(), 1e-6)))
-    return scales
+    return torch.stack([torch.tensor(ModelScorer(str(Path(out_dir) / name)).score(records, texts)[0])
+                        for name in names])
 
 
-def ensemble_accuracy(path: str, pairs: list) -> float:
-    """The share of `pairs` whose chosen text the ensemble's mean score (members on one scale, no
-    uncertainty penalty) ranks higher; ties count half. Scored on the driver, like member_scales:
-    right for the models this machine trains, slow for billion-parameter ones."""
-    from rlhf_dist.actors.reward import ModelScorer
+def member_scales(raw: torch.Tensor, most: int) -> list[tuple[float, float]]:
+    """(mean, std) of each member's scores over both texts of the first `most` pairs: what puts the
+    members on one scale before their spread is read as uncertainty."""
+    half = raw.shape[1] // 2
+    both = torch.cat([raw[:, :min(most, half)], raw[:, half:half + min(most, half)]], dim=1)
+    return [(row.mean().item(), max(row.std().item(), 1e-6)) for row in both]
 
-    scorer = ModelScorer(path)
-    records = [{"prompt": p.prompt} for p in pairs]
-    chosen, _ = scorer.score(records, [p.chosen for p in pairs])
-    rejected, _ = scorer.score(records, [p.rejected for p in pairs])
-    return sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected)) / len(pairs)
+
+def ensemble_accuracy(raw: torch.Tensor, scales: list[tuple[float, float]]) -> float:
+    """The share of pairs whose chosen text the ensemble's mean score (members standardised by
+    `scales`, as the reward actor serves them, no uncertainty penalty) ranks higher; ties count
+    half."""
+    offsets = torch.tensor([offset for offset, _ in scales])[:, None]
+    spreads = torch.tensor([scale for _, scale in scales])[:, None]
+    mean = ((raw - offsets) / spreads).mean(0)
+    half = raw.shape[1] // 2
+    chosen, rejected = mean[:half], mean[half:]
+    return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean().item()

@@ -165,3 +165,25 @@ def test_ensemble_members_are_put_on_one_scale_before_their_spread_is_read(tiny_
     torch.testing.assert_close(torch.tensor(served.model), standard.mean(0), atol=1e-5, rtol=0)
     assert served.metrics["reward/model_std_mean"] == pytest.approx(
         standard.std(0, unbiased=False).mean().item(), abs=1e-5)
+
+
+def test_member_scales_and_ensemble_accuracy_from_one_scoring():
+    """The members' raw scores of the held-out pairs (scored once) give both their scales and the
+    ensemble's accuracy: members that differ by an offset and a scale rank exactly as one does."""
+    from rlhf_dist.stages.reward_model import ensemble_accuracy, member_scales
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 50, generator=gen)  # row 0: chosen texts' scores, row 1: rejected's
+    base[0] += 0.5
+    flat = torch.cat([base[0], base[1]])  # (2N,) chosen then rejected
+    raw = torch.stack([flat, 3.0 * flat + 7.0, 0.5 * flat - 2.0])
+    scales = member_scales(raw, most=50)
+    assert scales[1][0] == pytest.approx(3.0 * flat.mean().item() + 7.0, abs=1e-5)
+    assert scales[1][1] == pytest.approx(3.0 * flat.std().item(), rel=1e-5)
+    single = (base[0] > base[1]).float().mean().item()
+    assert ensemble_accuracy(raw, scales) == pytest.approx(single)
+    assert 0.6 < single < 1.0
+    # a member with the opposite ranking, on its own scale, pulls the mean towards chance
+    flipped = torch.stack([flat, -flat, flat])
+    assert ensemble_accuracy(flipped, member_scales(flipped, 50)) == pytest.approx(single)
+    assert ensemble_accuracy(flipped[:2], member_scales(flipped[:2], 50)) == pytest.approx(0.5)
