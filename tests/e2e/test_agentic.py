@@ -24,9 +24,11 @@ def _steps(run_dir):
     return [r for r in rows if "reward/mean" in r]
 
 
-def test_agentic_with_two_engines_and_async_rollout(tiny_model_dir, tmp_path):
+def test_agentic_ppo_with_two_engines_and_async_rollout(tiny_model_dir, tmp_path):
+    """PPO: the critic's values and GAE on multi-turn sequences, episodes split over two engines,
+    the next batch's episodes played while the current one trains."""
     run_dir = tmp_path / "run"
-    done = run_cli(_args(run_dir, tiny_model_dir, "trainer.total_steps=3", "rollout.num_engines=2",
+    done = run_cli(_args(run_dir, tiny_model_dir, "algo=ppo", "trainer.total_steps=3", "rollout.num_engines=2",
                          "trainer.async_rollout=true"), cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     steps = _steps(run_dir)
@@ -35,6 +37,7 @@ def test_agentic_with_two_engines_and_async_rollout(tiny_model_dir, tmp_path):
         assert row["episode/turns_mean"] >= 1.0 and row["episode/policy_tokens_mean"] > 0
         assert "episode/tool_calls_mean" in row and row["episode/env_errors_mean"] == 0.0
         assert row["async/staleness"] in (0.0, 1.0)
+        assert "critic/explained_variance" in row
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert any("\n" in row["completion"] for row in samples), "no episode of more than one turn shown"
 

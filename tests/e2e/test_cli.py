@@ -55,6 +55,14 @@ def test_bad_algo_values_fail_before_ray(tmp_path):
     _fails_early(["algo.clip_ratio_c=0.5"], tmp_path, "algo.clip_ratio_c=0.5")
 
 
+def test_an_environment_that_does_not_load_fails_before_ray(tmp_path):
+    (tmp_path / "envs.py").write_text("import no_such_module_here\n")
+    err = _fails_early([f"rollout.env={tmp_path / 'envs.py'}:Env"], tmp_path, "failed with ModuleNotFoundError")
+    assert f"rollout.env='{tmp_path / 'envs.py'}:Env'" in err
+    (tmp_path / "plain.py").write_text("class Env:\n    pass\n")
+    _fails_early([f"rollout.env={tmp_path / 'plain.py'}:Env"], tmp_path, "Env has no step(conversation) method")
+
+
 def test_reward_model_path_that_is_not_a_model(tmp_path):
     err = _fails_early(["reward.model.path=/no/such/rm"], tmp_path, "reward model")
     assert "/no/such/rm" in err and "does not exist" in err
