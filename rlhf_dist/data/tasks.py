@@ -95,13 +95,12 @@ def episode_text(demonstration: str | list[str]) -> str:
 
 
 def calc_reward(prompts: list[str], completions: list[str], **fields) -> list[float]:
-    """The calculator task (multi-turn): 1 when the episode's last line is the sum, else 0. Tool
-    calls and their results (earlier lines) earn nothing by themselves. No partial credit: a
-    model guessing in its head gets the last digit and roughly the first one right, and
-    per-digit credit would pay that nearly as well as using the tool."""
+    """The calculator task (multi-turn): the episode's last line is the answer, scored against the
+    sum digit by digit from the right as in `add_reward` (1 only for the exact sum: eval/solved_frac
+    is the success rate). Tool calls and their results (earlier lines) earn nothing by themselves."""
     targets = _targets(fields, len(completions))
     answers = [(c.strip().splitlines() or [""])[-1].strip() for c in completions]
-    return [float(a == t) for a, t in zip(answers, targets)]
+    return [position_match_score(a[::-1], t[::-1]) for a, t in zip(answers, targets)]
 
 
 # --------------------------------------------------------------------------- tasks
@@ -210,15 +209,16 @@ class CalcTask(Task):
     calculator tool (rlhf_dist.envs.calculator, `experiment=agentic`).
 
     Its demonstrations (the warm-up) are whole episodes, [policy turn, observation, policy turn]:
-    in `tool_fraction` of them the demonstrator calls the tool ("call A+B", the tool answers
-    "got S;") and then answers S; in the others it answers S at once, from its head. A tiny model
-    cannot add three-digit numbers in its head, so its direct answers are mostly wrong; RL has to
-    find out that calling the tool pays.
+    the demonstrator calls the tool ("call A+B", the tool answers "got S;") and then answers S.
+    With `tool_fraction` < 1 the others answer S at once, from its head; measured: with 30% or
+    60% tool episodes, 1500 warm-up steps left the 0.44M and 0.87M tiny models answering from
+    their heads after a tool call (1/40 answers copied from the tool's), so the default shows the
+    tool every time and RL's part is reading its answer reliably.
     """
 
     min_value: int = 100
     max_value: int = 999
-    tool_fraction: float = 0.3
+    tool_fraction: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
