@@ -7,7 +7,7 @@ Every sample a run draws (RL step, prompt position, child) gets a seed of its ow
   (A CPU torch.Generator keys its Mersenne Twister on the low 32 bits of the seed, so on CPU two
   of the 768 samples of a default step share a stream with probability ~7e-5: a birthday bound,
   not a structure that repeats.)
-- a sample's seed depends only on those five numbers: a resumed run, or a batch regenerated after
+- a sample's seed depends only on those five numbers (six with a multi-turn episode's turn): a resumed run, or a batch regenerated after
   an engine restart, draws what the uninterrupted run drew.
 
 Why not `base + prompt` with `SamplingParams(n=G, seed=...)`: vLLM seeds child j of a request

@@ -101,6 +101,14 @@ def validate(cfg: Any) -> None:
         from rlhf_dist.envs.base import load_env
 
         load_env(cfg.rollout.env)
+        ro = cfg.rollout
+        if ro.max_episode_tokens < ro.max_new_tokens:
+            raise ConfigError(f"rollout.max_episode_tokens={ro.max_episode_tokens} is below one policy turn's "
+                              f"rollout.max_new_tokens={ro.max_new_tokens}. Fix: rollout.max_episode_tokens="
+                              f"{ro.max_new_tokens * ro.max_turns} (a turn per rollout.max_turns) or more.")
+        if ro.ignore_eos:
+            raise ConfigError("rollout.ignore_eos=true with rollout.env: a policy turn ends at its end-of-sequence "
+                              "token, which ignore_eos forbids. Fix: rollout.ignore_eos=false.")
     fallback = cfg.reward.fallback_score
     if fallback is not None and not math.isfinite(fallback):
         raise ConfigError(f"reward.fallback_score={fallback} must be a finite number (the score of a "

@@ -39,6 +39,8 @@ def whole_prompts_per_step(device: str, max_model_len: int, tensor_parallel_size
     """
     if device != "cpu":
         return {}
+    # vLLM's own CPU default (4096 x the tensor-parallel size, vllm/engine/arg_utils.py), raised to
+    # one whole prompt when max_model_len is longer (vLLM requires that without chunking)
     return {"enable_chunked_prefill": False,
             "max_num_batched_tokens": max(max_model_len, 4096 * tensor_parallel_size)}
 

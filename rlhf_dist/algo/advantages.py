@@ -5,7 +5,8 @@ Every estimator takes the same keyword arguments and ignores the ones it does no
     scores         (B,)    one outcome score per sampled response (reward model or checker)
     kl_penalty     (B, T)  per-token KL penalty ALREADY multiplied by the KL coefficient beta
                            (all zeros when the KL is not in the reward but in the loss)
-    response_mask  (B, T)  1 on response tokens, 0 on padding (responses are right-padded)
+    response_mask  (B, T)  1 on response tokens, 0 on padding (responses are right-padded) and on
+                           the observation tokens of multi-turn episodes (not steps of the policy)
     values         (B, T)  critic values V(s_t), used by "gae" only
     group_size, gamma, lam
     turn_rewards   (B, T)  optional rewards an environment gave during a multi-turn episode, each

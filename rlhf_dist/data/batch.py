@@ -3,7 +3,8 @@
 Layout (B sequences, P prompt columns, T response columns):
     input_ids       (B, P + T)  prompts left-padded to P, responses right-padded to T
     attention_mask  (B, P + T)  1 on real tokens
-    response_mask   (B, T)      1 on response tokens (including the final eos)
+    response_mask   (B, T)      1 on response tokens the policy sampled (including the final eos);
+                                0 on padding and on a multi-turn episode's observation tokens
     rollout_logprobs(B, T)      logprobs of the sampled tokens under the engine that sampled them
     ref_logprobs    (B, T)      reference policy, filled in the reference phase
     rewards         (B,)        one scalar per sequence
@@ -50,7 +51,7 @@ class Batch:
     def split_by_tokens(self, max_tokens: int, num_parts: int = 0, with_rows: bool = False):
         """Trimmed micro-batches of at most `max_tokens` padded tokens (`token_budget_parts`);
         with `with_rows`, (the rows of each, the micro-batches)."""
-        mask = self.tensors["response_mask"] > 0  # (B, T), a prefix of each row
+        mask = self.tensors["response_mask"] > 0  # (B, T); gaps where a multi-turn episode's observations are
         lengths = (mask * torch.arange(1, mask.shape[1] + 1)).amax(-1).clamp(min=1).tolist()
         parts = token_budget_parts(lengths, self.prompt_width, max_tokens, num_parts)
         micros = [self.select(rows).trimmed() for rows in parts]

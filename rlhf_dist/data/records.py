@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 from rlhf_dist.errors import ConfigError, DatasetError
@@ -194,20 +195,24 @@ def render_prompt(prompt: str | list[dict], tokenizer=None) -> str:
     return lines + "assistant: "
 
 
-def render_observation(observation: str, tokenizer=None) -> str:
+_CONTENT = "\x00rlhf-dist-turn\x00"  # stands for an assistant turn's content while a template is read
+_warned: set[str] = set()
+
+
+def render_observation(observation: str, tokenizer=None, turn_ended_with_eos: bool = True) -> str:
     """The text appended to a multi-turn episode after a policy turn (rlhf_dist.rl.episodes).
 
-    Without a chat template: the observation as is. With one: what the template writes between
-    the end of an assistant turn and the start of the next one, around a "tool" message (a "user"
-    one if the template refuses that role). The policy's turn ended with the end-of-sequence
-    token the engine sampled; what the template writes after an assistant turn's content comes
-    first, less that token where the template writes it too (Qwen's "<|im_end|>" + newline: the
-    newline).
+    Without a chat template: the observation as is. With one: what the template writes after an
+    assistant turn's content, then around a "tool" message (a "user" one if the template refuses
+    that role), up to the next assistant turn. A policy turn that ended with the end-of-sequence
+    token (`turn_ended_with_eos`) already holds that token: where the template writes it after the
+    content, only what follows it is added (Qwen's "<|im_end|>" + newline: the newline); a turn
+    cut at rollout.max_new_tokens gets the template's whole end of turn.
     """
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         return observation
-    turns = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    turns = [{"role": "user", "content": "u"}, {"role": "assistant", "content": _CONTENT}]
     for role in ("tool", "user"):
         try:
             before = tokenizer.apply_chat_template(turns, tokenize=False)
@@ -215,12 +220,17 @@ def render_observation(observation: str, tokenizer=None) -> str:
                                                   tokenize=False, add_generation_prompt=True)
         except Exception:  # noqa: BLE001 - a template that refuses the role: try the next
             continue
-        if not after.startswith(before):
+        if not after.startswith(before) or _CONTENT not in before:
             continue
-        tail = before[before.rindex("a") + 1:]  # what the template writes after an assistant turn
+        tail = before[before.rindex(_CONTENT) + len(_CONTENT):]  # the template's end of an assistant turn
         eos = tokenizer.eos_token or ""
-        carried = tail[tail.index(eos) + len(eos):] if eos and eos in tail else tail
-        return carried + after[len(before):]
+        if turn_ended_with_eos and eos and eos in tail:
+            tail = tail[tail.index(eos) + len(eos):]
+        return tail + after[len(before):]
+    if template not in _warned:
+        _warned.add(template)
+        warnings.warn("the chat template renders neither a 'tool' nor a 'user' message after an assistant "
+                      "turn as an extension of the conversation; observations go in as plain text")
     return observation
 
 

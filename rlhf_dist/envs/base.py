@@ -76,7 +76,7 @@ def load_env(spec: str) -> type:
     ConfigError saying what was given and expected when it does not import or lacks `step`."""
     from rlhf_dist.data.reward_fn import load_named
 
-    cls, where = load_named(spec, "rollout.env", ConfigError, "examples/calculator_env.py:Calculator",
+    cls, where = load_named(spec, "rollout.env", ConfigError, "rlhf_dist.envs.calculator:Calculator",
                             noun="ClassName")
     if not inspect.isclass(cls):
         raise ConfigError(f"rollout.env={spec!r}: {spec.rpartition(':')[2]!r} in {where} is a "

@@ -12,21 +12,26 @@ Every episode of a batch advances together, one turn at a time:
 Token in, token out: the response of an episode is the policy's tokens exactly as the engine
 sampled them (with their logprobs), interleaved with each observation tokenised once, on its own,
 and never re-tokenised with its neighbours (with a chat template, the observation goes in as the
-template writes a tool message: data.records.render_observation). So the learner scores exactly the ids the engine
-sampled. `loss_mask` is 1 on the policy's tokens and 0 on the observations'; a turn's reward sits
-on its last token (`turn_rewards`). The episode's text (what the reward function and the samples
-table see) is its turns joined by newlines.
+template writes a tool message: data.records.render_observation). So the learner scores exactly
+the ids the engine sampled. `loss_mask` is 1 on the policy's tokens and 0 on the observations'; a
+turn's reward sits on its last token (`turn_rewards`). The episode's text (what the reward
+function and the samples table see) is its turns joined by newlines.
 
-Faults: a step that raises or runs past rollout.tool_timeout_s (a tool failing on a bad call)
-gives the policy an "error: ..." observation and the episode goes on (`tool_errors`); an
-environment that cannot be built for an episode, or answers with something that is not an
-observation, ends that episode (`env_errors`). An environment that fails so on every episode of a
-batch is broken, and stops the run (EnvironmentFailedError, naming it and the first failure).
+Faults: a step that raises or is not done within rollout.tool_timeout_s (one deadline per turn for
+all episodes) gives the policy an "error: ..." observation and the episode goes on
+(`tool_errors`); each step runs in a daemon thread, so one that never returns holds nothing but
+its own environment, whose episode ends at its next turn. An environment that cannot be built for
+an episode, or answers with something that is not an observation, ends that episode
+(`env_errors`). A batch in which every episode failed so, or every step raised or timed out, means
+a broken environment, not one bad episode or tool call: the run stops (EnvironmentFailedError,
+naming the environment and the first failure).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as futures
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -53,7 +58,7 @@ class _Episode:
     index: int  # in the batch
     record: dict
     prompt_ids: list[int]
-    seed: int  # of its first turn; later turns: seed_of(turn)
+    seed: int | None  # of its first turn; later turns: seed_of(turn); None: the engine's own generator
     env: object | None
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -66,6 +71,9 @@ class _Episode:
     errors: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     done: bool = False
+    steps: int = 0  # environment steps called
+    raised: int = 0  # of which raised or timed out
+    pending: object | None = None  # the last step's _Call
 
     def add(self, ids: list[int], logprobs: list[float], policy: bool) -> None:
         self.ids += ids
@@ -83,8 +91,8 @@ class _Episode:
 
 def run_episodes(env_cls: type, records: list[dict], prompt_ids: list[list[int]], seeds: list[int],
                  seed_of: Callable[[int, int], int],
-                 generate_turn: Callable[[list[list[int]], list[int], list[int]], list[Sample]],
-                 tokenizer, limits: EpisodeLimits, pool: futures.ThreadPoolExecutor) -> list[Sample]:
+                 generate_turn: Callable[[list[list[int]], list[int | None], list[int]], list[Sample]],
+                 tokenizer, limits: EpisodeLimits) -> list[Sample]:
     """One episode per record (records repeat for several samples per prompt).
 
     `seeds[k]`: the seed of episode k's first turn; `seed_of(k, turn)` that of a later turn.
@@ -106,28 +114,30 @@ def run_episodes(env_cls: type, records: list[dict], prompt_ids: list[list[int]]
                                      f"batch; the first: {broken[0].errors[0]}")
     for turn in range(limits.max_turns):
         live = [e for e in episodes if not e.done]
-        if not live:
-            break
-        budgets = [min(limits.max_new_tokens, limits.max_episode_tokens - len(e.ids)) for e in live]
-        for episode, budget in zip(live, budgets):
-            if budget <= 0:
+        budgets = {e.index: min(limits.max_new_tokens, limits.max_episode_tokens - len(e.ids)) for e in live}
+        for episode in live:
+            if budgets[episode.index] <= 0:
                 episode.done, episode.counts["truncated"] = True, 1
-        live = [e for e, budget in zip(live, budgets) if budget > 0]
+        live = [e for e in live if not e.done]
         if not live:
             break
         outputs = generate_turn([e.prompt_ids + e.ids for e in live],
-                                [e.seed if turn == 0 else seed_of(e.index, turn) for e in live],
-                                [min(limits.max_new_tokens, limits.max_episode_tokens - len(e.ids)) for e in live])
+                                [e.seed if turn == 0 or e.seed is None else seed_of(e.index, turn) for e in live],
+                                [budgets[e.index] for e in live])
         for episode, output in zip(live, outputs):
             episode.add(list(output.token_ids), list(output.logprobs), policy=True)
             episode.counts["turns"] += 1
             episode.finish_reason = output.finish_reason
             episode.conversation.append({"role": "assistant", "content": output.text})
-        _answer(live, name, pool, limits, tokenizer, last_turn=turn == limits.max_turns - 1)
-    stepped = [e for e in episodes if e.env is not None and e.counts["turns"] > 0]
+        _answer(live, name, limits, tokenizer, last_turn=turn == limits.max_turns - 1)
+    stepped = [e for e in episodes if e.steps]
     if stepped and all(e.counts["env_errors"] for e in stepped):
         raise EnvironmentFailedError(f"rollout.env {name}: step returned no valid answer on any episode of "
                                      f"the batch; the first: {stepped[0].errors[0]}")
+    if stepped and all(e.raised == e.steps for e in stepped):
+        raise EnvironmentFailedError(f"rollout.env {name}: every step of every episode of the batch raised or "
+                                     f"timed out (a broken environment, not a bad tool call); the first: "
+                                     f"{stepped[0].errors[0]}")
     return [episode.sample() for episode in episodes]
 
 
@@ -139,39 +149,67 @@ def _make_env(env_cls: type, record: dict) -> tuple[object | None, str]:
         return None, f"{type(err).__name__}: {err}"
 
 
-def _answer(live: list[_Episode], name: str, pool: futures.ThreadPoolExecutor, limits: EpisodeLimits,
-            tokenizer, last_turn: bool) -> None:
-    """Every live episode's environment answers its policy's last turn, concurrently."""
-    calls = {id(e): pool.submit(e.env.step, [dict(turn) for turn in e.conversation])
-             for e in live if e.env is not None}
+class _Call:
+    """One environment step in a daemon thread of its own: a step that never returns can neither
+    hold a shared worker nor keep the process from exiting."""
+
+    def __init__(self, env, conversation: list[dict]) -> None:
+        self.result, self.error, self.done = None, None, threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(env, conversation), daemon=True,
+                                       name="env-step")
+        self.thread.start()
+
+    def _run(self, env, conversation: list[dict]) -> None:
+        try:
+            self.result = env.step(conversation)
+        except BaseException as err:  # noqa: BLE001 - reported to the episode, never raised here
+            self.error = err
+        finally:
+            self.done.set()
+
+
+def _answer(live: list[_Episode], name: str, limits: EpisodeLimits, tokenizer, last_turn: bool) -> None:
+    """Every live episode's environment answers its policy's last turn, concurrently, all within
+    one rollout.tool_timeout_s from now."""
+    calls = {}
     for episode in live:
         if episode.env is None:  # its environment could not be built: one turn, then the end
             episode.done = True
+        elif episode.pending is not None and not episode.pending.done.is_set():
+            # its last step is still running: this environment cannot take another one
+            _error_step(episode, "its previous step never returned", f"{name}.step")
+            episode.done = True
+        else:
+            calls[episode.index] = episode.pending = _Call(episode.env, [dict(t) for t in episode.conversation])
+            episode.steps += 1
+    deadline = time.monotonic() + limits.tool_timeout_s
+    for episode in live:
+        call = calls.get(episode.index)
+        if call is None:
             continue
         where = f"{name}.step (episode of prompt {episode.record['prompt'][:60]!r})"
-        try:
-            returned = calls[id(episode)].result(timeout=limits.tool_timeout_s)
-        except futures.TimeoutError:
+        if not call.done.wait(max(0.0, deadline - time.monotonic())):
             result = _error_step(episode, f"timed out after {limits.tool_timeout_s:g} s (rollout.tool_timeout_s)",
                                  where)
-        except Exception as err:  # noqa: BLE001 - a tool that raised: the policy sees the error
-            result = _error_step(episode, f"{type(err).__name__}: {err}", where)
+        elif call.error is not None:  # a tool that raised: the policy sees the error
+            result = _error_step(episode, f"{type(call.error).__name__}: {call.error}", where)
         else:
             try:
-                result = as_env_step(returned, name)
+                result = as_env_step(call.result, name)
             except ValueError as err:  # not an observation: this episode ends
                 episode.counts["env_errors"] += 1
                 episode.errors.append(f"{where}: {err}")
                 episode.done = True
                 continue
         episode.counts["tool_calls"] += result.tool_calls
-        if result.reward:
-            last = max(i for i, m in enumerate(episode.mask) if m)
+        if result.reward and 1 in episode.mask:
+            last = len(episode.mask) - 1 - episode.mask[::-1].index(1)  # the turn's last token
             episode.rewards[last] = episode.rewards.get(last, 0.0) + result.reward
         if result.done or last_turn:
             episode.done = True
             continue
-        ids = tokenizer(render_observation(result.observation, tokenizer), add_special_tokens=False)["input_ids"]
+        text = render_observation(result.observation, tokenizer, episode.finish_reason != "length")
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(episode.ids) + len(ids) >= limits.max_episode_tokens:  # no room left for a policy turn
             episode.done, episode.counts["truncated"] = True, 1
             continue
@@ -182,25 +220,29 @@ def _answer(live: list[_Episode], name: str, pool: futures.ThreadPoolExecutor, l
 def _error_step(episode: _Episode, message: str, where: str) -> EnvStep:
     """A step that raised or timed out: the policy sees the error (a bad tool call is its own)."""
     episode.counts["tool_errors"] += 1
+    episode.raised += 1
     episode.errors.append(f"{where}: {message}")
     return EnvStep(observation=f"error: {message}"[:40])  # short: it spends the episode's token budget
 
 
 class EpisodeRunner:
-    """Runs `run_episodes` for the trainer's Generation: the loop in a thread of its own (so a
-    batch of episodes can be launched and collected later, as single-turn generation is), the
-    environments' steps in a pool beside it."""
+    """Runs `run_episodes` for the trainer's Generation, in a thread of its own, so that a batch of
+    episodes can be launched and collected later, as single-turn generation is."""
 
-    def __init__(self, env_cls: type, tokenizer, limits: EpisodeLimits, env_threads: int = 16) -> None:
+    def __init__(self, env_cls: type, tokenizer, limits: EpisodeLimits) -> None:
         self.env_cls, self.tokenizer, self.limits = env_cls, tokenizer, limits
-        self.pool = futures.ThreadPoolExecutor(max_workers=env_threads, thread_name_prefix="env-step")
         self.loop = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="episodes")
 
-    def submit(self, records: list[dict], prompt_ids: list[list[int]], seeds: list[int],
+    def submit(self, records: list[dict], prompt_ids: list[list[int]], seeds: list[int | None],
                seed_of: Callable[[int, int], int], generate_turn: Callable) -> futures.Future:
-        return self.loop.submit(run_episodes, self.env_cls, records, prompt_ids, seeds, seed_of,
-                                generate_turn, self.tokenizer, self.limits, self.pool)
+        """The future of (samples, seconds the episodes took)."""
+        def run() -> tuple[list[Sample], float]:
+            start = time.perf_counter()
+            samples = run_episodes(self.env_cls, records, prompt_ids, seeds, seed_of, generate_turn,
+                                   self.tokenizer, self.limits)
+            return samples, time.perf_counter() - start
+
+        return self.loop.submit(run)
 
     def close(self) -> None:
         self.loop.shutdown(wait=False, cancel_futures=True)
-        self.pool.shutdown(wait=False, cancel_futures=True)

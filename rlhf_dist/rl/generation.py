@@ -14,6 +14,7 @@ trainer scores and trains on batch k. The trainer's step only sees two calls:
 
 from __future__ import annotations
 
+import concurrent.futures as futures
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -21,6 +22,7 @@ from typing import Any, Callable
 from rlhf_dist.runtime.group import ActorGroup, wait_all
 from rlhf_dist.data.batch import split_evenly
 from rlhf_dist.data.messages import Sample
+from rlhf_dist.errors import RlhfDistError
 from rlhf_dist.data.prompts import PromptSampler
 from rlhf_dist.rl.episodes import EpisodeRunner
 from rlhf_dist.seeding import sample_seed, sample_seeds
@@ -83,7 +85,7 @@ class Generation:
         self.wake()  # asleep if the last step ended early (a skipped step, a failed sync)
         prompt_ids = [self.tokenizer(r["prompt"])["input_ids"] for r in records]
         if self.episodes is not None:
-            return self._launch_episodes(records, prompt_ids, n, temperature, step or 0, stream)
+            return self._launch_episodes(records, prompt_ids, n, temperature, step, stream)
         parts = split_evenly(list(range(len(records))), len(self.engines))
         seeds = sample_seeds(self.seed, stream, step, len(records), n) if step is not None else None
         refs = self.engines.call_each("generate", [
@@ -96,9 +98,14 @@ class Generation:
         """Wait for `launch_generate`: (samples, the record each sample answers, seconds the
         slowest engine spent generating)."""
         if "episodes" in launched:  # rollout.env: the episode loop's thread
-            samples = launched["episodes"].result(timeout=self.timeout_s * self.episodes.limits.max_turns)
-            order = launched["order"]
-            return samples, [launched["records"][i] for i in order], time.perf_counter() - launched["start"]
+            limits = self.episodes.limits
+            wait_s = (self.timeout_s + limits.tool_timeout_s) * limits.max_turns
+            try:
+                samples, took_s = launched["episodes"].result(timeout=wait_s)
+            except futures.TimeoutError:
+                raise RlhfDistError(f"multi-turn episodes not done within {wait_s:.0f} s "
+                                    "((rollout.init_timeout_s + rollout.tool_timeout_s) x rollout.max_turns)") from None
+            return samples, [launched["records"][i] for i in launched["order"]], took_s
         parts, n, prompt_ids = launched["parts"], launched["n"], launched["prompt_ids"]
         names = self.engines.names[: len(parts)]
         results = wait_all(launched["refs"], names * 2, "generate", self.timeout_s)
@@ -109,11 +116,12 @@ class Generation:
         return samples, [launched["records"][i] for i in order], max(results[len(parts):])
 
     def _launch_episodes(self, records: list[dict], prompt_ids: list[list[int]], n: int, temperature: float,
-                         step: int, stream: str) -> dict[str, Any]:
+                         step: int | None, stream: str) -> dict[str, Any]:
         """Start `n` multi-turn episodes per prompt (rlhf_dist.rl.episodes); every turn of every
         episode has its own seed, from (rollout.seed, stream, step, prompt, child, turn)."""
         order = [i for i in range(len(records)) for _ in range(n)]  # prompt-major, G contiguous
-        seeds = [sample_seed(self.seed, stream, step, i, k % n) for k, i in enumerate(order)]
+        seeds = ([sample_seed(self.seed, stream, step, i, k % n) for k, i in enumerate(order)] if step is not None
+                 else [None] * len(order))  # no step: the engine's own generator, as single-turn
 
         def seed_of(k: int, turn: int) -> int:
             return sample_seed(self.seed, stream, step, order[k], k % n, turn)
@@ -122,7 +130,7 @@ class Generation:
             parts = split_evenly(list(range(len(contexts))), len(self.engines))
             refs = self.engines.call_each("generate", [
                 ([contexts[i] for i in part], 1, temperature, self.top_p, [limits[i] for i in part],
-                 [[turn_seeds[i]] for i in part]) for part in parts])
+                 [[turn_seeds[i]] for i in part] if turn_seeds[0] is not None else None) for part in parts])
             results = wait_all(refs, self.engines.names[: len(parts)], "generate", self.timeout_s)
             return [sample for engine_samples in results for sample in engine_samples]
 

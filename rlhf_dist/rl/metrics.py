@@ -63,7 +63,8 @@ def eval_metrics(scored: Scores, samples: list[Sample], time_s: float) -> dict[s
     metrics = {
         "eval/reward_mean": rewards.mean().item(),
         "eval/solved_frac": (rule >= 1.0 - 1e-6).float().mean().item(),  # by the rule (gold)
-        "eval/length_mean": sum(len(s.token_ids) for s in samples) / len(samples),
+        # the policy's tokens (a multi-turn episode's observations are in episode/observation_tokens)
+        "eval/length_mean": sum(sum(s.loss_mask) if s.loss_mask else len(s.token_ids) for s in samples) / len(samples),
         "eval/time_s": time_s,
     }
     if scored.model is not None:  # learned reward beside the rule (gold) score

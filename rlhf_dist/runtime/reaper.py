@@ -17,8 +17,8 @@ another raylet. Its log: <session dir>/logs/rlhf_dist_reaper.log.
 
 A run that joined a cluster (`cluster.address`) gets no watchdog: the Ray session there is the
 cluster's, and ending it would end every job on it. There Ray itself ends what the run started
-when the driver dies: the job's placement groups are removed and its actors with them (engines,
-learner ranks, reference, reward, all placed in ActorGroup placement groups). Tested by killing a
+when the driver dies: the actors the driver owns (engines, learner ranks, reference, reward) die
+with their owner, and the job's placement groups are removed. Tested by killing a
 run with SIGKILL on a two-node cluster (tests/e2e/test_multinode.py): every actor of the job ends,
 another job's actor and both nodes stay.
 """

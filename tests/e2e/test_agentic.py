@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def _args(run_dir, model_dir, *extra):
-    return ["experiment=agentic", f"model.path={model_dir}", f"trainer.run_dir={run_dir}", "warmup.steps=40",
+    return ["experiment=agentic", f"model.path={model_dir}", f"trainer.run_dir={run_dir}", "warmup.steps=100",
             "trainer.prompts_per_step=4", "rollout.n_samples_per_prompt=4", "learner.mini_batch_size=16",
             "learner.micro_batch_size=8", "task.num_train=64", "task.num_eval=8", "trainer.eval_every=0",
             "logger.wandb.mode=disabled", *extra]
@@ -38,8 +38,10 @@ def test_agentic_ppo_with_two_engines_and_async_rollout(tiny_model_dir, tmp_path
         assert "episode/tool_calls_mean" in row and row["episode/env_errors_mean"] == 0.0
         assert row["async/staleness"] in (0.0, 1.0)
         assert "critic/explained_variance" in row
+        assert row["episode/tool_calls_mean"] > 0.5  # the warm-up taught the tool call
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
-    assert any("\n" in row["completion"] for row in samples), "no episode of more than one turn shown"
+    assert any(row["completion"].startswith("call ") and "\ngot " in row["completion"] for row in samples), \
+        "no episode with a tool call and the tool's answer in the samples table"
 
 
 def test_agentic_killed_and_resumed_draws_the_same_episodes(tiny_model_dir, tmp_path):

@@ -40,8 +40,30 @@ def trainer(tiny_model_dir, tmp_path_factory):
 
 
 def test_two_training_steps_on_a_two_turn_environment(trainer):
-    for step in (1, 2):
-        metrics = trainer.step(step)
+    """The batch each step trains on: observation tokens out of the response mask and with no
+    advantage, the environment's turn reward on the first turn's last token."""
+    trained = []
+    original = trainer.train_or_skip
+
+    def spy(batch, step, staleness=0):
+        trained.append(batch)
+        return original(batch, step, staleness)
+
+    trainer.train_or_skip = spy
+    try:
+        steps = [trainer.step(step) for step in (1, 2)]
+    finally:
+        del trainer.train_or_skip
+    for batch in trained:
+        mask, attention = batch["response_mask"], batch["attention_mask"][:, batch.prompt_width:]
+        observation = (attention == 1) & (mask == 0)  # in the context, out of the loss
+        assert observation.any(-1).all(), "every episode has observation tokens"
+        assert batch["advantages"][observation].abs().sum().item() == 0.0
+        turn = batch["turn_rewards"]
+        assert (turn == 0.5).sum(-1).tolist() == [1] * len(batch)  # one turn reward per episode
+        first_obs = observation.float().argmax(-1)  # the observation starts right after turn 1's last token
+        assert turn[torch.arange(len(batch)), first_obs - 1].tolist() == [0.5] * len(batch)
+    for metrics in steps:
         assert metrics["episode/turns_mean"] == 2.0  # the environment ends every episode after two
         assert metrics["episode/tool_calls_mean"] == 1.0
         assert metrics["episode/turn_reward_sum_mean"] == 0.5
@@ -68,9 +90,9 @@ def test_masks_ids_and_engine_logprobs_on_multi_turn_sequences(trainer, tiny_mod
         assert sample.token_ids[start:start + len(obs_ids)] == obs_ids  # tokenised once, on its own
         assert sample.loss_mask == [1] * start + [0] * len(obs_ids) + [1] * (len(sample.token_ids) - start - len(obs_ids))
         assert sample.logprobs[start:start + len(obs_ids)] == [0.0] * len(obs_ids)
-        # re-tokenising the episode's text would not give these ids (the first turn's eos is in them)
-        if sample.token_ids[start - 1] == tokenizer.eos_token_id:
-            assert tokenizer(sample.text, add_special_tokens=False)["input_ids"] != sample.token_ids
+    # a first turn that ended with the end-of-sequence token keeps it in the episode's ids (what
+    # re-encoding the episode's text would lose)
+    assert any(s.token_ids[s.loss_mask.index(0) - 1] == tokenizer.eos_token_id for s in samples)
     batch = samples_batch(samples, tokenizer.pad_token_id)
     for row, sample in enumerate(samples):
         width = len(sample.token_ids)

@@ -3,7 +3,6 @@ scripted stand-in for the engines' turn sampler, the loss masks and turn rewards
 the estimators see them, and the environment contract's checks. The real engines run the same loop
 in tests/ray/test_episodes.py."""
 
-import concurrent.futures as futures
 import time
 
 import pytest
@@ -37,8 +36,9 @@ def scripted_turns(tokenizer, script):
         out = []
         for context, limit in zip(contexts, limits):
             text = script(len(asked) - 1, tokenizer.decode(context))
-            ids = (tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:limit]
-            out.append(Sample(ids, [-0.5] * len(ids), text, "stop" if len(ids) <= limit else "length"))
+            full = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            ids = full[:limit]
+            out.append(Sample(ids, [-0.5] * len(ids), text, "stop" if len(full) <= limit else "length"))
         return out
 
     return generate_turn, asked
@@ -48,9 +48,8 @@ def run(tokenizer, env_cls, script, records, limits=None, seeds=None):
     generate_turn, asked = scripted_turns(tokenizer, script)
     limits = limits or EpisodeLimits(max_turns=3, max_new_tokens=16, max_episode_tokens=64, tool_timeout_s=2.0)
     prompt_ids = [tokenizer(r["prompt"])["input_ids"] for r in records]
-    with futures.ThreadPoolExecutor(4) as pool:
-        samples = run_episodes(env_cls, records, prompt_ids, seeds or list(range(len(records))),
-                               lambda k, turn: 1000 * k + turn, generate_turn, tokenizer, limits, pool)
+    samples = run_episodes(env_cls, records, prompt_ids, seeds or list(range(len(records))),
+                           lambda k, turn: 1000 * k + turn, generate_turn, tokenizer, limits)
     return samples, asked
 
 
@@ -191,6 +190,32 @@ class Flaky:
         return EnvStep(done=True)
 
 
+def test_one_deadline_per_turn_for_every_step_and_a_stuck_environment_ends_its_episode(tokenizer):
+    """20 steps that never return within the timeout cost one timeout, not twenty; their episodes
+    go on with an error, and end at the next turn (their environment is still busy), and the
+    threads are daemons (a stuck step cannot keep the process alive)."""
+    class Stuck:
+        def __init__(self, record):
+            self.calls = 0
+
+        def step(self, conversation):
+            self.calls += 1
+            time.sleep(5.0)
+            return EnvStep(done=True)
+
+    limits = EpisodeLimits(max_turns=3, max_new_tokens=4, max_episode_tokens=64, tool_timeout_s=0.3)
+    start = time.monotonic()
+    samples, asked = run(tokenizer, Stuck, lambda k, _: "a", [{"prompt": f"p{i}"} for i in range(20)], limits)
+    assert time.monotonic() - start < 3.0  # 20 x 0.3 s would be 6 s, 20 x 5 s 100 s
+    assert len(asked) == 2  # turn 2 was sampled (after the error), turn 3 never
+    for sample in samples:
+        assert sample.episode["tool_errors"] == 2  # the timeout, then "its previous step never returned"
+        assert sample.episode["conversation"][1]["content"].startswith("error: timed out")
+    import threading
+
+    assert all(t.daemon for t in threading.enumerate() if t.name == "env-step")
+
+
 def test_tool_errors_and_timeouts_are_observations_and_counted(tokenizer):
     script = {0: {"calc a=": "call 1+", "calc b=": "call 9+9", "calc c=": "call 2+2"}, 1: None}
     records = [{"prompt": "calc a="}, {"prompt": "calc b="}, {"prompt": "calc c="}, {"prompt": "calc d=",
@@ -205,7 +230,8 @@ def test_tool_errors_and_timeouts_are_observations_and_counted(tokenizer):
     assert bad.episode["conversation"][1]["content"].startswith("error: ValueError: cannot compute")
     assert bad.episode["tool_errors"] == 1 and bad.episode["conversation"][-1]["content"] == "5"
     assert slow.episode["conversation"][1]["content"] == "error: timed out after 0.3 s (rollout.to"
-    assert slow.episode["tool_errors"] == 1
+    # its step was still sleeping when the policy's next turn came: that episode ends there
+    assert slow.episode["tool_errors"] == 2 and slow.episode["conversation"][-1]["role"] == "assistant"
     assert good.episode["conversation"][1]["content"] == "got 4;" and good.episode["tool_calls"] == 1
     assert good.episode["tool_errors"] == 0
     # an environment that cannot be built for one episode ends that one after its first turn
@@ -233,6 +259,16 @@ def test_an_environment_broken_for_every_episode_stops_with_its_name(tokenizer):
 
     with pytest.raises(EnvironmentFailedError, match="CannotBuild: constructing it failed.*KeyError"):
         run(tokenizer, CannotBuild, lambda k, _: "x", [{"prompt": "a"}])
+
+    class AlwaysRaises:  # e.g. a typo in step: every call fails, whatever the policy writes
+        def __init__(self, record):
+            pass
+
+        def step(self, conversation):
+            return self.missing_attribute
+
+    with pytest.raises(EnvironmentFailedError, match="AlwaysRaises: every step of every episode.*AttributeError"):
+        run(tokenizer, AlwaysRaises, lambda k, _: "x", [{"prompt": "a"}, {"prompt": "b"}])
 
 
 def test_env_step_results_are_checked():

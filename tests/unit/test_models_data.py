@@ -141,8 +141,7 @@ def test_demonstration_gets_full_reward_and_wrong_gets_less(name):
     assert check_reward_fn(reward_fn, task.reward_fn, records, demos) == [1.0] * 20
     wrong = [demo + demo[-1] for demo in demos]  # one extra character
     rewards = check_reward_fn(reward_fn, task.reward_fn, records, wrong)
-    # partial credit, except calc's exact answer
-    assert all((reward == 0.0) if name == "calc" else (0.0 < reward < 1.0) for reward in rewards)
+    assert all(0.0 < reward < 1.0 for reward in rewards)
     assert check_reward_fn(reward_fn, task.reward_fn, records, [""] * 20) == [0.0] * 20
 
 

@@ -183,7 +183,8 @@ def test_member_scales_and_ensemble_accuracy_from_one_scoring():
     single = (base[0] > base[1]).float().mean().item()
     assert ensemble_accuracy(raw, scales) == pytest.approx(single)
     assert 0.6 < single < 1.0
-    # a member with the opposite ranking, on its own scale, pulls the mean towards chance
+    # one member with the opposite ranking among three: the mean keeps the majority's order;
+    # one of two: every pair ties, chance
     flipped = torch.stack([flat, -flat, flat])
     assert ensemble_accuracy(flipped, member_scales(flipped, 50)) == pytest.approx(single)
     assert ensemble_accuracy(flipped[:2], member_scales(flipped[:2], 50)) == pytest.approx(0.5)
