@@ -29,6 +29,7 @@ def test_agentic_ppo_with_two_engines_and_async_rollout(tiny_model_dir, tmp_path
     the next batch's episodes played while the current one trains."""
     run_dir = tmp_path / "run"
     done = run_cli(_args(run_dir, tiny_model_dir, "algo=ppo", "trainer.total_steps=3", "rollout.num_engines=2",
+                         "cluster.cpus_per_engine=0.25", "cluster.cpus_per_critic=0.25",
                          "trainer.async_rollout=true"), cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     steps = _steps(run_dir)
