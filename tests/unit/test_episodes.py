@@ -1,7 +1,7 @@
 """Multi-turn episodes without Ray: the turn loop's bookkeeping (rlhf_dist.rl.episodes) with a
 scripted stand-in for the engines' turn sampler, the loss masks and turn rewards as the learner and
 the estimators see them, and the environment contract's checks. The real engines run the same loop
-in tests/ray/test_episodes.py."""
+in tests/ray/test_multiturn_actors.py."""
 
 import time
 
