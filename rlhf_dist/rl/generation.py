@@ -136,7 +136,7 @@ class Generation:
 
         future = self.episodes.submit([records[i] for i in order], [prompt_ids[i] for i in order], seeds,
                                       seed_of, generate_turn)
-        return {"records": records, "order": order, "episodes": future, "start": time.perf_counter()}
+        return {"records": records, "order": order, "episodes": future}
 
     # ------------------------------------------------------------------ one RL step's batch
     def begin_step(self, step: int, launch_next: bool) -> GenerationBatch:
