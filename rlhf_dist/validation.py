@@ -198,11 +198,7 @@ def _validate_dapo(cfg: Any) -> None:
                 f"algo.dynamic_sampling=true drops groups whose rewards are all equal, but "
                 f"algo.advantage={algo.advantage} does not compare samples within a group. Expected a "
                 "group estimator (grpo, dr_grpo, rloo). Fix: algo=grpo, or algo.dynamic_sampling=false.")
-        if ro.n_samples_per_prompt < 2:
-            raise ConfigError(
-                f"algo.dynamic_sampling=true with rollout.n_samples_per_prompt={ro.n_samples_per_prompt}: "
-                "a group of one always has equal rewards, so every group would be dropped. "
-                "Fix: rollout.n_samples_per_prompt=8.")
+        # (a group estimator already needs rollout.n_samples_per_prompt >= 2: _validate_algo)
     if algo.max_resample_rounds < 0:
         raise ConfigError(f"algo.max_resample_rounds={algo.max_resample_rounds} must be >= 0 (extra "
                           "generation rounds after the first). Fix: algo.max_resample_rounds=3.")
