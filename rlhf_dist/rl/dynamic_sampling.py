@@ -43,6 +43,32 @@ class FillResult:
         return metrics
 
 
+class FillCounts:
+    """Over the run (a checkpoint keeps them): steps left short of groups with signal after the
+    last round, and steps with none at all (no update)."""
+
+    def __init__(self) -> None:
+        self.short_steps = self.empty_steps = 0
+
+    def count(self, step: int, filled: FillResult, group_size: int, target: int,
+              say: Callable[[str], None]) -> dict[str, float]:
+        """The step's dynamic/* metrics; a short or empty step is counted and said (`say`)."""
+        kept = len(filled.rollout.samples) // group_size
+        if kept < target:
+            self.short_steps += 1
+            self.empty_steps += kept == 0
+            say(f"[dynamic] step {step}: {kept}/{target} groups with signal after {filled.rounds} rounds "
+                f"({filled.generated} samples); " + (f"training on those {kept}" if kept else "no update"))
+        return {**filled.metrics(group_size), "dynamic/short_steps": float(self.short_steps),
+                "dynamic/empty_steps": float(self.empty_steps)}
+
+    def state_dict(self) -> dict[str, int]:
+        return {"short_steps": self.short_steps, "empty_steps": self.empty_steps}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.short_steps, self.empty_steps = int(state.get("short_steps", 0)), int(state.get("empty_steps", 0))
+
+
 def fill_groups(first: GenerationBatch, score: Callable[[GenerationBatch], Scores],
                 next_round: Callable[[int], GenerationBatch], group_size: int, target: int,
                 max_rounds: int) -> FillResult:

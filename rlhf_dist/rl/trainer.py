@@ -49,7 +49,7 @@ from rlhf_dist.errors import ActorDiedError, ConfigError, NonFiniteLossError, Re
 from rlhf_dist.monitor import RunMonitor
 from rlhf_dist.envs.base import load_env
 from rlhf_dist.rl.episodes import EpisodeLimits, EpisodeRunner
-from rlhf_dist.rl.dynamic_sampling import FillResult, fill_groups
+from rlhf_dist.rl.dynamic_sampling import FillCounts, FillResult, fill_groups
 from rlhf_dist.rl.generation import Generation, GenerationBatch
 from rlhf_dist.rl.metrics import episode_metrics, eval_metrics, rollout_metrics, sample_rows, timed
 
@@ -73,7 +73,7 @@ class RLTrainer:
         self.history: list[dict[str, float]] = []
         self.bad_steps = self.bad_in_a_row = 0  # updates skipped for a non-finite loss/gradient
         self.skipped_steps = 0  # steps skipped because reward.fn raised (reward.fallback_score=null)
-        self.short_steps = self.empty_steps = 0  # dynamic sampling: steps short of groups with signal / with none
+        self.fill_counts = FillCounts()  # dynamic sampling: steps short of groups with signal, steps with none
         self.aux_restarts = 0  # reward/reference actors replaced (with_aux_recovery)
         self.reward_state: dict | None = None  # the reward normaliser's statistics after the last scoring
         self.engines = self.learners = self.reward = self.reference = self.critics = None  # start()
@@ -434,23 +434,12 @@ class RLTrainer:
                            cfg.trainer.prompts_per_step, cfg.algo.max_resample_rounds)
 
     def _fill_metrics(self, step: int, filled: FillResult) -> dict[str, float]:
-        """dynamic/*; a step left short of trainer.prompts_per_step groups says so."""
-        group_size, target = self.cfg.rollout.n_samples_per_prompt, self.cfg.trainer.prompts_per_step
-        metrics = filled.metrics(group_size)
-        kept = len(filled.rollout.samples) // group_size
-        if kept < target:
-            self.short_steps += 1
-            self.monitor.print(f"[dynamic] step {step}: {kept}/{target} groups with signal after {filled.rounds} "
-                               f"rounds ({filled.generated} samples); "
-                               + ("no update" if not kept else f"training on those {kept}"))
-        metrics["dynamic/short_steps"] = float(self.short_steps)
-        metrics["dynamic/empty_steps"] = float(self.empty_steps)
-        return metrics
+        return self.fill_counts.count(step, filled, self.cfg.rollout.n_samples_per_prompt,
+                                      self.cfg.trainer.prompts_per_step, self.monitor.print)
 
     def _empty_step(self, step: int, filled: FillResult) -> dict[str, float]:
         """Dynamic sampling found no group with signal in any round: nothing to train, so no
         update and nothing to sync (the engines already hold the policy)."""
-        self.empty_steps += 1
         metrics = self._fill_metrics(step, filled)
         self.generation.end_step()
         metrics["data/prompt_crc"] = float(zlib.crc32("\n".join(r["prompt"] for r in filled.rollout.records).encode()))
@@ -560,15 +549,14 @@ class RLTrainer:
         return {"step": step, "sampler": self.generation.sampler_state(), "generator": self.generator.get_state(),
                 "kl_ctl": self.kl_ctl.state_dict(), "reward": self.reward.run("state_dict", timeout_s=60)[0],
                 "wandb_id": self.monitor.wandb_id or "", "bad_steps": self.bad_steps,
-                "dynamic": {"short_steps": self.short_steps, "empty_steps": self.empty_steps}}
+                "dynamic": self.fill_counts.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])
         self.generator.set_state(state["generator"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.bad_steps = int(state.get("bad_steps", 0))
-        dynamic = state.get("dynamic", {})
-        self.short_steps, self.empty_steps = int(dynamic.get("short_steps", 0)), int(dynamic.get("empty_steps", 0))
+        self.fill_counts.load_state_dict(state.get("dynamic", {}))
         self.reward.run("load_state_dict", state["reward"], timeout_s=60)
         self.reward_state = state["reward"]  # what a replaced reward actor starts from
 
