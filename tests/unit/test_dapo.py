@@ -12,7 +12,7 @@ from rlhf_dist.algo import groups_with_signal, overlong_penalty
 from rlhf_dist.data.messages import Sample, Scores
 from rlhf_dist.data.tasks import chain_parts, chain_reward, get_task
 from rlhf_dist.errors import ConfigError
-from rlhf_dist.rl.dynamic_sampling import fill_groups
+from rlhf_dist.rl.dynamic_sampling import FillCounts, fill_groups
 from rlhf_dist.rl.generation import GenerationBatch
 from rlhf_dist.seeding import sample_seeds
 from rlhf_dist.validation import validate
@@ -93,6 +93,12 @@ def test_fill_stops_after_max_rounds_with_what_it_has_or_nothing():
     assert empty.metrics(G)["dynamic/kept_groups"] == 0
     first_only = fill_groups(_round(["x0", "s1"]), _score, next_round, G, target=2, max_rounds=0)
     assert first_only.rounds == 1 and len(first_only.rollout.samples) == G
+    counts, said = FillCounts(), []
+    assert counts.count(7, short, G, 3, said.append)["dynamic/short_steps"] == 1
+    metrics = counts.count(8, empty, G, 3, said.append)
+    assert (metrics["dynamic/short_steps"], metrics["dynamic/empty_steps"]) == (2, 1)
+    assert said == ["[dynamic] step 7: 1/3 groups with signal after 3 rounds (18 samples); training on those 1",
+                    "[dynamic] step 8: 0/3 groups with signal after 2 rounds (12 samples); no update"]
 
 
 def test_extra_rounds_have_their_own_seeds():
