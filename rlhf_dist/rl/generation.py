@@ -6,7 +6,7 @@ trainer scores and trains on batch k. The trainer's step only sees two calls:
 
     batch = generation.for_step(step)                # phase 1: the step's batch (prefetched, or
                                                      # drawn, launched, collected now)
-    batch = generation.more(...)                     # algo.dynamic_sampling: further rounds, if any
+    more = generation.another_round(step, first)     # algo.dynamic_sampling: further rounds, if any
     generation.launch_ahead(step, launch_next)       # async: the next step's batch is launched here
     ...                                              # phases 2-4
     hidden_s = generation.end_step()                 # before phase 5: the next batch collected
@@ -161,6 +161,11 @@ class Generation:
     def for_step(self, step: int) -> GenerationBatch:
         """The step's batch: the one prefetched for it, or drawn, launched and collected now."""
         return self.take_prefetched(step) or self.collect(self.launch(step))
+
+    def another_round(self, step: int, first_prompt: int) -> GenerationBatch:
+        """A further round of `step` (algo.dynamic_sampling): fresh prompts, generated now with the
+        engines' current weights; `first_prompt`: prompts the step drew before these."""
+        return self.collect(self.launch(step, first_prompt))
 
     def launch(self, step: int, first_prompt: int = 0) -> GenerationBatch:
         """Draw the step's prompts and start generating them with the engines' current weights;

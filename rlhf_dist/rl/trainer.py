@@ -428,7 +428,7 @@ class RLTrainer:
 
         def next_round(first_prompt: int) -> GenerationBatch:
             with timed(timing, "generate"):
-                return self.generation.collect(self.generation.launch(first.step, first_prompt))
+                return self.generation.another_round(first.step, first_prompt)
 
         return fill_groups(first, score, next_round, cfg.rollout.n_samples_per_prompt,
                            cfg.trainer.prompts_per_step, cfg.algo.max_resample_rounds)
