@@ -56,6 +56,9 @@ def summarize(run_dir: Path) -> dict:
         "generated_samples": generated, "trained_samples": trained_samples,
         "generated_per_trained": generated / max(trained_samples, 1),
         "truncated_frac": _mean([r["response/truncated_frac"] for r in trained]),
+        # share of the trained groups whose rewards were all equal (zero advantage): 0 with dynamic sampling
+        "all_equal_frac": _mean([r["reward/frac_groups_all_equal"] for r in trained]),
+        "eval_length_after": evals[-1]["eval/length_mean"],
         "correct_generated": _mean([r.get("dynamic/generated_reward_mean", r["reward/mean"]) for r in trained]),
         "rounds_mean": _mean([r.get("dynamic/rounds", 1.0) for r in steps]),
         "short_steps": max([r.get("dynamic/short_steps", 0.0) for r in steps] or [0.0]),
@@ -86,14 +89,15 @@ def _sequences_per_step(run_dir: Path) -> int:
 
 def print_table(results: list[dict]) -> None:
     head = (f"{'run':<6}{'seed':>5}{'steps':>6}{'solved before':>15}{'after':>7}{'gen/trained':>12}"
-            f"{'truncated':>10}{'rounds':>7}{'short':>6}{'generated':>10}{'RL s':>7}")
+            f"{'no-signal':>10}{'truncated':>10}{'rounds':>7}{'short':>6}{'generated':>10}{'RL s':>7}")
     print("\n" + head + "\n" + "-" * len(head))
     for r in results:
         print(f"{r['variant']:<6}{r['seed']:>5}{r['steps']:>6}{r['solved_before']:>15.3f}{r['solved_after']:>7.3f}"
-              f"{r['generated_per_trained']:>12.2f}{r['truncated_frac']:>10.3f}{r['rounds_mean']:>7.2f}"
+              f"{r['generated_per_trained']:>12.2f}{r['all_equal_frac']:>10.3f}{r['truncated_frac']:>10.3f}"
+              f"{r['rounds_mean']:>7.2f}"
               f"{r['short_steps']:>6.0f}{r['generated_samples']:>10.0f}{r['rl_wall_s']:>7.0f}")
-    print("(same generated samples per seed; solved = greedy eval, right and in the format; truncated: "
-          "share of trained responses cut at max_new_tokens)")
+    print("(same generated samples per seed; solved = greedy eval, right and in the format; no-signal: share of "
+          "trained groups with all-equal rewards; truncated: share of trained responses cut at max_new_tokens)")
 
 
 def main() -> None:
