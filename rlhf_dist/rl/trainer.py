@@ -32,12 +32,12 @@ from rlhf_dist.runtime.group import ActorGroup, actors_rss_mb, wait_all
 from rlhf_dist.algo import (
     compute_advantages,
     explained_variance,
-    overlong_penalty,
     kl_penalty,
     make_kl_controller,
     masked_mean,
     masked_var,
     masked_whiten,
+    overlong_penalty,
 )
 from rlhf_dist.algo.objective import PolicyLossConfig, ValueLossConfig
 from rlhf_dist.config import critic_micro_batch_size, old_logprobs_source, response_budget, uses_critic, uses_reference
@@ -146,8 +146,10 @@ class RLTrainer:
     def score_rewards(self, rollout: GenerationBatch) -> Scores:
         """The reward actor's scores of `rollout`'s samples (a dynamic-sampling round's)."""
         texts = [s.text for s in rollout.samples]
-        return self.with_aux_recovery("scoring", lambda: self.reward.run(
+        scores = self.with_aux_recovery("scoring", lambda: self.reward.run(
             "score", rollout.sample_records, texts, timeout_s=self.cfg.reward.timeout_s)[0])
+        self.reward_state = scores.state or self.reward_state  # what a replaced reward actor restarts from
+        return scores
 
     def score(self, batch: Batch, records: list[dict], texts: list[str], scores: Scores | None = None) -> None:
         """Phase 2: rewards, reference logprobs, critic values and old logprobs, all in flight.
