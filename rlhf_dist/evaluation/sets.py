@@ -74,7 +74,7 @@ def _spec(name: str, entry: Any, eval_cfg: Any, rollout_temperature: float) -> E
                           f"e.g. eval.sets={{{name}: {{file: prompts.jsonl}}}}.")
     for key in entry:
         if key not in SET_KEYS:
-            close = difflib.get_close_matches(str(key), SET_KEYS, n=1)
+            close = difflib.get_close_matches(str(key), SET_KEYS, n=1, cutoff=0.5)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"{where}.{key}: unknown key.{hint} An eval set has the keys {list(SET_KEYS)}.")
     file = entry.get("file")
