@@ -75,3 +75,25 @@ def test_bad_eval_sets_are_refused_naming_the_set(tmp_path, prompts, sets, extra
 def test_greedy_only_sets_need_no_k():
     cfg = compose_config(["eval.n=0", "eval.k=[16]"])
     validate(cfg)
+
+
+def test_model_path_may_name_a_checkpoint_and_its_hf_weights_are_used(tmp_path, tiny_model_dir, prompts):
+    """A checkpoint dir holds DeepSpeed state (policy_ds/, for trainer.resume) and the HF weights
+    (policy/): model.path (stage=eval, or an RL run's start) takes the latter. prepare() also loads
+    every eval set, held_out first."""
+    import shutil
+
+    from rlhf_dist import checkpoint
+    from rlhf_dist.session import prepare
+
+    partial = checkpoint.begin(tmp_path / "checkpoints", 5)
+    shutil.copytree(tiny_model_dir, partial / "policy")
+    (partial / "policy_ds").mkdir()
+    step_dir = checkpoint.commit(partial, 5, {})
+    cfg = compose_config([f"model.path={step_dir}", "experiment=smoke", f"reward.fn={REWARD}",
+                          f"eval.sets={{extra: {{file: {prompts}}}}}"])
+    inputs = prepare(cfg)
+    assert inputs["model_path"] == str(step_dir / "policy")
+    held_out, extra = inputs["eval_sets"]
+    assert held_out.records == inputs["eval"] and held_out.stream == "eval:held_out"
+    assert [r["prompt"] for r in extra.records] == ["rev ab=", "rev cd="]
