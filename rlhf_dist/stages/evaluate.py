@@ -50,7 +50,7 @@ def evaluate_model(cfg, inputs: dict, monitor) -> dict:
     """Start the engines and the reward actor, run every eval set, stop them; the report."""
     from rlhf_dist.models.hf import load_tokenizer
     from rlhf_dist.rl import launcher
-    from rlhf_dist.rl.evaluation import EvalHarness, format_sets
+    from rlhf_dist.rl.evaluation import EvalHarness
     from rlhf_dist.rl.generation import Generation
     from rlhf_dist.runtime.files import model_dir
 
@@ -73,9 +73,7 @@ def evaluate_model(cfg, inputs: dict, monitor) -> dict:
         metrics = harness.evaluate(sets)
     finally:
         launcher.kill_all(groups)
-    monitor.log_eval(0, metrics, [k for k in metrics if k.count("/") == 1])
-    for line in format_sets(0, metrics):
-        monitor.print(line)
+    monitor.log_eval(0, metrics, [k for k in metrics if k.count("/") == 1])  # the sets: run_eval's table
     return eval_report(cfg, model_path, sets, metrics, time.perf_counter() - start)
 
 
