@@ -80,14 +80,20 @@ class EvalHarness:
 
     def run(self, sets: list[EvalSet]) -> dict[str, SetResult]:
         """Phases 1 and 2 for every set: {set name: its scored passes}."""
+        # 1. generate: every pass queued on the engines at once (they run them in order), then collected
+        launch = self.generation.launch_generate
+        launched = [(launch(s.records, 1, 0.0, EVAL_STEP, s.stream),
+                     launch(s.records, s.spec.n, s.spec.temperature, EVAL_STEP, s.stream) if s.spec.n else None)
+                    for s in sets]
         results = {}
-        for s in sets:  # 1. generate
-            greedy = ScoredPass(*self.generation.generate(s.records, 1, 0.0, EVAL_STEP, s.stream))
-            sampled = (ScoredPass(*self.generation.generate(s.records, s.spec.n, s.spec.temperature,
-                                                            EVAL_STEP, s.stream)) if s.spec.n else None)
-            results[s.name] = SetResult(greedy, sampled)
+        for s, (greedy, sampled) in zip(sets, launched):
+            results[s.name] = SetResult(self._collect(greedy), self._collect(sampled) if sampled else None)
         self.recover("eval", lambda: self._score(sets, results))  # 2. score
         return results
+
+    def _collect(self, launched: dict) -> ScoredPass:
+        samples, records, _ = self.generation.collect_generate(launched)
+        return ScoredPass(samples, records)
 
     def _score(self, sets: list[EvalSet], results: dict[str, SetResult]) -> None:
         passes = [(s, p) for s in sets for p in (results[s.name].greedy, results[s.name].sampled) if p]
