@@ -17,7 +17,7 @@ numbers), and stage=eval on an exported policy repeats the run's eval of it exac
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from rlhf_dist.data.messages import Sample, Scores
@@ -44,7 +44,6 @@ class ScoredPass:
 class SetResult:
     greedy: ScoredPass
     sampled: ScoredPass | None = None  # None with n = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class EvalHarness:
