@@ -97,3 +97,25 @@ def test_model_path_may_name_a_checkpoint_and_its_hf_weights_are_used(tmp_path, 
     held_out, extra = inputs["eval_sets"]
     assert held_out.records == inputs["eval"] and held_out.stream == "eval:held_out"
     assert [r["prompt"] for r in extra.records] == ["rev ab=", "rev cd="]
+
+
+def test_an_eval_sets_reward_fn_scores_in_the_reward_actor(tmp_path):
+    """RewardActor.score_with (the actor class itself, outside Ray): the set's function gives the
+    reward and the rule (gold) score; a sample it raises on gets reward.fallback_score, or with
+    null the pass is refused (the harness then reports NaN for that set only)."""
+    from rlhf_dist.actors.reward import RewardActor
+    from rlhf_dist.errors import RewardSamplesFailedError
+
+    (tmp_path / "exact.py").write_text(
+        "def score(prompts, completions, answer=None, **fields):\n"
+        "    return [float(int(c) == a) for c, a in zip(completions, answer)]\n")
+    spec = f"{tmp_path / 'exact.py'}:score"
+    records = [{"prompt": "1+1=", "answer": 2}, {"prompt": "2+2=", "answer": 4}]
+    actor = RewardActor(REWARD, fallback_score=0.0)
+    scores = actor.score_with(spec, records, ["2", "5"])
+    assert scores.reward == scores.rule == [1.0, 0.0] and scores.model is None
+    scores = actor.score_with(spec, records, ["2", "four"])  # int("four") raises: that sample alone
+    assert scores.reward == [1.0, 0.0] and scores.metrics["reward/failed_samples"] == 1.0
+    assert "raised on 1 of 2 samples" in scores.report
+    with pytest.raises(RewardSamplesFailedError):
+        RewardActor(REWARD, fallback_score=None).score_with(spec, records, ["2", "four"])
