@@ -151,5 +151,15 @@ def resolve_resume(resume: str | None, root: Path) -> Path | None:
     return path
 
 
+def policy_model_dir(path: str | Path) -> str:
+    """`path`, or the HF weights inside it when it is a complete checkpoint (its policy/): what
+    model.path may name. A checkpoint's DeepSpeed state (policy_ds/) is for trainer.resume only."""
+    expanded = Path(os.path.expanduser(str(path)))
+    if is_complete(expanded) and (expanded / "policy" / "config.json").is_file():
+        print(f"[model] {path} is a checkpoint: using its HF weights {expanded / 'policy'}", flush=True)
+        return str(expanded / "policy")
+    return str(path)
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
     return json.loads((Path(path) / COMPLETE).read_text())

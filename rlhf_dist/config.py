@@ -21,6 +21,7 @@ STAGES = {
     "sft": "rlhf_dist.stages.recipe:run_stage",
     "reward_model": "rlhf_dist.stages.recipe:run_stage",
     "full_recipe": "rlhf_dist.stages.recipe:run_stage",
+    "eval": "rlhf_dist.stages.evaluate:run_eval",
 }
 
 @dataclass
@@ -311,6 +312,24 @@ class LoggerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """What an eval scores (in a run: at start, every trainer.eval_every steps, at the end; and
+    `stage=eval` on any model). Every set gets a greedy pass and, with n > 0, n sampled responses
+    per prompt: eval/<set>/greedy, greedy_solved, mean@n, pass@k, greedy_length, sampled_length
+    (rlhf_dist/evaluation, docs/evaluation.md)."""
+
+    # {name: {file, reward_fn, n, temperature, solved_threshold}}: sets beside `held_out` (the task's
+    # held-out split with the run's reward, always evaluated; eval/reward_mean is its greedy score).
+    # A set's reward_fn has reward.fn's signature; unset = the run's reward. Typed Any, checked in
+    # validation: the CLI can then set the whole mapping, eval.sets={math: {file: m.jsonl}}.
+    sets: Any = None
+    n: int = 4  # sampled responses per prompt (a set's default); 0 = greedy only
+    k: list[int] = field(default_factory=lambda: [1, 4])  # pass@k for each k (every k <= n)
+    temperature: Optional[float] = None  # of the sampled pass; null = rollout.temperature
+    solved_threshold: float = 1.0 - 1e-6  # solved: rule (gold) score >= this (exact-correct rewards of 1)
+
+
+@dataclass
 class TrainerConfig:
     total_steps: int = 200
     prompts_per_step: int = 96  # prompts per rollout batch; sequences = prompts x n_samples
@@ -327,6 +346,11 @@ class TrainerConfig:
     save_every: int = 50
     keep_last: int = 2  # complete checkpoints kept; older ones go once a newer one is whole
     checkpoint_dir: Optional[str] = None  # None = <run_dir>/checkpoints; shared storage on several nodes
+    # HF-format policy (weights, config, tokenizer: what model.path and stage=eval take) to
+    # run_dir/exports/step_N every export_every steps and at the end; 0 = never. Written complete or
+    # absent like checkpoints; the newest keep_exports stay (0 = all).
+    export_every: int = 0
+    keep_exports: int = 2
     resume: Optional[str] = None  # null | auto (newest complete checkpoint of the run) | a checkpoint path
     max_bad_steps: int = 3  # non-finite loss/gradient: skip the update; this many in a row stop the run
     max_engine_restarts: int = 3  # a dead rollout engine is replaced and the phase retried, this often per run
@@ -383,7 +407,7 @@ class RecipeDataConfig:
 
 @dataclass
 class RLConfig:
-    stage: str = "rl"  # rl | sft | reward_model | full_recipe (SFT -> reward model -> RL)
+    stage: str = "rl"  # rl | sft | reward_model | full_recipe (SFT -> reward model -> RL) | eval (no training)
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
@@ -395,6 +419,7 @@ class RLConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
     reward_model: RewardModelStageConfig = field(default_factory=RewardModelStageConfig)
     recipe: RecipeDataConfig = field(default_factory=RecipeDataConfig)

@@ -92,10 +92,12 @@ class RunMonitor:
         if self.console and "reward/mean" in metrics:
             self.print(format_step_line(step, self.total_steps, metrics))
 
-    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+    def log_eval(self, step: int, metrics: dict[str, float], shown: list[str] | None = None) -> None:
+        """Record every metric; the console line shows `shown` (None: all)."""
         self._record(step, metrics)
         if self.console:
-            parts = " | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
+            parts = " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()
+                               if isinstance(v, float) and (shown is None or k in shown))
             self.print(f"[eval] step {step:>4} | {parts}")
 
     def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
@@ -155,7 +157,20 @@ def format_summary(summary: dict[str, Any]) -> str:
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         lines.append(f"{key:<{width}}  {shown}")
     lines.append("=" * (width + 24))
+    if summary.get("eval_sets"):
+        lines += ["", format_sets_table(summary["eval_sets"])]
     return "\n".join(lines)
+
+
+def format_sets_table(table: dict[str, dict[str, float]]) -> str:
+    """{set: {statistic: value}} as a table, one row per eval set (the last eval of a run, or stage=eval)."""
+    columns = list(dict.fromkeys(key for row in table.values() for key in row))
+    width = max(len("eval set"), *(len(name) for name in table))
+    header = f"{'eval set':<{width}}  " + "  ".join(f"{c:>14}" for c in columns)
+    rows = [f"{name:<{width}}  " + "  ".join(
+        f"{row[c]:>14.4g}" if isinstance(row.get(c), float) else f"{'-':>14}" for c in columns)
+        for name, row in table.items()]
+    return "\n".join([header, "-" * len(header), *rows])
 
 
 def _plain(value: Any) -> Any:

@@ -19,17 +19,31 @@ sends each as its own n=1 request (vLLM fans n > 1 out into such requests anyway
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 # Independent families of streams within one run: RL training batches, evaluation sampling, and
-# the keep_best selection prompts' sampling.
+# the keep_best selection prompts' sampling; "eval:<set>" is the family of one eval set (eval.sets).
 STREAMS = {"train": 0, "eval": 1, "select": 2}
+EVAL_SET_FAMILY = 3
+
+
+def stream_key(stream: str) -> tuple[int, ...]:
+    """The spawn-key prefix of a stream: (family,) or, for eval set `name`, (3, 64-bit hash of name)."""
+    if stream in STREAMS:
+        return (STREAMS[stream],)
+    family, sep, name = stream.partition(":")
+    if family != "eval" or not sep or not name:
+        raise ValueError(f"unknown random stream {stream!r}: expected one of {list(STREAMS)} or 'eval:<set name>'")
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return (EVAL_SET_FAMILY, int.from_bytes(digest, "little"))
 
 
 def sample_seed(run_seed: int, stream: str, step: int, prompt: int, child: int, turn: int = 0) -> int:
     """The seed of sample `child` of the `prompt`-th prompt of `step`: a 63-bit integer. In a
     multi-turn episode each policy turn after the first has its own (`turn` >= 1)."""
-    key = (STREAMS[stream], step, prompt, child) + ((turn,) if turn else ())
+    key = stream_key(stream) + (step, prompt, child) + ((turn,) if turn else ())
     words = np.random.SeedSequence(run_seed, spawn_key=key).generate_state(2, np.uint32)
     return (int(words[0]) << 32 | int(words[1])) & (2**63 - 1)
 

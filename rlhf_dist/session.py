@@ -65,7 +65,9 @@ def prepare(cfg: RLConfig) -> dict:
             hidden_size=tiny.hidden_size, num_layers=tiny.num_layers, num_heads=tiny.num_heads,
             seed=tiny.seed)
     else:
-        model_path = check_model_dir(cfg.model.path)
+        from rlhf_dist.checkpoint import policy_model_dir
+
+        model_path = check_model_dir(policy_model_dir(cfg.model.path))
     check_tensor_parallel(json.loads((Path(model_path) / "config.json").read_text()),
                           cfg.rollout.tensor_parallel_size, str(model_path))
     train_records = (load_prompt_records(cfg.task.prompts_file) if cfg.task.prompts_file
@@ -95,7 +97,24 @@ def prepare(cfg: RLConfig) -> dict:
         eval_records, select_records = selection_prompts(cfg, task, eval_records, tokenizer)
     return {"task": task, "model_path": str(model_path), "train": train_records,
             "eval": eval_records, "reward_spec": reward_spec, "sft_pairs": sft_pairs,
-            "select": select_records}
+            "select": select_records, "eval_sets": load_eval_sets(cfg, eval_records, tokenizer)}
+
+
+def load_eval_sets(cfg: RLConfig, held_out: list[dict], tokenizer) -> list:
+    """eval.sets with their prompts: held_out (the eval prompts) first, then each set's file, held
+    to task.max_prompt_len like every prompt (rlhf_dist.evaluation.sets)."""
+    from rlhf_dist.data.prompts import load_prompt_records
+    from rlhf_dist.evaluation import EvalSet, eval_set_specs
+
+    sets = []
+    for spec in eval_set_specs(cfg.eval, cfg.rollout.temperature):
+        records = held_out if spec.file is None else fit_prompts(
+            cfg, load_prompt_records(spec.file), tokenizer, f"eval set '{spec.name}'")
+        if not records:
+            raise DatasetError(f"eval set '{spec.name}' has no prompts left ({spec.file or 'the held-out split'}). "
+                               "Fix: give it prompts that fit task.max_prompt_len, or drop it from eval.sets.")
+        sets.append(EvalSet(spec, records))
+    return sets
 
 
 def selection_prompts(cfg: RLConfig, task, eval_records: list[dict], tokenizer) -> tuple[list[dict], list[dict]]:

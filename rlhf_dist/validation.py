@@ -97,6 +97,7 @@ def validate(cfg: Any) -> None:
                           f"learner.world_size={cfg.learner.world_size} ranks. Fix: a multiple of "
                           f"{cfg.learner.world_size}, e.g. algo.sft_batch_size={4 * cfg.learner.world_size}.")
     _validate_keep_best(cfg)
+    _validate_eval(cfg)
     if cfg.rollout.env:  # importable, with a step method: before any actor starts
         from rlhf_dist.envs.base import load_env
 
@@ -124,6 +125,58 @@ def validate(cfg: Any) -> None:
     _validate_rollout(cfg)
     _validate_off_policy(cfg)
     _validate_cluster(cfg)
+
+
+def _validate_eval(cfg: Any) -> None:
+    """eval.* and every eval set (ConfigError naming the set): k within each set's n, files that
+    exist and hold something, reward functions that import. trainer.export_*."""
+    from rlhf_dist.evaluation.sets import eval_set_specs
+
+    ev = cfg.eval
+    for key in ("trainer.export_every", "trainer.keep_exports", "eval.n"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be >= 0.")
+    if not ev.k or any(not isinstance(k, int) or k < 1 for k in ev.k):
+        raise ConfigError(f"eval.k={list(ev.k)!r}: expected a non-empty list of whole numbers >= 1 (the k "
+                          "of pass@k). Fix: e.g. eval.k=[1,4].")
+    for spec in eval_set_specs(ev, cfg.rollout.temperature):
+        where = f"eval set '{spec.name}'"
+        if spec.n < 0:
+            raise ConfigError(f"{where}: n={spec.n} must be >= 0 (0 = greedy only).")
+        if spec.n and not spec.temperature > 0:
+            raise ConfigError(f"{where}: temperature={spec.temperature} must be > 0 for its {spec.n} sampled "
+                              "responses per prompt. Fix: a positive temperature, or n=0 (greedy only).")
+        if spec.n and max(ev.k) > spec.n:
+            raise ConfigError(f"{where}: eval.k={list(ev.k)} asks for pass@{max(ev.k)} from n={spec.n} samples "
+                              f"per prompt; pass@k needs k <= n. Fix: eval.k=[{', '.join(str(k) for k in ev.k if k <= spec.n) or 1}] "
+                              f"or n >= {max(ev.k)} (eval.n, or eval.sets={{{spec.name}: {{n: {max(ev.k)}}}}}).")
+        if spec.file is not None:
+            _check_eval_file(where, spec.file)
+        if spec.reward_fn is not None:
+            _check_eval_reward_fn(where, spec.name, spec.reward_fn)
+
+
+def _check_eval_file(where: str, file: str) -> None:
+    from pathlib import Path
+
+    path = Path(file).expanduser().absolute()
+    if not path.is_file():
+        raise ConfigError(f"{where}: file={file!r} not found (looked at {path}). Expected prompt records, "
+                          "one JSON object with a \"prompt\" per line. Fix: the path, relative to the "
+                          "directory you run from, or an absolute one.")
+    if not path.read_text(encoding="utf-8", errors="replace").strip():
+        raise ConfigError(f"{where}: file={file!r} is empty. Expected prompt records, one JSON object with a "
+                          "\"prompt\" per line. Fix: fill it, or drop the set from eval.sets.")
+
+
+def _check_eval_reward_fn(where: str, name: str, spec: str) -> None:
+    from rlhf_dist.data.reward_fn import load_reward_fn
+    from rlhf_dist.errors import RewardFnError
+
+    try:
+        load_reward_fn(spec, option=f"eval.sets.{name}.reward_fn")
+    except RewardFnError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def _validate_keep_best(cfg: Any) -> None:
@@ -461,8 +514,8 @@ def check_override_keys(overrides: list[str]) -> None:
                     f"unknown config key '{key}'.{hint} Valid keys under {where}: "
                     f"{', '.join(sorted(fields))}.")
             factory = fields[part].default_factory  # sections are field(default_factory=Section)
-            if factory is dict:  # free-form mapping (e.g. task.options): any sub-key is allowed
-                break
+            if factory is dict or fields[part].type in ("Any", Any):  # free-form mapping (task.options,
+                break  # eval.sets): any sub-key is allowed
             if depth < len(parts) - 1:
                 if not dataclasses.is_dataclass(factory):
                     raise ConfigError(f"config key '{key}': '{part}' is a value, not a section.")

@@ -121,6 +121,8 @@ class RewardActor:
         self.fn_weight, self.model_weight, self.clip = fn_weight, model_weight, clip
         self.uncertainty_coef = uncertainty_coef
         self.norm = RunningNorm() if normalize else None
+        self.fallback_score = fallback_score
+        self.set_scorers: dict[str, FunctionScorer] = {}  # eval sets' own reward functions, by spec
 
     def ready(self) -> bool:
         return True
@@ -163,6 +165,17 @@ class RewardActor:
             metrics["reward/model_std_mean"] = sum(model_std) / len(model_std)
         return Scores(reward=reward, rule=rule, model=model, failures=failures, report=report,
                       metrics=metrics, state=self.state_dict() if self.norm is not None and update_stats else None)
+
+    def score_with(self, fn_spec: str, records: list[dict[str, Any]], completions: list[str]) -> Scores:
+        """Scores from an eval set's own reward function (eval.sets.<name>.reward_fn, imported here
+        once): its score is both the reward and the rule (gold) score; no model, no normaliser."""
+        if fn_spec not in self.set_scorers:
+            self.set_scorers[fn_spec] = FunctionScorer(fn_spec, self.fallback_score)
+        scorer = self.set_scorers[fn_spec]
+        scores, failures = scorer.score(records, completions)
+        report = format_failures(failures, fn_spec, len(completions), self.fallback_score) if failures else ""
+        return Scores(reward=scores, rule=scores, model=None, failures=failures, report=report,
+                      metrics={"reward/failed_samples": float(len(failures))})
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps: the reward normaliser's running statistics."""

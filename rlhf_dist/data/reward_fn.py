@@ -108,13 +108,14 @@ def load_named(spec: str, option: str, error: type, example: str, noun: str = "f
     return getattr(module, name), where
 
 
-def load_reward_fn(spec: str) -> Callable:
-    """Import the reward function named by `spec` (see module docstring for the format)."""
-    fn, where = load_named(spec, "reward.fn", RewardFnError, "examples/my_rewards.py:score")
+def load_reward_fn(spec: str, option: str = "reward.fn") -> Callable:
+    """Import the reward function named by `spec` (see module docstring for the format);
+    `option` is the config key that gave it, for the error messages."""
+    fn, where = load_named(spec, option, RewardFnError, "examples/my_rewards.py:score")
     fn_name = str(spec).rpartition(":")[2]
     if not callable(fn):
         raise RewardFnError(
-            f"reward.fn={spec!r}: {fn_name!r} in {where} is a {type(fn).__name__}, not a "
+            f"{option}={spec!r}: {fn_name!r} in {where} is a {type(fn).__name__}, not a "
             f"function. Expected a callable score(prompts, completions, **fields)."
         )
     return fn

@@ -146,6 +146,14 @@ def chain_reward(prompts: list[str], completions: list[str], **fields) -> list[f
 chain_reward.parts = chain_parts  # the reward actor logs each term's mean (rlhf_dist.actors.reward)
 
 
+def guess_reward(prompts: list[str], completions: list[str], **fields) -> list[float]:
+    """The guessing game (multi-turn): 1 when the episode's last line is the secret number (the
+    environment ends an episode at the right guess), else 0; eval/solved_frac is the success rate."""
+    targets = _targets(fields, len(completions))
+    answers = [(c.strip().splitlines() or [""])[-1].strip() for c in completions]
+    return [float(a.isdigit() and int(a) == int(t)) for a, t in zip(answers, targets)]
+
+
 # --------------------------------------------------------------------------- tasks
 
 
@@ -162,6 +170,7 @@ class Task:
     name: str
     reward_fn: str  # import spec, "package.module:function"
     eval_fraction: float = 0.1  # share of all problems reserved for the eval split
+    partial_credit: bool = True  # False: the reward is 1 or 0
 
     def __post_init__(self):
         if not 0.0 < self.eval_fraction < 1.0:
@@ -178,8 +187,12 @@ class Task:
         """The ideal completion text for `record` (no eos)."""
         return record["target"]
 
+    def problem(self, record: dict) -> str:
+        """What makes `record` the problem it is (its prompt): the key of the train/eval split."""
+        return record["prompt"]
+
     def split_of(self, record: dict) -> str:
-        in_eval = _stable_unit(f"{self.name}|{record['prompt']}") < self.eval_fraction
+        in_eval = _stable_unit(f"{self.name}|{self.problem(record)}") < self.eval_fraction
         return "eval" if in_eval else "train"
 
     def make_records(self, split: str, num: int, seed: int) -> list[dict]:
@@ -336,6 +349,53 @@ def _chain_operations(prompt: str) -> tuple[int, list[tuple[str, int]]]:
     return int(first[0]), operations
 
 
+@dataclass(frozen=True)
+class GuessTask(Task):
+    """Find a secret number in 0..max_value with "higher"/"lower" answers
+    (rlhf_dist.envs.guess, `experiment=agentic`). Every prompt reads the same ("guess 0-9:"), so
+    nothing but the environment's answers tells the policy where the secret is: a policy that
+    ignores them finds it within G guesses in at most G of max_value + 1 games (40% for 4 guesses
+    of 0..9), and a success rate above that is the feedback read and used. Halving finds any
+    secret in ceil(log2(max_value + 2)) guesses (4 for 0..9).
+
+    Its demonstrations (the warm-up) show the game's format only: distinct numbers in a random
+    order, whatever the answers, until the secret comes up. After any answers, the next guess is
+    uniform over the numbers not yet tried; what to guess after "higher" is left for RL to find.
+    """
+
+    max_value: int = 9
+    partial_credit: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 1 <= self.max_value <= 9:
+            raise ConfigError(
+                f"task {self.name!r}: max_value={self.max_value}; expected 1 <= max_value <= 9 "
+                "(one-digit guesses). Fix: e.g. max_value=9."
+            )
+
+    def sample(self, rng: random.Random) -> dict:
+        return {"prompt": f"guess 0-{self.max_value}:", "target": str(rng.randint(0, self.max_value)),
+                "game": str(rng.randrange(10**12))}
+
+    def problem(self, record: dict) -> str:  # the prompts are all alike: a game is its own problem
+        return record["game"]
+
+    def demonstration(self, record: dict) -> list[str]:
+        from rlhf_dist.envs.guess import answer
+
+        guesses = [str(number) for number in range(self.max_value + 1)]
+        random.Random(f"demo|{record['game']}").shuffle(guesses)
+        turns: list[str] = []
+        for guess in guesses:
+            turns.append(guess)
+            reply = answer(guess, record["target"])
+            if reply is None:
+                return turns
+            turns.append(reply)
+        raise AssertionError("every number was guessed and none was the secret")
+
+
 # --------------------------------------------------------------------------- registry
 
 TASKS: dict[str, Task] = {}
@@ -373,3 +433,4 @@ register_task(StringTask(name="copy", reward_fn="rlhf_dist.data.tasks:copy_rewar
 register_task(AddTask(name="add", reward_fn="rlhf_dist.data.tasks:add_reward"))
 register_task(CalcTask(name="calc", reward_fn="rlhf_dist.data.tasks:calc_reward"))
 register_task(ChainTask(name="chain", reward_fn="rlhf_dist.data.tasks:chain_reward"))
+register_task(GuessTask(name="guess", reward_fn="rlhf_dist.data.tasks:guess_reward"))

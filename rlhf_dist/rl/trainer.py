@@ -51,7 +51,9 @@ from rlhf_dist.envs.base import load_env
 from rlhf_dist.rl.episodes import EpisodeLimits, EpisodeRunner
 from rlhf_dist.rl.dynamic_sampling import FillCounts, FillResult, fill_groups
 from rlhf_dist.rl.generation import Generation, GenerationBatch
-from rlhf_dist.rl.metrics import episode_metrics, eval_metrics, rollout_metrics, sample_rows, timed
+from rlhf_dist.evaluation import EvalSet, eval_set_specs
+from rlhf_dist.rl.evaluation import EvalHarness, format_sets
+from rlhf_dist.rl.metrics import episode_metrics, rollout_metrics, sample_rows, timed
 
 # metrics that each rank computes as its share of a global-normalised sum: summed over ranks
 _ADDITIVE = ("loss/", "kl/loss_term", "entropy/", "critic/value_loss")
@@ -60,8 +62,12 @@ _ADDITIVE = ("loss/", "kl/loss_term", "entropy/", "critic/value_loss")
 class RLTrainer:
     def __init__(self, cfg, model_path: str, tokenizer, train_records: list[dict],
                  eval_records: list[dict], reward_spec: str, monitor: RunMonitor,
-                 sft_pairs: list[tuple[str, str]] | None = None, select_records: list[dict] | None = None) -> None:
+                 sft_pairs: list[tuple[str, str]] | None = None, select_records: list[dict] | None = None,
+                 eval_sets: list[EvalSet] | None = None) -> None:
         self.cfg, self.model_path, self.tokenizer = cfg, model_path, tokenizer
+        # what evaluate() scores: eval.sets, held_out (the eval_records) first (session.prepare)
+        self.eval_sets = eval_sets or [EvalSet(eval_set_specs(cfg.eval, cfg.rollout.temperature)[0], eval_records)]
+        self.harness: EvalHarness | None = None  # start()
         self.select_records = select_records  # trainer.keep_best's own held-out prompts
         self.sft_pairs = sft_pairs or []  # (rendered prompt, completion): the SFT mix's demonstrations
         self._check_sft_mix(cfg.algo)
@@ -112,6 +118,8 @@ class RLTrainer:
             self.engines, self.tokenizer, self.sampler, ro.n_samples_per_prompt, ro.temperature, ro.top_p,
             ro.max_new_tokens, ro.seed, ro.init_timeout_s, recover=self.with_engine_recovery,
             engine_version=lambda: self.engine_version, episodes=episodes, wake=self.weights.wake_engines)
+        self.harness = EvalHarness(self.generation, self.reward, self.cfg.eval.k, self.cfg.reward.timeout_s,
+                                   recover=self.with_aux_recovery, log=self.monitor.print)
         return actors.timings
 
     def use_algo(self, algo) -> None:
@@ -487,27 +495,21 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ eval
     def evaluate(self, step: int, records: list[dict] | None = None, prefix: str = "eval") -> dict[str, float]:
-        """Greedy decoding on the held-out prompts (or `records`), scored by the same reward
-        function, with the reward model's raw score (no running normalisation: one scale over
-        the run). Metrics are named <prefix>/...: trainer.keep_best selects on its own prompts
-        ("select/..."), so the eval/ figures of the policy it keeps are not flattered by the choice."""
-        start = time.perf_counter()
-        samples, records = self.generate(self.eval_records if records is None else records, 1, 0.0, step,
-                                         stream=prefix)
-        texts = [s.text for s in samples]
-        try:
-            scored = self.with_aux_recovery("eval", lambda: self.reward.run(
-                "score", records, texts, False, False, timeout_s=self.cfg.reward.timeout_s)[0])
-        except RewardSamplesFailedError as err:  # reward.fallback_score=null: no score for this eval
-            self.monitor.print(f"[eval] step {step} not scored: {err}")
-            nan = float("nan")
-            return {f"{prefix}/reward_mean": nan, f"{prefix}/solved_frac": nan, f"{prefix}/length_mean": nan}
-        if scored.report:
-            self.monitor.print(scored.report)
-        metrics = eval_metrics(scored, samples, time.perf_counter() - start)
-        if prefix != "eval":
-            metrics = {f"{prefix}/{k.split('/', 1)[1]}": v for k, v in metrics.items()}
-        self.monitor.log_eval(step, metrics)
+        """Every eval set (rlhf_dist.rl.evaluation): greedy and sampled passes, scored by each set's
+        reward (the run's: its rule and the reward model's raw score, no running normalisation, so
+        one scale over the run). With `records`, only a greedy pass over them, named <prefix>/...:
+        trainer.keep_best selects on its own prompts ("select/..."), so the eval/ figures of the
+        policy it keeps are not flattered by the choice."""
+        if records is None:
+            sets, per_set = self.eval_sets, True
+        else:
+            spec = dataclasses.replace(self.eval_sets[0].spec, name=prefix, n=0)
+            sets, per_set = [EvalSet(spec, records)], False
+        metrics = self.harness.evaluate(sets, prefix, per_set)
+        shown = [k for k in metrics if k.count("/") == 1 or k.startswith(f"{prefix}/episode/")]
+        self.monitor.log_eval(step, metrics, shown)
+        for line in format_sets(step, metrics) if self.monitor.console else []:
+            self.monitor.print(line)
         return metrics
 
     def memory(self) -> dict[str, float]:

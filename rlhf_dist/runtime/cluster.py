@@ -72,6 +72,8 @@ def required_resources(cfg) -> dict[str, dict[str, float]]:
             cfg.learner.world_size, cl.cpus_per_learner, cl.gpus_per_learner, cl.learner_resources),
         "reward actor": role(1, cl.cpus_per_aux, cl.gpus_per_aux, cl.aux_resources),
     }
+    if cfg.stage == "eval":  # engines and the reward only
+        return {name: parts for name, parts in need.items() if "learner" not in name}
     if uses_reference(cfg):
         need["reference actor"] = role(1, cl.cpus_per_aux, cl.gpus_per_aux, cl.aux_resources)
     if uses_critic(cfg):

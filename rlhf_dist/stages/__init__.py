@@ -4,6 +4,7 @@
     sft           recipe.py -> sft.py: supervised fine-tuning on demonstrations
     reward_model  recipe.py -> reward_model.py: a Bradley-Terry reward model from pairs / rankings
     full_recipe   recipe.py: SFT -> reward model -> RL against it
+    eval          evaluate.py: the eval sets on any model, no training (engines and reward only)
 
 Adding a stage: its module here and one line in rlhf_dist.config.STAGES, which is part of the
 schema (config validation reads the names there).

@@ -14,9 +14,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf_dist import checkpoint
 from rlhf_dist.checkpoint import complete_checkpoints, resolve_resume
 from rlhf_dist.config import RLConfig
 from rlhf_dist.errors import RlhfDistError
+from rlhf_dist.evaluation import sets_table
 from rlhf_dist.rl.keep_best import BestPolicy
 from rlhf_dist.session import (checkpoint_root, make_monitor, open_run_dir, prepare, ray_session,
                                resume_command, torch_load_driver_state)
@@ -70,7 +72,7 @@ def run_with_ray(cfg: RLConfig, model_path: str, inputs: dict, monitor, resume: 
     try:
         trainer = RLTrainer(cfg, model_path, load_tokenizer(model_path), inputs["train"],
                             inputs["eval"], inputs["reward_spec"], monitor, inputs.get("sft_pairs"),
-                            inputs.get("select"))
+                            inputs.get("select"), inputs.get("eval_sets"))
         return fit(trainer, cfg, monitor, resume)
     except RlhfDistError as err:
         saved = complete_checkpoints(checkpoint_root(cfg))
@@ -116,6 +118,8 @@ def fit(trainer, cfg: RLConfig, monitor, resume: Path | None = None) -> dict:
             keep_if_best(trainer, best, step, cfg)
         if tr.save_every and (step % tr.save_every == 0 or step == tr.total_steps):
             trainer.save_checkpoint(step, str(checkpoint_root(cfg)))
+        if tr.export_every and (step % tr.export_every == 0 or step == tr.total_steps):
+            export_policy(trainer, step, cfg, monitor)
     last_eval = trainer.evaluate(tr.total_steps)
     keep_if_best(trainer, best, tr.total_steps, cfg)
     final = Path(cfg.trainer.run_dir) / "final"
@@ -128,7 +132,21 @@ def fit(trainer, cfg: RLConfig, monitor, resume: Path | None = None) -> dict:
         save_policy(trainer, final, cfg)
     summary = summarize(trainer.history, first_eval, last_eval, startup,
                         time.perf_counter() - run_start, cfg.trainer.run_dir)
-    return {"algo": cfg.algo.name, **summary, **(best.summary() if best else {})}
+    return {"algo": cfg.algo.name, **summary, **(best.summary() if best else {}),
+            "eval_sets": sets_table(last_eval)}
+
+
+def export_policy(trainer, step: int, cfg: RLConfig, monitor) -> Path:
+    """trainer.export_every: the policy in HF format to run_dir/exports/step_N, complete or absent
+    (written aside, COMPLETE.json last, renamed into place: rlhf_dist/checkpoint.py), then all but
+    the newest trainer.keep_exports removed. model.path and stage=eval take the directory."""
+    root = Path(cfg.trainer.run_dir) / "exports"
+    partial = checkpoint.begin(root, step)
+    save_policy(trainer, partial, cfg)
+    final = checkpoint.commit(partial, step, {"algo": cfg.algo.name, "kind": "hf_export"})
+    checkpoint.prune(root, cfg.trainer.keep_exports)
+    monitor.print(f"[export] step {step} -> {final}")
+    return final
 
 
 def save_policy(trainer, path: Path, cfg: RLConfig) -> None:

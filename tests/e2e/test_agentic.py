@@ -1,6 +1,7 @@
-"""`experiment=agentic` from the command line: multi-turn episodes with the calculator tool, with
-several engines and async rollout, and killed then resumed (the environments are rebuilt from the
-records, every turn has its seed, so the resumed run draws the episodes the uninterrupted one did)."""
+"""Multi-turn episodes from the command line: the calculator tool with PPO, several engines and
+async rollout; `experiment=agentic` (the guessing game) killed then resumed (the environments are
+rebuilt from the records, every turn has its seed, so the resumed run draws the episodes the
+uninterrupted one did)."""
 
 import json
 import signal
@@ -10,6 +11,10 @@ import pytest
 from helpers import run_cli, start_cli
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+CALCULATOR = ["task=calc", "rollout.env=rlhf_dist.envs.calculator:Calculator", "rollout.max_turns=3",
+              "rollout.max_new_tokens=16", "rollout.max_episode_tokens=64"]
 
 
 def _args(run_dir, model_dir, *extra):
@@ -28,7 +33,7 @@ def test_agentic_ppo_with_two_engines_and_async_rollout(tiny_model_dir, tmp_path
     """PPO: the critic's values and GAE on multi-turn sequences, episodes split over two engines,
     the next batch's episodes played while the current one trains."""
     run_dir = tmp_path / "run"
-    done = run_cli(_args(run_dir, tiny_model_dir, "algo=ppo", "trainer.total_steps=3", "rollout.num_engines=2",
+    done = run_cli(_args(run_dir, tiny_model_dir, *CALCULATOR, "algo=ppo", "trainer.total_steps=3", "rollout.num_engines=2",
                          "cluster.cpus_per_engine=0.25", "cluster.cpus_per_critic=0.25",
                          "trainer.async_rollout=true"), cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]

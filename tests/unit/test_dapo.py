@@ -118,7 +118,8 @@ def test_extra_rounds_have_their_own_seeds():
     (["algo.overlong_buffer=16"], r"must be in \[0, rollout.max_new_tokens=16\)"),
     (["algo.overlong_buffer=-1"], "must be in"),
     (["algo.overlong_penalty=-0.5"], "finite number >= 0"),
-    (["experiment=agentic", "algo.overlong_buffer=4"], "not on multi-turn episodes"),
+    (["experiment=agentic", "algo.mask_truncated=true"], "not on multi-turn episodes"),
+    (["experiment=agentic", "algo.overlong_buffer=1"], "not on multi-turn episodes"),
     (["algo.mask_truncated=true", "rollout.ignore_eos=true"], "every one would be masked"),
 ])
 def test_dapo_config_errors(overrides, match):

@@ -126,7 +126,7 @@ def test_task_splits_are_disjoint_and_deterministic(name):
     train = task.make_records("train", 300, seed=0)
     evals = task.make_records("eval", 100, seed=0)
     assert len(train) == 300 and len(evals) == 100
-    assert not {r["prompt"] for r in train} & {r["prompt"] for r in evals}
+    assert not {task.problem(r) for r in train} & {task.problem(r) for r in evals}
     assert task.make_records("train", 300, seed=0) == train
     assert task.make_records("train", 300, seed=1) != train
     assert all(len(r["prompt"]) <= 16 for r in train + evals)
@@ -139,9 +139,9 @@ def test_demonstration_gets_full_reward_and_wrong_gets_less(name):
     records = task.make_records("train", 20, seed=3)
     demos = [episode_text(task.demonstration(record)) for record in records]  # calc: whole episodes
     assert check_reward_fn(reward_fn, task.reward_fn, records, demos) == [1.0] * 20
-    wrong = [demo + demo[-1] for demo in demos]  # one extra character
+    wrong = [demo + (demo[-1] if task.partial_credit else "x") for demo in demos]  # one extra character
     rewards = check_reward_fn(reward_fn, task.reward_fn, records, wrong)
-    assert all(0.0 < reward < 1.0 for reward in rewards)
+    assert all(0.0 < reward < 1.0 if task.partial_credit else reward == 0.0 for reward in rewards)
     assert check_reward_fn(reward_fn, task.reward_fn, records, [""] * 20) == [0.0] * 20
 
 
@@ -164,7 +164,7 @@ def test_task_formats_and_partial_credit_by_hand():
 
 
 def test_get_task_errors_and_overrides():
-    with pytest.raises(ConfigError, match=r"task='nope'.*\['add', 'calc', 'chain', 'copy', 'reverse'\]"):
+    with pytest.raises(ConfigError, match=r"task='nope'.*\['add', 'calc', 'chain', 'copy', 'guess', 'reverse'\]"):
         get_task("nope")
     long_task = get_task("reverse", min_len=7, max_len=7)
     assert all(len(r["target"]) == 7 for r in long_task.make_records("train", 10, seed=0))

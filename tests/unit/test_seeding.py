@@ -34,5 +34,14 @@ def test_seeds_depend_only_on_their_coordinates():
 def test_bad_coordinates_are_refused():
     with pytest.raises(ValueError, match="rollout.seed=-1"):
         sample_seeds(-1, "train", 1, 2, 2)
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="unknown random stream 'warmup'"):
         sample_seeds(0, "warmup", 1, 2, 2)
+
+
+def test_every_eval_set_has_streams_of_its_own():
+    """eval:<set> streams differ from each other and from train/eval/select at the same coordinates."""
+    seeds = {stream: sample_seeds(0, stream, 0, 4, 4) for stream in
+             ("train", "eval", "select", "eval:held_out", "eval:math", "eval:code")}
+    flat = [s for rows in seeds.values() for row in rows for s in row]
+    assert len(set(flat)) == len(flat)
+    assert sample_seeds(0, "eval:math", 0, 4, 4) == seeds["eval:math"]  # a function of its coordinates
