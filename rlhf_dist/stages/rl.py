@@ -29,6 +29,11 @@ def run_rl(dict_cfg: DictConfig) -> dict:
     run_dir, config = open_run_dir(cfg, dict_cfg)
     inputs = prepare(cfg)
     resume = resolve_resume(cfg.trainer.resume, checkpoint_root(cfg))
+    if resume:  # full weights vs LoRA: refused before any actor starts
+        from rlhf_dist.checkpoint import read_manifest
+        from rlhf_dist.models.lora import check_resume
+
+        check_resume(read_manifest(resume), cfg.model.lora.rank, str(resume))
     driver_state = torch_load_driver_state(resume) if resume else {}
     with ray_session(cfg):
         model_path = inputs["model_path"]
