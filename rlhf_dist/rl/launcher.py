@@ -73,6 +73,8 @@ def start_rl_actors(cfg, model_path: str, reward_spec: str, use_reference: bool,
         ready = time.perf_counter()
         weights = WeightSync(groups["learners"], groups["engines"], ro, cl.device, cfg.learner.zero_stage)
         weights.prepare()
+        if cfg.model.lora.rank > 0 and cfg.model.lora.path:  # the engines hold the base: add the adapter
+            weights.sync()
         write_placement(os.path.join(cfg.trainer.run_dir, "actors.json"), list(groups.values()))
     except BaseException:
         kill_all(list(groups.values()))

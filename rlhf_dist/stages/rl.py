@@ -137,10 +137,13 @@ def fit(trainer, cfg: RLConfig, monitor, resume: Path | None = None) -> dict:
 
 
 def save_policy(trainer, path: Path, cfg: RLConfig) -> None:
-    """The learners' policy in HF format at `path` on the driver's node."""
+    """The learners' policy in HF format at `path` on the driver's node; with LoRA the adapter
+    (PEFT format) and, with model.lora.export_merged, the merged full model in `path`/merged."""
     from rlhf_dist.runtime.files import bring_back
 
     trainer.learners.run("save_pretrained", str(path), timeout_s=600)
+    if cfg.model.lora.rank > 0 and cfg.model.lora.export_merged:
+        trainer.learners.run("save_merged", str(path / "merged"), timeout_s=600)
     bring_back(trainer.learners, str(path), cfg.cluster.shared_dir, cfg.cluster.ship_models)
 
 
