@@ -67,6 +67,14 @@ def run_warmup(cfg: RLConfig, inputs: dict, run_dir: Path) -> str:
     return str(out)
 
 
+def reference_label(trainer, cfg: RLConfig) -> str:
+    if not trainer.use_reference:
+        return "off"
+    if trainer.use_reference and cfg.model.lora.rank > 0 and cfg.model.lora.reference_from_base:
+        return f"the base model (LoRA rank {cfg.model.lora.rank} adapters off, on the learner ranks)"
+    return "on"
+
+
 def run_with_ray(cfg: RLConfig, model_path: str, inputs: dict, monitor, resume: Path | None = None) -> dict:
     from rlhf_dist.models.hf import load_tokenizer
     from rlhf_dist.rl.trainer import RLTrainer
@@ -96,7 +104,7 @@ def fit(trainer, cfg: RLConfig, monitor, resume: Path | None = None) -> dict:
               if trainer.use_critic else "")
     monitor.print(f"[start] algo={cfg.algo.name}: {cfg.rollout.num_engines} vLLM engine(s), "
                   f"{cfg.learner.world_size} DeepSpeed rank(s) (ZeRO-{cfg.learner.zero_stage}){critic}, "
-                  f"reference={'on' if trainer.use_reference else 'off'}, reward={trainer.reward_spec}")
+                  f"reference={reference_label(trainer, cfg)}, reward={trainer.reward_spec}")
     startup = trainer.start()
     monitor.print(f"[start] actors ready in {startup['startup/total_s']:.1f}s "
                   f"({trainer.num_params / 1e6:.2f}M parameters)")
