@@ -49,20 +49,6 @@ class LoraSpec:
     target_modules: list[str] = field(default_factory=list)  # resolved: never empty
     path: str | None = None  # a trained PEFT adapter dir to start from
 
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
-
-
-def lora_enabled(cfg) -> bool:
-    return cfg.model.lora.rank > 0
-
-
-def reference_from_base(cfg) -> bool:
-    """With LoRA the reference is the base model with the adapters off, on the learner ranks:
-    no reference actor (model.lora.reference_from_base, on by default)."""
-    return lora_enabled(cfg) and cfg.model.lora.reference_from_base
-
 
 def linear_module_names(model_path: str) -> list[str]:
     """The distinct leaf names of the model's linear layers ('q_proj', ...), from its config alone
