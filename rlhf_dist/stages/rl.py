@@ -70,7 +70,7 @@ def run_warmup(cfg: RLConfig, inputs: dict, run_dir: Path) -> str:
 def reference_label(trainer, cfg: RLConfig) -> str:
     if not trainer.use_reference:
         return "off"
-    if trainer.use_reference and cfg.model.lora.rank > 0 and cfg.model.lora.reference_from_base:
+    if cfg.model.lora.rank > 0 and cfg.model.lora.reference_from_base:
         return f"the base model (LoRA rank {cfg.model.lora.rank} adapters off, on the learner ranks)"
     return "on"
 
