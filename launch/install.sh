@@ -29,7 +29,7 @@ if [ "$stack" = cpu ]; then
 fi
 .venv/bin/python - <<'PY'
 import importlib
-for name in ("torch", "transformers", "vllm", "ray", "deepspeed", "hydra", "wandb"):
+for name in ("torch", "transformers", "vllm", "ray", "deepspeed", "hydra", "wandb", "peft"):
     module = importlib.import_module(name)
     print(f"  {name:<13}{getattr(module, '__version__', '?')}")
 from transformers import Qwen2ForCausalLM, LlamaForCausalLM  # noqa: F401  (the check that matters)

@@ -37,11 +37,32 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on the RL policy's learner ranks (rlhf_dist/models/lora.py, docs/lora.md).
+    The warm-up/SFT, reward-model and critic ranks train all weights whatever this says."""
+
+    rank: int = 0  # 0 = full fine-tuning; > 0 = adapters of this rank, the base weights frozen
+    alpha: float = 16.0  # the update is (alpha / rank) * B @ A
+    dropout: float = 0.0  # on the adapters' input only
+    # leaf names of the linear layers to adapt; [] = every attention and MLP projection of the
+    # architecture (rlhf_dist.models.lora.DEFAULT_TARGETS)
+    target_modules: list[str] = field(default_factory=list)
+    path: Optional[str] = None  # a trained PEFT adapter dir to start from (its rank must match)
+    # trainer.save_final: final/ holds the adapter (PEFT format); with this also final/merged/, a
+    # full HF model with the adapter merged in, which model.path accepts
+    export_merged: bool = False
+    # the reference policy = the base model with the adapters off, computed on the learner ranks:
+    # no reference actor and no second copy of the model
+    reference_from_base: bool = True
+
+
+@dataclass
 class ModelConfig:
     path: Optional[str] = None  # HF-format model dir; None = build the tiny model offline
     dtype: str = "float32"  # learner compute dtype: float32 | bfloat16 (rollout uses rollout.dtype)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -465,3 +486,8 @@ def response_budget(cfg: Any) -> int:
 
 def uses_reference(cfg: Any) -> bool:
     return cfg.algo.kl_coef > 0 and (cfg.algo.kl_in_reward or cfg.algo.kl_in_loss)
+
+
+def uses_reference_actor(cfg: Any) -> bool:
+    """A reference is needed and is not the learner's own base model (LoRA, model.lora.reference_from_base)."""
+    return uses_reference(cfg) and not (cfg.model.lora.rank > 0 and cfg.model.lora.reference_from_base)

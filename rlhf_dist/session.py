@@ -70,6 +70,10 @@ def prepare(cfg: RLConfig) -> dict:
         model_path = check_model_dir(policy_model_dir(cfg.model.path))
     check_tensor_parallel(json.loads((Path(model_path) / "config.json").read_text()),
                           cfg.rollout.tensor_parallel_size, str(model_path))
+    if cfg.model.lora.rank > 0:  # target modules against the model, an adapter's rank
+        from rlhf_dist.models.lora import resolve_lora
+
+        resolve_lora(cfg.model.lora, str(model_path))
     train_records = (load_prompt_records(cfg.task.prompts_file) if cfg.task.prompts_file
                      else task.make_records("train", cfg.task.num_train, cfg.task.seed))
     eval_records = (load_prompt_records(cfg.task.eval_file) if cfg.task.eval_file

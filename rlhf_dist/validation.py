@@ -121,6 +121,7 @@ def validate(cfg: Any) -> None:
             "importance ratio would compare different distributions. Expected rollout.top_p=1.0 "
             "(tune exploration with rollout.temperature instead).")
     _validate_algo(cfg)
+    _validate_lora(cfg)
     _validate_batches(cfg)
     _validate_rollout(cfg)
     _validate_off_policy(cfg)
@@ -177,6 +178,30 @@ def _check_eval_reward_fn(where: str, name: str, spec: str) -> None:
         load_reward_fn(spec, option=f"eval.sets.{name}.reward_fn")
     except RewardFnError as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+def _validate_lora(cfg: Any) -> None:
+    """model.lora values on their own; against the model (target names, an adapter's rank) in
+    rlhf_dist.models.lora.resolve_lora, once the model dir is known."""
+    lora = cfg.model.lora
+    if lora.rank < 0:
+        raise ConfigError(f"model.lora.rank={lora.rank}: expected 0 (full fine-tuning) or a rank >= 1 "
+                          "for LoRA adapters. Fix: model.lora.rank=8 (or 0 to train every weight).")
+    if lora.rank == 0:
+        set_fields = [k for k, v in (("path", lora.path), ("target_modules", list(lora.target_modules)),
+                                     ("export_merged", lora.export_merged)) if v]
+        if set_fields:
+            raise ConfigError(f"model.lora.{set_fields[0]} is set but model.lora.rank=0 (LoRA off): it "
+                              "would be ignored. Fix: model.lora.rank=8 (the adapter's rank with "
+                              "model.lora.path), or unset it.")
+        return
+    if not lora.alpha > 0 or not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"model.lora.alpha={lora.alpha}, model.lora.dropout={lora.dropout}: expected "
+                          "alpha > 0 and 0 <= dropout < 1. Fix: e.g. model.lora.alpha=16 model.lora.dropout=0.")
+    if cfg.stage in ("sft", "reward_model"):
+        raise ConfigError(f"model.lora.rank={lora.rank} with stage={cfg.stage}: LoRA applies to the RL "
+                          "policy only; the SFT and reward-model stages (and the critic) train every weight. "
+                          "Fix: model.lora.rank=0 for this stage.")
 
 
 def _validate_keep_best(cfg: Any) -> None:

@@ -12,6 +12,7 @@ micro-batch loop, the finiteness checks and weight access live here once.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
@@ -29,6 +30,7 @@ from rlhf_dist.distributed.process_group import free_port, init_learner_process_
 from rlhf_dist.weights.plan import gathered
 from rlhf_dist.errors import NonFiniteLossError
 from rlhf_dist.models.hf import disable_dropout
+from rlhf_dist.models.lora import LoraSpec, add_adapters
 
 # (micro-batch, global tokens, global sequences) -> (loss, additive metrics, averaged stats).
 # The training forward must call the DeepSpeed engine, not `ds_engine.module`: ZeRO-3 advances its
@@ -45,9 +47,14 @@ class DeepSpeedRank:
     stage = "RL"  # names the stage in messages: "RL", "SFT", "reward-model"
 
     def __init__(self, rank: int, world_size: int, model_path: ModelSpec, device: str = "cpu",
-                 cpu_cores: list[int] | None = None) -> None:
+                 cpu_cores: list[int] | None = None, lora: LoraSpec | None = None,
+                 lora_path: ModelSpec | None = None) -> None:
         self.rank, self.world_size = rank, world_size
         self.model_path, self.device = local_model_path(model_path), device
+        # LoRA (model.lora): adapters on the model, the only parameters trained (rlhf_dist/models/lora.py)
+        if lora is not None and lora_path is not None:  # the adapter dir as this node reads it
+            lora = dataclasses.replace(lora, path=local_model_path(lora_path))
+        self.lora = lora
         if device == "cpu":  # the ranks share the node's cores (or cluster.learner_cores)
             use_cores(cpu_cores, world_size)
         self.ds_engine = None
@@ -87,14 +94,20 @@ class DeepSpeedRank:
                                         self.world_size, optim["grad_clip"], bf16)
         with zero3_loading(config) if zero_stage == 3 else nullcontext():
             model = disable_dropout(self.build_model())
+        if self.lora is not None:  # after disable_dropout: the adapters keep model.lora.dropout
+            torch.manual_seed(seed)  # A's random init: the same on every rank and in every run
+            model = add_adapters(model, self.lora)
+            if gradient_checkpointing:  # the frozen embeddings' output must carry a gradient
+                model.enable_input_require_grads()
+        trainable = [p for p in model.parameters() if p.requires_grad]
         num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         # what this rank holds right after loading: ~num_params / world_size under ZeRO-3
         local_params = sum(p.numel() + (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0)
                            for p in model.parameters())
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=optim["lr"], betas=tuple(optim["betas"]), eps=optim["eps"],
+        optimizer = torch.optim.AdamW(  # with LoRA: the adapters only, so moments exist for them only
+            trainable, lr=optim["lr"], betas=tuple(optim["betas"]), eps=optim["eps"],
             weight_decay=optim["weight_decay"])
         schedule = lr_lambda(optim["scheduler"], optim["warmup_steps"], total_optimizer_steps,
                              optim["min_lr_ratio"])
@@ -103,7 +116,8 @@ class DeepSpeedRank:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         self.grad_accum_steps, self.zero_stage = grad_accum_steps, zero_stage
         return {"rank": self.rank, "init_s": time.perf_counter() - start, "num_params": num_params,
-                "local_params": local_params}
+                "local_params": local_params,
+                "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in trainable)}
 
     # ------------------------------------------------------------------ training loop
     def run_minibatches(self, minibatches: list[tuple[Batch, float, float]], micro_loss: MicroLoss,
@@ -253,7 +267,8 @@ class DeepSpeedRank:
             return {n: p.detach().cpu().clone() for n, p in params.items()}
 
     def save_pretrained(self, path: str) -> bool:
-        """Write the model as an HF dir with the tokenizer (rank 0 writes; ZeRO-3 gathers first)."""
+        """Write the model as an HF dir with the tokenizer (rank 0 writes; ZeRO-3 gathers first);
+        with LoRA the adapter alone, in PEFT format (adapter_config.json + weights)."""
         from transformers import AutoTokenizer
 
         with gathered(list(self.ds_engine.module.parameters()), self.zero_stage):
@@ -266,14 +281,17 @@ class DeepSpeedRank:
         """DeepSpeed's own checkpoint of this rank: model, optimizer and LR-scheduler state
         (every rank calls it; each writes its own shard files under `path`)."""
         start = time.perf_counter()
-        self.ds_engine.save_checkpoint(path, tag="state", client_state={"optimizer_steps": self.optimizer_steps})
+        # LoRA: the adapters and their moments only; the frozen base is the model dir itself
+        self.ds_engine.save_checkpoint(path, tag="state", client_state={"optimizer_steps": self.optimizer_steps},
+                                       exclude_frozen_parameters=self.lora is not None)
         return {"rank": self.rank, "save_s": time.perf_counter() - start}
 
     def load_state(self, path: str) -> dict[str, Any]:
         """Restore `save_state`: weights, optimizer moments, LR schedule position (every rank)."""
         start = time.perf_counter()
         loaded, client = self.ds_engine.load_checkpoint(path, tag="state", load_optimizer_states=True,
-                                                        load_lr_scheduler_states=True)
+                                                        load_lr_scheduler_states=True,
+                                                        load_module_strict=self.lora is None)
         if loaded is None:
             raise FileNotFoundError(f"no DeepSpeed state under {path} (tag 'state') for {self.role} rank {self.rank}")
         self.optimizer_steps = int(client.get("optimizer_steps", 0))

@@ -16,9 +16,14 @@ from rlhf_dist.actors.ds_rank import DeepSpeedRank
 from rlhf_dist.algo.masked import aggregate_loss
 from rlhf_dist.algo.objective import PolicyLossConfig, policy_objective, rollout_correction
 from rlhf_dist.data.batch import Batch
+from rlhf_dist.models.lora import reference_off
+from rlhf_dist.weights.merged import MergedLoraPublisher
 from rlhf_dist.weights.plan import BucketPlan, WeightPublisher
 from rlhf_dist.weights.transports import call_verb
 from rlhf_dist.models.hf import load_causal_lm, response_logprobs
+
+
+MERGE_BUCKET_MB = 256.0  # gathered at once while exporting a merged model
 
 
 class LearnerActor(DeepSpeedRank):
@@ -29,7 +34,9 @@ class LearnerActor(DeepSpeedRank):
 
     def init(self, *args, **kwargs) -> dict[str, Any]:
         info = super().init(*args, **kwargs)
-        self.publisher = WeightPublisher(self.ds_engine.module, self.rank, self.zero_stage)
+        # with LoRA the engines get merged weights under the base model's names (weights/merged.py)
+        publisher = WeightPublisher if self.lora is None else MergedLoraPublisher
+        self.publisher = publisher(self.ds_engine.module, self.rank, self.zero_stage)
         return info
 
     def compute_logprobs(self, batch: Batch, temperature: float, micro_batch_size: int,
@@ -41,6 +48,16 @@ class LearnerActor(DeepSpeedRank):
                                      banned_token_id=banned_token_id)[0]
 
         return self.forward_batch(batch, micro_batch_size, forward)
+
+    def compute_ref_logprobs(self, batch: Batch, temperature: float, micro_batch_size: int,
+                             banned_token_id: int | None = None) -> torch.Tensor:
+        """log pi_ref of this rank's shard: with LoRA the reference is the base model, i.e. this
+        model with its adapters off (model.lora.reference_from_base), so no reference actor."""
+        if self.lora is None:
+            raise RuntimeError("compute_ref_logprobs needs LoRA adapters (model.lora.rank > 0): without "
+                               "them the learner's model is the trained policy, not the reference")
+        with reference_off(self.ds_engine.module):
+            return self.compute_logprobs(batch, temperature, micro_batch_size, banned_token_id)
 
     def train_step(self, minibatches: list[tuple[Batch, float, float]], loss: PolicyLossConfig,
                    step: int, max_tokens: int = 0,
@@ -100,6 +117,28 @@ class LearnerActor(DeepSpeedRank):
         this rank's weights, e.g. ("collective", "send", plan, dtype, timeout_s). Under ZeRO-3
         every rank is called (the gathers are collective); only rank 0 sends."""
         return call_verb(transport, "learner", verb, self.publisher, *args)
+
+    def published_weights(self) -> dict[str, torch.Tensor] | None:
+        """Every tensor as the engines get it (merged with LoRA), in fp32 on rank 0 (tests)."""
+        plan = self.publisher.plan(float("inf"), "float32")
+        tensors = {n: t.clone() for bucket in self.publisher.buckets(plan, "float32") for n, t in bucket}
+        return tensors if self.rank == 0 else None
+
+    def save_merged(self, path: str) -> bool:
+        """model.lora.export_merged: the base model with the adapter merged in, as a full HF dir
+        that model.path accepts (rank 0 writes; under ZeRO-3 every rank joins the gathers)."""
+        from transformers import AutoTokenizer
+
+        plan = self.publisher.plan(MERGE_BUCKET_MB, "float32")
+        merged = {n: t.clone() for bucket in self.publisher.buckets(plan, "float32") for n, t in bucket}
+        if self.rank == 0:
+            model = load_causal_lm(self.model_path, "float32")
+            missing, unexpected = model.load_state_dict(merged, strict=False)
+            if unexpected or any(not n.endswith("lm_head.weight") for n in missing):  # lm_head: tied
+                raise RuntimeError(f"merged export: names the base model lacks {unexpected}, misses {missing}")
+            model.save_pretrained(path)
+            AutoTokenizer.from_pretrained(self.model_path).save_pretrained(path)
+        return self.rank == 0
 
     def weight_checksums(self, plan: BucketPlan, dtype: str, packed_modules: dict[str, list[str]],
                          layouts: list[dict]) -> list[dict[str, list[int]]] | None:

@@ -27,6 +27,7 @@ from rlhf_dist.actors.reward import RewardActor
 from rlhf_dist.actors.rollout import RolloutActor
 from rlhf_dist.weights.sync import WeightSync
 from rlhf_dist.config import critic_micro_batch_size, response_budget
+from rlhf_dist.models.lora import resolve_lora
 
 
 @dataclass
@@ -72,6 +73,8 @@ def start_rl_actors(cfg, model_path: str, reward_spec: str, use_reference: bool,
         ready = time.perf_counter()
         weights = WeightSync(groups["learners"], groups["engines"], ro, cl.device, cfg.learner.zero_stage)
         weights.prepare()
+        if cfg.model.lora.rank > 0 and cfg.model.lora.path:  # the engines hold the base: add the adapter
+            weights.sync()
         write_placement(os.path.join(cfg.trainer.run_dir, "actors.json"), list(groups.values()))
     except BaseException:
         kill_all(list(groups.values()))
@@ -122,12 +125,14 @@ def start_engines(cfg, model: ModelDir) -> ActorGroup:
 
 
 def start_learners(cfg, model: ModelDir) -> tuple[ActorGroup, list]:
-    """The policy's DeepSpeed ranks, and their init refs."""
+    """The policy's DeepSpeed ranks, and their init refs; with model.lora.rank > 0 they train
+    LoRA adapters (rlhf_dist/models/lora.py)."""
     cl = cfg.cluster
+    lora = resolve_lora(cfg.model.lora, model.path) if cfg.model.lora.rank > 0 else None
     return start_ds_group("learner", LearnerActor, model, DSGroupSpec(
         cfg.learner.world_size, cfg.learner.zero_stage, cfg.learner.micro_batch_size,
         optim=asdict(cfg.learner.optim), num_cpus=cl.cpus_per_learner, num_gpus=cl.gpus_per_learner,
-        resources=dict(cl.learner_resources or {}), **_ds_common(cfg)))
+        resources=dict(cl.learner_resources or {}), lora=lora, **_ds_common(cfg)))
 
 
 def start_critics(cfg, model: ModelDir) -> tuple[ActorGroup, list]:

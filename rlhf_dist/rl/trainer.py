@@ -40,7 +40,8 @@ from rlhf_dist.algo import (
     overlong_penalty,
 )
 from rlhf_dist.algo.objective import PolicyLossConfig, ValueLossConfig
-from rlhf_dist.config import critic_micro_batch_size, old_logprobs_source, response_budget, uses_critic, uses_reference
+from rlhf_dist.config import (critic_micro_batch_size, old_logprobs_source, response_budget, uses_critic,
+                              uses_reference, uses_reference_actor)
 from rlhf_dist.data.messages import Sample, Scores
 from rlhf_dist.data.batch import Batch, demonstration_batch, samples_batch, shard_minibatches
 from rlhf_dist.data.prompts import PromptSampler
@@ -105,7 +106,7 @@ class RLTrainer:
         """Create every actor group and wait until all are ready (rlhf_dist.rl.launcher);
         returns the start-up timings."""
         actors = launcher.start_rl_actors(self.cfg, self.model_path, self.reward_spec,
-                                          self.use_reference, self.use_critic)
+                                          uses_reference_actor(self.cfg), self.use_critic)
         self.model, self.weights, self.num_params = actors.model, actors.weights, actors.num_params
         self.engines, self.learners, self.reward = actors.engines, actors.learners, actors.reward
         self.reference, self.critics = actors.reference, actors.critics
@@ -130,7 +131,7 @@ class RLTrainer:
         validate(cfg)
         self._check_sft_mix(algo)
         for need, missing in (("a critic", uses_critic(cfg) and self.critics is None),
-                              ("a reference model", uses_reference(cfg) and self.reference is None)):
+                              ("a reference model", uses_reference_actor(cfg) and self.reference is None)):
             if missing:
                 raise ConfigError(f"use_algo: algo (advantage={algo.advantage!r}) needs {need}, and this "
                                   "run started without one; start the trainer with an algo that needs it")
@@ -170,6 +171,10 @@ class RLTrainer:
                                                              cfg.learner.max_tokens_per_micro_batch,
                                                              self.banned_token_id),
                          self.reference.names))
+        elif self.use_reference:  # LoRA: the base model, adapters off, on the learner ranks (no actor)
+            jobs.append(("ref_logprobs", self.learners.call_on_shards("compute_ref_logprobs", batch, temperature,
+                                                                      micro, self.banned_token_id),
+                         self.learners.names))
         if self.use_critic:
             jobs.append(("values", self.critics.call_on_shards("compute_values", batch,
                                                    critic_micro_batch_size(cfg)), self.critics.names))
@@ -528,7 +533,8 @@ class RLTrainer:
         See rlhf_dist/checkpoint.py."""
         start = time.perf_counter()
         final = checkpoint.save(root, step, self._ds_groups(), lambda: self.state_dict(step),
-                                {"algo": self.cfg.algo.name}, self.cfg.trainer.keep_last,
+                                {"algo": self.cfg.algo.name, "lora_rank": self.cfg.model.lora.rank},
+                                self.cfg.trainer.keep_last,
                                 self.cfg.learner.step_timeout_s)
         self.monitor.print(f"[checkpoint] step {step} -> {final} ({time.perf_counter() - start:.1f}s)")
         return str(final)

@@ -40,6 +40,7 @@ class DSGroupSpec:
     shared_dir: Optional[str] = None  # cluster.shared_dir (rlhf_dist.runtime.files)
     ship_models: bool = False  # cluster.ship_models
     cpu_cores: Optional[list[int]] = None  # cluster.learner_cores, parsed (rlhf_dist.runtime.cpu)
+    lora: Any = None  # a rlhf_dist.models.lora.LoraSpec: adapters, the only weights trained; None = all
 
 
 def start_ds_group(name: str, actor_cls: type, model_path: Union[str, ModelDir],
@@ -52,10 +53,16 @@ def start_ds_group(name: str, actor_cls: type, model_path: Union[str, ModelDir],
     """
     if isinstance(model_path, str):
         model_path = model_dir(model_path, spec.shared_dir, spec.ship_models)
+    # an adapter to start from (model.lora.path) travels to other nodes as the model dir does
+    lora_path = spec.lora.path if spec.lora is not None else None
+    if lora_path is not None:
+        lora_path = model_dir(lora_path, spec.shared_dir, spec.ship_models)
     group = ActorGroup(name, actor_cls, spec.world_size, spec.num_cpus, spec.num_gpus,
                        spec.placement_timeout_s,
                        [dict(rank=r, world_size=spec.world_size, model_path=model_path, device=spec.device,
-                             cpu_cores=spec.cpu_cores) for r in range(spec.world_size)], resources=spec.resources)
+                             cpu_cores=spec.cpu_cores, lora=spec.lora, lora_path=lora_path)
+                        for r in range(spec.world_size)],
+                       resources=spec.resources)
     master_addr, master_port = group.run("address", timeout_s=60)[0]
     backend = spec.backend
     if backend == "auto":

@@ -31,6 +31,11 @@ def run_rl(dict_cfg: DictConfig) -> dict:
     run_dir, config = open_run_dir(cfg, dict_cfg)
     inputs = prepare(cfg)
     resume = resolve_resume(cfg.trainer.resume, checkpoint_root(cfg))
+    if resume:  # full weights vs LoRA: refused before any actor starts
+        from rlhf_dist.checkpoint import read_manifest
+        from rlhf_dist.models.lora import check_resume
+
+        check_resume(read_manifest(resume), cfg.model.lora.rank, str(resume))
     driver_state = torch_load_driver_state(resume) if resume else {}
     with ray_session(cfg):
         model_path = inputs["model_path"]
@@ -64,6 +69,14 @@ def run_warmup(cfg: RLConfig, inputs: dict, run_dir: Path) -> str:
     return str(out)
 
 
+def reference_label(trainer, cfg: RLConfig) -> str:
+    if not trainer.use_reference:
+        return "off"
+    if cfg.model.lora.rank > 0 and cfg.model.lora.reference_from_base:
+        return f"the base model (LoRA rank {cfg.model.lora.rank} adapters off, on the learner ranks)"
+    return "on"
+
+
 def run_with_ray(cfg: RLConfig, model_path: str, inputs: dict, monitor, resume: Path | None = None) -> dict:
     from rlhf_dist.models.hf import load_tokenizer
     from rlhf_dist.rl.trainer import RLTrainer
@@ -93,7 +106,7 @@ def fit(trainer, cfg: RLConfig, monitor, resume: Path | None = None) -> dict:
               if trainer.use_critic else "")
     monitor.print(f"[start] algo={cfg.algo.name}: {cfg.rollout.num_engines} vLLM engine(s), "
                   f"{cfg.learner.world_size} DeepSpeed rank(s) (ZeRO-{cfg.learner.zero_stage}){critic}, "
-                  f"reference={'on' if trainer.use_reference else 'off'}, reward={trainer.reward_spec}")
+                  f"reference={reference_label(trainer, cfg)}, reward={trainer.reward_spec}")
     startup = trainer.start()
     monitor.print(f"[start] actors ready in {startup['startup/total_s']:.1f}s "
                   f"({trainer.num_params / 1e6:.2f}M parameters)")
@@ -150,10 +163,13 @@ def export_policy(trainer, step: int, cfg: RLConfig, monitor) -> Path:
 
 
 def save_policy(trainer, path: Path, cfg: RLConfig) -> None:
-    """The learners' policy in HF format at `path` on the driver's node."""
+    """The learners' policy in HF format at `path` on the driver's node; with LoRA the adapter
+    (PEFT format) and, with model.lora.export_merged, the merged full model in `path`/merged."""
     from rlhf_dist.runtime.files import bring_back
 
     trainer.learners.run("save_pretrained", str(path), timeout_s=600)
+    if cfg.model.lora.rank > 0 and cfg.model.lora.export_merged:
+        trainer.learners.run("save_merged", str(path / "merged"), timeout_s=600)
     bring_back(trainer.learners, str(path), cfg.cluster.shared_dir, cfg.cluster.ship_models)
 
 

@@ -1,0 +1,168 @@
+"""LoRA adapters on the policy (model.lora.*, docs/lora.md), with the `peft` library.
+
+    W' = W + (alpha / rank) * B @ A        A: (rank, in), B: (out, rank), B = 0 at the start
+                                           (Hu et al. 2021, "LoRA", eq. 3)
+
+Only A and B train; the base weights W stay frozen, so the reference policy is the same model
+with the adapters switched off (`reference_off`) and no second copy of the model is needed.
+The engines serve the merged weights W' under the base model's own (HF) names
+(`merged_named_weights`), so every weight transport and checksum works unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from rlhf_dist.errors import ConfigError
+
+# peft's prefix of every parameter name of a wrapped causal LM, and the frozen original layer
+PEFT_PREFIX = "base_model.model."
+BASE_LAYER = ".base_layer."
+ADAPTER = "default"
+
+# what `model.lora.target_modules: []` means, by `config.json` model_type: every projection of
+# attention and MLP (the QLoRA paper's finding: all linear layers, not only q/v, Dettmers et al. 2023)
+DEFAULT_TARGETS = {
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+
+@dataclass
+class LoraSpec:
+    """The plain values a learner rank needs to put adapters on its model."""
+
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)  # resolved: never empty
+    path: str | None = None  # a trained PEFT adapter dir to start from
+
+
+def linear_module_names(model_path: str) -> list[str]:
+    """The distinct leaf names of the model's linear layers ('q_proj', ...), from its config alone
+    (built on the meta device: no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names - {"lm_head", "score"})
+
+
+def resolve_lora(lora_cfg, model_path: str) -> LoraSpec:
+    """Check model.lora against the model and the adapter it starts from; the spec the learner
+    ranks get. Raises ConfigError (what was given, what was expected, the fix)."""
+    model_type = json.loads((Path(model_path) / "config.json").read_text()).get("model_type", "?")
+    targets = list(lora_cfg.target_modules)
+    if not targets:
+        if model_type not in DEFAULT_TARGETS:
+            raise ConfigError(
+                f"model.lora.target_modules is empty and there is no default for model_type "
+                f"{model_type!r} (defaults exist for {sorted(DEFAULT_TARGETS)}). Fix: name them, e.g. "
+                f"model.lora.target_modules=[{','.join(linear_module_names(model_path)[:4])}].")
+        targets = DEFAULT_TARGETS[model_type]
+    candidates = linear_module_names(model_path)
+    unknown = [t for t in targets if t not in candidates]
+    if unknown:
+        raise ConfigError(f"model.lora.target_modules has {unknown}, which the model at {model_path} "
+                          f"({model_type}) does not have. Its linear layers: {candidates}. Fix: "
+                          f"model.lora.target_modules=[{','.join(c for c in candidates if c in targets) or candidates[0]}] "
+                          "or leave it empty for the architecture's default.")
+    if lora_cfg.path:
+        adapter = _read_adapter_config(lora_cfg.path)
+        if int(adapter.get("r", -1)) != lora_cfg.rank:
+            raise ConfigError(f"model.lora.path={lora_cfg.path} holds a rank-{adapter.get('r')} adapter, but "
+                              f"model.lora.rank={lora_cfg.rank}. Fix: model.lora.rank={adapter.get('r')}.")
+        targets = sorted(adapter.get("target_modules") or targets)
+    return LoraSpec(lora_cfg.rank, float(lora_cfg.alpha), float(lora_cfg.dropout), targets, lora_cfg.path)
+
+
+def _read_adapter_config(path: str) -> dict:
+    config = Path(path) / "adapter_config.json"
+    if not config.is_file():
+        raise ConfigError(f"model.lora.path={path} is not a PEFT adapter dir (no adapter_config.json). "
+                          "Expected the final/ dir a LoRA run wrote (trainer.save_final=true) or any "
+                          "PEFT LoRA adapter. Fix: point model.lora.path at such a dir, or unset it.")
+    return json.loads(config.read_text())
+
+
+def add_adapters(model: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
+    """The model with LoRA adapters (fresh, or loaded from `spec.path`); only they train."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if spec.path:
+        return PeftModel.from_pretrained(model, spec.path, is_trainable=True)
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                        target_modules=list(spec.target_modules), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def hf_name(peft_name: str) -> str:
+    """'base_model.model.model.layers.0.q_proj.base_layer.weight' -> 'model.layers.0.q_proj.weight'."""
+    return peft_name.removeprefix(PEFT_PREFIX).replace(BASE_LAYER, ".")
+
+
+def is_adapter_param(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name or ".lora_embedding_" in name
+
+
+def base_params(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The frozen base parameters of a peft-wrapped model under their HF names."""
+    return {hf_name(n): p for n, p in module.named_parameters() if not is_adapter_param(n)}
+
+
+def lora_layers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """HF name of a base weight -> the peft LoRA layer that adds to it."""
+    from peft.tuners.lora import LoraLayer
+
+    return {hf_name(f"{name}.base_layer.weight"): layer for name, layer in module.named_modules()
+            if isinstance(layer, LoraLayer)}
+
+
+def adapter_params(layer: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight]
+
+
+def merged_weight(base: torch.Tensor, layer: torch.nn.Module | None) -> torch.Tensor:
+    """W' = W + scaling * B @ A (peft's own `get_delta_weight`, which handles fan-in-fan-out
+    layers); `base` itself where no adapter adds to it. Full tensors: gather first under ZeRO-3."""
+    if layer is None:
+        return base
+    return base + layer.get_delta_weight(ADAPTER).to(base.dtype)
+
+
+@contextmanager
+def reference_off(module: torch.nn.Module) -> Iterator[None]:
+    """The base model: adapters switched off (peft `disable_adapter`) for the reference policy."""
+    with module.disable_adapter():
+        yield
+
+
+def check_resume(manifest: dict, lora_rank: int, checkpoint: str) -> None:
+    """A checkpoint resumes only into a run of the same kind: full weights or LoRA of one rank
+    (a full checkpoint holds no adapter; a LoRA one holds only adapters and their moments)."""
+    saved = int(manifest.get("lora_rank", 0))
+    if saved == lora_rank:
+        return
+    kind = lambda rank: f"LoRA rank {rank}" if rank else "full fine-tuning"  # noqa: E731
+    fix = (f"model.lora.rank={saved}" if saved else "model.lora.rank=0") + " to continue that run"
+    raise ConfigError(f"trainer.resume: the checkpoint {checkpoint} is from a {kind(saved)} run, but this run "
+                      f"is {kind(lora_rank)} (model.lora.rank={lora_rank}); its state cannot be loaded "
+                      f"into this one. Fix: {fix}, or start afresh without trainer.resume (a LoRA run "
+                      "can start from a merged export: model.path=<final/merged>).")

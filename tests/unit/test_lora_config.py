@@ -1,0 +1,88 @@
+"""model.lora: bad values and bad targets fail before any actor starts, naming what was given,
+what was expected and the fix; the names the engines get are the base model's own."""
+
+import json
+
+import pytest
+import torch
+
+from helpers import compose_config
+
+from rlhf_dist.errors import ConfigError
+from rlhf_dist.models.lora import (LoraSpec, add_adapters, base_params, check_resume, lora_layers,
+                                   merged_weight, reference_off, resolve_lora)
+from rlhf_dist.validation import validate
+
+
+def test_lora_off_by_default_and_rank_validated():
+    cfg = compose_config([])
+    assert cfg.model.lora.rank == 0
+    validate(cfg)
+    with pytest.raises(ConfigError, match=r"model.lora.rank=-1.*Fix: model.lora.rank=8"):
+        validate(compose_config(["model.lora.rank=-1"]))
+    with pytest.raises(ConfigError, match=r"model.lora.path is set but model.lora.rank=0"):
+        validate(compose_config(["model.lora.path=/x"]))
+    with pytest.raises(ConfigError, match=r"dropout"):
+        validate(compose_config(["model.lora.rank=8", "model.lora.dropout=1.5"]))
+    with pytest.raises(ConfigError, match=r"stage=sft.*RL policy only"):
+        validate(compose_config(["model.lora.rank=8", "stage=sft"]))
+    validate(compose_config(["model.lora.rank=8"]))
+
+
+def test_target_modules_default_per_architecture_and_unknown_names_listed(tiny_model_dir):
+    cfg = compose_config(["model.lora.rank=4"])
+    spec = resolve_lora(cfg.model.lora, str(tiny_model_dir))
+    assert spec.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    cfg = compose_config(["model.lora.rank=4", "model.lora.target_modules=[q_proj,c_attn]"])
+    with pytest.raises(ConfigError) as err:
+        resolve_lora(cfg.model.lora, str(tiny_model_dir))
+    message = str(err.value)
+    assert "['c_attn']" in message and "'down_proj'" in message and "Fix: model.lora.target_modules=[q_proj]" in message
+
+
+def test_adapter_path_checked(tiny_model_dir, tmp_path):
+    cfg = compose_config(["model.lora.rank=4", f"model.lora.path={tmp_path}"])
+    with pytest.raises(ConfigError, match="not a PEFT adapter dir"):
+        resolve_lora(cfg.model.lora, str(tiny_model_dir))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": ["q_proj"]}))
+    with pytest.raises(ConfigError, match="rank-8 adapter.*Fix: model.lora.rank=8"):
+        resolve_lora(cfg.model.lora, str(tiny_model_dir))
+
+
+def test_resume_across_full_and_lora_refused():
+    check_resume({"algo": "grpo"}, 0, "ck")
+    check_resume({"lora_rank": 8}, 8, "ck")
+    with pytest.raises(ConfigError, match="full fine-tuning run, but this run is LoRA rank 8.*model.lora.rank=0"):
+        check_resume({"algo": "grpo"}, 8, "ck")
+    with pytest.raises(ConfigError, match="LoRA rank 8 run, but this run is full fine-tuning.*model.lora.rank=8"):
+        check_resume({"lora_rank": 8}, 0, "ck")
+
+
+def test_merged_weights_under_hf_names_and_reference_is_the_base(tiny_model_dir):
+    """W + scaling * B @ A under the base model's names gives the adapted model's outputs; with the
+    adapters off the wrapped model is the base model."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    names = set(dict(base.named_parameters()))
+    ids = torch.randint(0, 90, (2, 7))
+    with torch.no_grad():
+        base_logits = base(ids).logits
+    model = add_adapters(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraSpec(4, 8.0, 0.0, ["q_proj", "up_proj"]))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)  # B = 0 at the start: make the adapter matter
+        adapted = model(ids).logits
+        with reference_off(model):
+            reference = model(ids).logits
+        layers = lora_layers(model)
+        merged = {n: merged_weight(p, layers.get(n)) for n, p in base_params(model).items()}
+    assert set(merged) == names and len(layers) == 2 * 2  # 2 layers x (q_proj, up_proj)
+    torch.testing.assert_close(reference, base_logits, rtol=0, atol=0)
+    assert (adapted - base_logits).abs().max() > 1e-2
+    base.load_state_dict(merged, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids).logits, adapted, rtol=1e-5, atol=1e-5)
