@@ -227,6 +227,17 @@ class AlgoConfig:
     # or else the built-in task's. Keeps the policy near what it imitated where the reward model is blind.
     sft_coef: float = 0.0
     sft_batch_size: int = 16  # demonstrations per mini-batch, over learner.world_size ranks
+    # DAPO (Yu et al. 2025; docs/reasoning.md). Dynamic sampling: a group whose rewards are all
+    # equal has zero GRPO advantage, so it is dropped after scoring and new prompts are generated
+    # until the step has trainer.prompts_per_step groups with signal, for at most
+    # max_resample_rounds extra rounds (then the step trains on what it has; none: no update).
+    dynamic_sampling: bool = False
+    max_resample_rounds: int = 3  # extra generation rounds after the first, each of prompts_per_step prompts
+    # Soft overlong punishment: over the last overlong_buffer tokens before rollout.max_new_tokens
+    # the reward falls linearly from 0 to -overlong_penalty (0 = off). Single-turn rollouts only.
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+    mask_truncated: bool = False  # responses cut at rollout.max_new_tokens (no eos) are left out of the loss
 
 
 @dataclass

@@ -137,8 +137,11 @@ def _truncate_after(path: Path, step: int) -> None:
 
 
 def format_step_line(step: int, total: int, m: dict[str, float]) -> str:
+    dynamic = ""  # algo.dynamic_sampling: groups kept, in how many generation rounds
+    if "dynamic/rounds" in m:
+        dynamic = f"| kept {m['dynamic/kept_groups']:.0f} groups in {m['dynamic/rounds']:.0f} round(s) "
     return (
-        f"step {step:>4}/{total} | reward {m['reward/mean']:.3f} ±{m['reward/std']:.3f} "
+        f"step {step:>4}/{total} | reward {m['reward/mean']:.3f} ±{m['reward/std']:.3f} {dynamic}"
         f"| kl {m.get('kl/mean', 0.0):.4f} | loss {m.get('loss/policy', 0.0):+.4f} "
         f"| len {m['response/length_mean']:.1f} | gen {m['timing/generate_s']:.1f}s "
         f"score {m['timing/score_s']:.1f}s train {m['timing/train_s']:.1f}s "

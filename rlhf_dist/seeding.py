@@ -48,8 +48,11 @@ def sample_seed(run_seed: int, stream: str, step: int, prompt: int, child: int, 
     return (int(words[0]) << 32 | int(words[1])) & (2**63 - 1)
 
 
-def sample_seeds(run_seed: int, stream: str, step: int, num_prompts: int, n: int) -> list[list[int]]:
-    """(num_prompts, n) seeds: row i holds the seeds of prompt i's n samples at `step`."""
+def sample_seeds(run_seed: int, stream: str, step: int, num_prompts: int, n: int,
+                 first_prompt: int = 0) -> list[list[int]]:
+    """(num_prompts, n) seeds: row i holds the seeds of the n samples of the step's prompt
+    `first_prompt + i`. A step that draws prompts in several rounds (algo.dynamic_sampling)
+    numbers them across its rounds, so no round reuses another's streams."""
     if run_seed < 0 or step < 0:
         raise ValueError(f"seeds need a non-negative run seed and step, got rollout.seed={run_seed}, step={step}")
-    return [[sample_seed(run_seed, stream, step, i, j) for j in range(n)] for i in range(num_prompts)]
+    return [[sample_seed(run_seed, stream, step, first_prompt + i, j) for j in range(n)] for i in range(num_prompts)]

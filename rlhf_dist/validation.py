@@ -262,6 +262,41 @@ def _validate_algo(cfg: Any) -> None:
             "false, so the KL would go nowhere. Fix: set one of them true, or algo.kl_coef=0.")
     if algo.kl_target is not None and not algo.kl_coef > 0:
         raise ConfigError("algo.kl_target (adaptive KL) needs algo.kl_coef > 0 as its start value.")
+    _validate_dapo(cfg)
+
+
+def _validate_dapo(cfg: Any) -> None:
+    """Dynamic sampling, overlong shaping and truncation masking (docs/reasoning.md)."""
+    from rlhf_dist.algo import estimator_needs
+
+    algo, ro = cfg.algo, cfg.rollout
+    if algo.dynamic_sampling:
+        if not estimator_needs(algo.advantage).groups:
+            raise ConfigError(
+                f"algo.dynamic_sampling=true drops groups whose rewards are all equal, but "
+                f"algo.advantage={algo.advantage} does not compare samples within a group. Expected a "
+                "group estimator (grpo, dr_grpo, rloo). Fix: algo=grpo, or algo.dynamic_sampling=false.")
+        # (a group estimator already needs rollout.n_samples_per_prompt >= 2: _validate_algo)
+    if algo.max_resample_rounds < 0:
+        raise ConfigError(f"algo.max_resample_rounds={algo.max_resample_rounds} must be >= 0 (extra "
+                          "generation rounds after the first). Fix: algo.max_resample_rounds=3.")
+    if not 0 <= algo.overlong_buffer < ro.max_new_tokens:
+        raise ConfigError(
+            f"algo.overlong_buffer={algo.overlong_buffer} must be in [0, rollout.max_new_tokens="
+            f"{ro.max_new_tokens}): the penalty ramps over the last overlong_buffer tokens before "
+            f"the budget. Fix: e.g. algo.overlong_buffer={max(1, ro.max_new_tokens // 4)}, or 0 for off.")
+    if algo.overlong_penalty < 0 or not math.isfinite(algo.overlong_penalty):
+        raise ConfigError(f"algo.overlong_penalty={algo.overlong_penalty} must be a finite number >= 0 "
+                          "(the penalty at rollout.max_new_tokens). Fix: algo.overlong_penalty=1.0.")
+    if ro.env and (algo.overlong_buffer > 0 or algo.mask_truncated):
+        raise ConfigError(
+            f"algo.overlong_buffer={algo.overlong_buffer} / algo.mask_truncated={algo.mask_truncated} "
+            f"with rollout.env={ro.env!r}: both are defined on one completion's length against "
+            "rollout.max_new_tokens, not on multi-turn episodes. Fix: algo.overlong_buffer=0 "
+            "algo.mask_truncated=false.")
+    if ro.ignore_eos and algo.mask_truncated:
+        raise ConfigError("algo.mask_truncated=true with rollout.ignore_eos=true: every response runs to "
+                          "max_new_tokens, so every one would be masked. Fix: rollout.ignore_eos=false.")
 
 
 def _validate_batches(cfg: Any) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from rlhf_dist.runtime.files import ModelSpec, local_model_path
 from rlhf_dist.data.messages import Scores
-from rlhf_dist.data.reward_fn import format_failures, load_reward_fn, score_samples
+from rlhf_dist.data.reward_fn import format_failures, load_reward_fn, reward_part_means, score_samples
 from rlhf_dist.errors import RewardSamplesFailedError
 
 
@@ -40,6 +40,10 @@ class FunctionScorer:
             raise RewardSamplesFailedError(
                 format_failures(failures, self.spec, len(completions), None), failures)
         return [self.fallback_score if s is None else s for s in scores], failures
+
+    def part_means(self, records: list[dict[str, Any]], completions: list[str]) -> dict[str, float]:
+        """The means of the terms fn reports beside its total, if it does (reward_part_means)."""
+        return reward_part_means(self.fn, self.spec, records, completions)
 
 
 class ModelScorer:
@@ -155,6 +159,8 @@ class RewardActor:
         report = (format_failures(failures, self.rule.spec, len(completions), self.rule.fallback_score)
                   if failures else "")
         metrics = {"reward/failed_samples": float(len(failures))}
+        if self.rule is not None and not failures:
+            metrics.update(self.rule.part_means(records, completions))
         if model_std is not None and len(self.model.models) > 1:
             metrics["reward/model_std_mean"] = sum(model_std) / len(model_std)
         return Scores(reward=reward, rule=rule, model=model, failures=failures, report=report,

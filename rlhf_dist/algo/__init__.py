@@ -48,8 +48,11 @@ from rlhf_dist.algo.policy_loss import (
     truncated_is_weights,
 )
 from rlhf_dist.algo.preference import bradley_terry_loss
+from rlhf_dist.algo.shaping import groups_with_signal, overlong_penalty
 
 __all__ = [
+    "groups_with_signal",
+    "overlong_penalty",
     "ADVANTAGE_ESTIMATORS",
     "EstimatorNeeds",
     "estimator_needs",

@@ -148,6 +148,22 @@ def _call(fn: Callable, spec: str, records: list[dict], completions: list[str]) 
     return _validate_rewards(fn(prompts, completions, **fields), spec, len(completions))
 
 
+def reward_part_means(fn: Callable, spec: str, records: list[dict], completions: list[str]) -> dict[str, float]:
+    """{"reward/<name>_mean": ...} for a reward function that reports its terms: one with a
+    `parts` attribute, parts(prompts, completions, **fields) -> {name: one float per completion}
+    (e.g. rlhf_dist.data.tasks.chain_reward's correct and format terms); {} for any other."""
+    parts_fn = getattr(fn, "parts", None)
+    if parts_fn is None or not completions:
+        return {}
+    prompts = [record["prompt"] for record in records]
+    keys = dict.fromkeys(key for record in records for key in record if key != "prompt")
+    parts = parts_fn(prompts, completions, **{key: [r.get(key) for r in records] for key in keys})
+    if not isinstance(parts, dict) or any(len(values) != len(completions) for values in parts.values()):
+        raise RewardFnError(f"reward.fn={spec!r}: its parts() returned {_short(parts)}; expected a dict "
+                            f"of {len(completions)} floats per name, e.g. {{'correct': [...], 'format': [...]}}.")
+    return {f"reward/{name}_mean": sum(values) / len(values) for name, values in parts.items()}
+
+
 def check_reward_fn(fn: Callable, spec: str, records: list[dict],
                     completions: list[str]) -> list[float]:
     """Call `fn(prompts, completions, **fields)` and return its rewards as a list of floats.

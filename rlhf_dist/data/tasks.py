@@ -5,6 +5,9 @@ Each task makes short prompts that a 0.4M-parameter character model can learn on
     reverse   "rev abc="     -> "cba"     (lowercase letters, length min_len..max_len)
     copy      "copy abc="    -> "abc"
     add       "add 12+7="    -> "19"      (two integers in 0..max_value)
+    chain     "3+4,*2?"      -> "7,14#=14" (2-3 operations left to right, each step's value
+                                           shown, the answer after "#="; reward = 0.9 x
+                                           correct + 0.1 x format: `chain_reward`)
 
 A record is `{"prompt": str, "target": str}`. Train and eval problems are disjoint: a problem
 belongs to the eval split when a stable hash of its prompt falls below `eval_fraction`, so the
@@ -21,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
+import re
 import string
 from dataclasses import dataclass
 
@@ -101,6 +105,45 @@ def calc_reward(prompts: list[str], completions: list[str], **fields) -> list[fl
     targets = _targets(fields, len(completions))
     answers = [(c.strip().splitlines() or [""])[-1].strip() for c in completions]
     return [position_match_score(a[::-1], t[::-1]) for a, t in zip(answers, targets)]
+
+
+CHAIN_FORMAT_WEIGHT = 0.1  # the format term's share of the chain reward (correctness: the rest)
+
+
+def _chain_pattern(prompt: str) -> re.Pattern:
+    """The strict answer format for a chain prompt of k operations ("3+4,*2?", k = 2): the value
+    after each operation, comma-separated, then "#=<int>": r"\d+,\d+#=(\d+)"."""
+    return re.compile(",".join(["\\d+"] * (prompt.count(",") + 1)) + "#=(\\d+)")
+
+
+def chain_parts(prompts: list[str], completions: list[str], **fields) -> dict[str, list[float]]:
+    """The chain reward's two terms per completion (logged as reward/correct_mean and
+    reward/format_mean):
+
+        correct  1 if the cleaned completion ends in "#=<the answer>", else 0
+        format   1 if the whole cleaned completion is the step format (`_chain_pattern`), else 0
+
+    A right number anywhere else ("14", "7,14") earns nothing: the answer must be where the
+    format puts it. The steps' values are not checked, only their format: the answer depends on them."""
+    targets = _targets(fields, len(completions))
+    correct, formatted = [], []
+    for prompt, completion, target in zip(prompts, completions, targets):
+        text = clean_completion(completion)
+        answer = re.search(r"#=(\d+)$", text)
+        correct.append(float(answer is not None and answer.group(1) == target))
+        formatted.append(float(_chain_pattern(prompt).fullmatch(text) is not None))
+    return {"correct": correct, "format": formatted}
+
+
+def chain_reward(prompts: list[str], completions: list[str], **fields) -> list[float]:
+    """(1 - w) x correct + w x format, w = CHAIN_FORMAT_WEIGHT (`chain_parts`): 1.0 right and
+    written in the format (solved), 0.9 right in a loose format, 0.1 wrong in the format, else 0."""
+    parts = chain_parts(prompts, completions, **fields)
+    w = CHAIN_FORMAT_WEIGHT
+    return [(1 - w) * c + w * f for c, f in zip(parts["correct"], parts["format"])]
+
+
+chain_reward.parts = chain_parts  # the reward actor logs each term's mean (rlhf_dist.actors.reward)
 
 
 def guess_reward(prompts: list[str], completions: list[str], **fields) -> list[float]:
@@ -254,6 +297,59 @@ class CalcTask(Task):
 
 
 @dataclass(frozen=True)
+class ChainTask(Task):
+    """Multi-step arithmetic, left to right: "3+4,*2,-1?" -> "7,14,13#=13".
+
+    The start is a digit 1..9; each of `min_steps`..`max_steps` operations is + or - a digit 1..9
+    (never below 0) or * 2..3 (only on values up to 20). The demonstration writes the value after
+    every operation, then the answer after "#=", so a warm-up teaches the steps and the format;
+    which steps the tiny model gets right is RL's to improve. Easy (two additions) and hard
+    (three steps with a product) problems side by side: after a warm-up many groups are all
+    right or all wrong, the case dynamic sampling is for.
+    """
+
+    min_steps: int = 2
+    max_steps: int = 3
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 1 <= self.min_steps <= self.max_steps <= 4:
+            raise ConfigError(
+                f"task {self.name!r}: min_steps={self.min_steps}, max_steps={self.max_steps}; expected "
+                "1 <= min_steps <= max_steps <= 4 (prompts stay short). Fix: e.g. min_steps=2 max_steps=3."
+            )
+
+    def sample(self, rng: random.Random) -> dict:
+        start = value = rng.randint(1, 9)
+        operations = []
+        for _ in range(rng.randint(self.min_steps, self.max_steps)):
+            ops = ["+"] + (["-"] if value >= 1 else []) + (["*"] if value <= 20 else [])
+            op = rng.choice(ops)
+            operand = rng.randint(2, 3) if op == "*" else rng.randint(1, min(9, value) if op == "-" else 9)
+            operations.append(f"{op}{operand}")
+            value = _apply(value, op, operand)
+        return {"prompt": f"{start}{','.join(operations)}?", "target": str(value)}
+
+    def demonstration(self, record: dict) -> str:
+        start, operations = _chain_operations(record["prompt"])
+        values = []
+        for op, operand in operations:
+            values.append(_apply(values[-1] if values else start, op, operand))
+        return ",".join(map(str, values)) + f"#={record['target']}"
+
+
+def _apply(value: int, op: str, operand: int) -> int:
+    return {"+": value + operand, "-": value - operand, "*": value * operand}[op]
+
+
+def _chain_operations(prompt: str) -> tuple[int, list[tuple[str, int]]]:
+    """"3+4,*2?" -> (3, [("+", 4), ("*", 2)])."""
+    first, *rest = prompt.rstrip("?").split(",")
+    operations = [(first[1], int(first[2:]))] + [(part[0], int(part[1:])) for part in rest]
+    return int(first[0]), operations
+
+
+@dataclass(frozen=True)
 class GuessTask(Task):
     """Find a secret number in 0..max_value with "higher"/"lower" answers
     (rlhf_dist.envs.guess, `experiment=agentic`). Every prompt reads the same ("guess 0-9:"), so
@@ -336,4 +432,5 @@ register_task(StringTask(name="copy", reward_fn="rlhf_dist.data.tasks:copy_rewar
                          verb="copy", reverse=False))
 register_task(AddTask(name="add", reward_fn="rlhf_dist.data.tasks:add_reward"))
 register_task(CalcTask(name="calc", reward_fn="rlhf_dist.data.tasks:calc_reward"))
+register_task(ChainTask(name="chain", reward_fn="rlhf_dist.data.tasks:chain_reward"))
 register_task(GuessTask(name="guess", reward_fn="rlhf_dist.data.tasks:guess_reward"))

@@ -4,9 +4,10 @@ its results collected, and (trainer.async_rollout) the next step's batch held un
 Launching and collecting are separate calls so that the engines can generate batch k+1 while the
 trainer scores and trains on batch k. The trainer's step only sees two calls:
 
-    batch = generation.begin_step(step, launch_next)  # phase 1: the step's batch (prefetched, or
-                                                     # drawn, launched, collected now); async: the
-                                                     # next step's batch is launched here
+    batch = generation.for_step(step)                # phase 1: the step's batch (prefetched, or
+                                                     # drawn, launched, collected now)
+    more = generation.another_round(step, first)     # algo.dynamic_sampling: further rounds, if any
+    generation.launch_ahead(step, launch_next)       # async: the next step's batch is launched here
     ...                                              # phases 2-4
     hidden_s = generation.end_step()                 # before phase 5: the next batch collected
                                                      # (the engines must be idle for the sync)
@@ -40,6 +41,7 @@ class GenerationBatch:
     samples: list[Sample] = field(default_factory=list)
     sample_records: list[dict] = field(default_factory=list)  # the record each sample answers
     engine_s: float = 0.0  # seconds the slowest engine spent generating it
+    first_prompt: int = 0  # the index of its first prompt among those its step drew (seeds)
 
 
 class Generation:
@@ -75,19 +77,20 @@ class Generation:
         return samples, sample_records
 
     def launch_generate(self, records: list[dict], n: int, temperature: float, step: int | None = None,
-                        stream: str = "train") -> dict[str, Any]:
+                        stream: str = "train", first_prompt: int = 0) -> dict[str, Any]:
         """Start sampling on the engines (prompts split across them); `collect_generate` waits.
 
         With a `step`, sample j of the i-th prompt draws from its own random stream, seeded from
-        (rollout.seed, stream, step, i, j) (rlhf_dist.seeding): no two samples of a run share one,
-        and a step's samples do not depend on the engine's history (a resumed run repeats them).
+        (rollout.seed, stream, step, first_prompt + i, j) (rlhf_dist.seeding): no two samples of a
+        run share one, and a step's samples do not depend on the engine's history (a resumed run
+        repeats them). `first_prompt`: how many prompts the step drew before these (dynamic sampling).
         """
         self.wake()  # asleep if the last step ended early (a skipped step, a failed sync)
         prompt_ids = [self.tokenizer(r["prompt"])["input_ids"] for r in records]
         if self.episodes is not None:
-            return self._launch_episodes(records, prompt_ids, n, temperature, step, stream)
+            return self._launch_episodes(records, prompt_ids, n, temperature, step, stream, first_prompt)
         parts = split_evenly(list(range(len(records))), len(self.engines))
-        seeds = sample_seeds(self.seed, stream, step, len(records), n) if step is not None else None
+        seeds = sample_seeds(self.seed, stream, step, len(records), n, first_prompt) if step is not None else None
         refs = self.engines.call_each("generate", [
             ([prompt_ids[i] for i in part], n, temperature, self.top_p, self.max_new_tokens,
              [seeds[i] for i in part] if seeds else None) for part in parts])
@@ -116,15 +119,15 @@ class Generation:
         return samples, [launched["records"][i] for i in order], max(results[len(parts):])
 
     def _launch_episodes(self, records: list[dict], prompt_ids: list[list[int]], n: int, temperature: float,
-                         step: int | None, stream: str) -> dict[str, Any]:
+                         step: int | None, stream: str, first_prompt: int = 0) -> dict[str, Any]:
         """Start `n` multi-turn episodes per prompt (rlhf_dist.rl.episodes); every turn of every
-        episode has its own seed, from (rollout.seed, stream, step, prompt, child, turn)."""
+        episode has its own seed, from (rollout.seed, stream, step, first_prompt + prompt, child, turn)."""
         order = [i for i in range(len(records)) for _ in range(n)]  # prompt-major, G contiguous
-        seeds = ([sample_seed(self.seed, stream, step, i, k % n) for k, i in enumerate(order)] if step is not None
-                 else [None] * len(order))  # no step: the engine's own generator, as single-turn
+        seeds = ([sample_seed(self.seed, stream, step, first_prompt + i, k % n) for k, i in enumerate(order)]
+                 if step is not None else [None] * len(order))  # no step: the engine's own generator, as single-turn
 
         def seed_of(k: int, turn: int) -> int:
-            return sample_seed(self.seed, stream, step, order[k], k % n, turn)
+            return sample_seed(self.seed, stream, step, first_prompt + order[k], k % n, turn)
 
         def generate_turn(contexts: list[list[int]], turn_seeds: list[int], limits: list[int]) -> list[Sample]:
             parts = split_evenly(list(range(len(contexts))), len(self.engines))
@@ -139,12 +142,12 @@ class Generation:
         return {"records": records, "order": order, "episodes": future}
 
     # ------------------------------------------------------------------ one RL step's batch
-    def begin_step(self, step: int, launch_next: bool) -> GenerationBatch:
-        """Phase 1 of `step`: its batch, generated. With `launch_next` (async rollout, not the last
-        step) the engines start on the next step's batch at once, with the weights they hold."""
-        batch = self.for_step(step)
+    def launch_ahead(self, step: int, launch_next: bool) -> None:
+        """After `step`'s own generation: with `launch_next` (async rollout, not the last step) the
+        engines start on the next step's batch at once, with the weights they hold. (After every
+        round of the step, so the sampler hands out prompts in step order: a checkpoint's sampler
+        state, taken before the next batch was drawn, is one a resumed run continues from.)"""
         self.ahead = self.launch(step + 1) if launch_next else None
-        return batch
 
     def end_step(self) -> float:
         """Before the weight sync: wait for the batch launched ahead (if any) and keep it for its
@@ -159,12 +162,19 @@ class Generation:
         """The step's batch: the one prefetched for it, or drawn, launched and collected now."""
         return self.take_prefetched(step) or self.collect(self.launch(step))
 
-    def launch(self, step: int) -> GenerationBatch:
-        """Draw the step's prompts and start generating them with the engines' current weights."""
+    def another_round(self, step: int, first_prompt: int) -> GenerationBatch:
+        """A further round of `step` (algo.dynamic_sampling): fresh prompts, generated now with the
+        engines' current weights; `first_prompt`: prompts the step drew before these."""
+        return self.collect(self.launch(step, first_prompt))
+
+    def launch(self, step: int, first_prompt: int = 0) -> GenerationBatch:
+        """Draw the step's prompts and start generating them with the engines' current weights;
+        `first_prompt`: prompts the step drew before these (a further dynamic-sampling round)."""
         sampler_state = self.sampler.state_dict()
         records = self.sampler.next_batch()
-        launched = self.launch_generate(records, self.n_samples, self.temperature, step)
-        return GenerationBatch(step, records, sampler_state, self.engine_version(), launched)
+        launched = self.launch_generate(records, self.n_samples, self.temperature, step, first_prompt=first_prompt)
+        return GenerationBatch(step, records, sampler_state, self.engine_version(), launched,
+                               first_prompt=first_prompt)
 
     def collect(self, rollout: GenerationBatch) -> GenerationBatch:
         """Wait for its generation. A dead engine is replaced and given the learner's current weights
@@ -172,8 +182,8 @@ class Generation:
 
         def collect():
             if rollout.launched is None:  # after an engine restart
-                rollout.launched = self.launch_generate(rollout.records, self.n_samples,
-                                                        self.temperature, rollout.step)
+                rollout.launched = self.launch_generate(rollout.records, self.n_samples, self.temperature,
+                                                        rollout.step, first_prompt=rollout.first_prompt)
                 rollout.version = self.engine_version()
             launched, rollout.launched = rollout.launched, None
             return self.collect_generate(launched)

@@ -37,6 +37,7 @@ from rlhf_dist.algo import (
     masked_mean,
     masked_var,
     masked_whiten,
+    overlong_penalty,
 )
 from rlhf_dist.algo.objective import PolicyLossConfig, ValueLossConfig
 from rlhf_dist.config import (critic_micro_batch_size, old_logprobs_source, response_budget, uses_critic,
@@ -49,6 +50,7 @@ from rlhf_dist.errors import ActorDiedError, ConfigError, NonFiniteLossError, Re
 from rlhf_dist.monitor import RunMonitor
 from rlhf_dist.envs.base import load_env
 from rlhf_dist.rl.episodes import EpisodeLimits, EpisodeRunner
+from rlhf_dist.rl.dynamic_sampling import FillCounts, FillResult, fill_groups
 from rlhf_dist.rl.generation import Generation, GenerationBatch
 from rlhf_dist.evaluation import EvalSet, eval_set_specs
 from rlhf_dist.rl.evaluation import EvalHarness, format_sets
@@ -78,6 +80,7 @@ class RLTrainer:
         self.history: list[dict[str, float]] = []
         self.bad_steps = self.bad_in_a_row = 0  # updates skipped for a non-finite loss/gradient
         self.skipped_steps = 0  # steps skipped because reward.fn raised (reward.fallback_score=null)
+        self.fill_counts = FillCounts()  # dynamic sampling: steps short of groups with signal, steps with none
         self.aux_restarts = 0  # reward/reference actors replaced (with_aux_recovery)
         self.reward_state: dict | None = None  # the reward normaliser's statistics after the last scoring
         self.engines = self.learners = self.reward = self.reference = self.critics = None  # start()
@@ -149,11 +152,20 @@ class RLTrainer:
         """Split prompts across engines; returns (samples, the record each sample answers)."""
         return self.generation.generate(records, n, temperature, step, stream)
 
-    def score(self, batch: Batch, records: list[dict], texts: list[str]) -> None:
-        """Phase 2: rewards, reference logprobs, critic values and old logprobs, all in flight."""
+    def score_rewards(self, rollout: GenerationBatch) -> Scores:
+        """The reward actor's scores of `rollout`'s samples (a dynamic-sampling round's)."""
+        texts = [s.text for s in rollout.samples]
+        scores = self.with_aux_recovery("scoring", lambda: self.reward.run(
+            "score", rollout.sample_records, texts, timeout_s=self.cfg.reward.timeout_s)[0])
+        self.reward_state = scores.state or self.reward_state  # what a replaced reward actor restarts from
+        return scores
+
+    def score(self, batch: Batch, records: list[dict], texts: list[str], scores: Scores | None = None) -> None:
+        """Phase 2: rewards, reference logprobs, critic values and old logprobs, all in flight.
+        `scores`: the rewards, when already known (dynamic sampling scored them per round)."""
         cfg = self.cfg
         temperature, micro = cfg.rollout.temperature, cfg.learner.micro_batch_size
-        jobs = [("rewards", [self.reward.call("score", records, texts)[0]], self.reward.names)]
+        jobs = [] if scores else [("rewards", [self.reward.call("score", records, texts)[0]], self.reward.names)]
         if self.reference is not None:
             jobs.append(("ref_logprobs", self.reference.call("compute_logprobs", batch, temperature, micro,
                                                              cfg.learner.max_tokens_per_micro_batch,
@@ -173,27 +185,38 @@ class RLTrainer:
         names = [name for _, job_refs, job_names in jobs for name in job_names[: len(job_refs)]]
         timeout = max(cfg.reward.timeout_s, cfg.learner.step_timeout_s)
         results = iter(wait_all(refs, names, "score/reference/values", timeout))
+        if scores:
+            self._take_rewards(batch, scores)
         for key, job_refs, _ in jobs:
             parts = [next(results) for _ in job_refs]
             if key == "rewards":
-                scores: Scores = parts[0]
-                batch[key] = torch.tensor(scores.reward, dtype=torch.float32)
-                batch.meta.update(scores.metrics)
-                self.reward_state = scores.state or self.reward_state
-                if scores.report:
-                    self.monitor.print(scores.report)
-                for part, values in (("rule", scores.rule), ("model", scores.model)):
-                    if values is not None:
-                        batch.meta[f"reward/{part}_mean"] = sum(values) / len(values)
+                self._take_rewards(batch, parts[0])
             else:  # (B_i, T_i) shards trimmed to their own width: pad back to the batch's T
                 width = batch["response_mask"].shape[1]
                 batch[key] = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
 
+    def _take_rewards(self, batch: Batch, scores: Scores) -> None:
+        batch["rewards"] = torch.tensor(scores.reward, dtype=torch.float32)
+        batch.meta.update(scores.metrics)
+        self.reward_state = scores.state or self.reward_state
+        if scores.report:
+            self.monitor.print(scores.report)
+        for part, values in (("rule", scores.rule), ("model", scores.model)):
+            if values is not None:
+                batch.meta[f"reward/{part}_mean"] = sum(values) / len(values)
+
     def advantages(self, batch: Batch) -> dict[str, float]:
-        """Phase 3: per-token KL penalty (if in the reward), the estimator, optional whitening."""
+        """Phase 3: overlong penalty (DAPO, algo.overlong_buffer), per-token KL penalty (if in the
+        reward), the estimator, optional whitening."""
         algo, mask = self.cfg.algo, batch["response_mask"]
         old_logprobs = batch.tensors.get("old_logprobs", batch["rollout_logprobs"])
         metrics = {"kl/coef": self.kl_ctl.value}
+        if algo.overlong_buffer > 0:  # single-turn: every response token is the policy's
+            length_penalty = overlong_penalty(mask.sum(-1), self.cfg.rollout.max_new_tokens,
+                                              algo.overlong_buffer, algo.overlong_penalty)  # (B,)
+            batch["rewards"] = batch["rewards"] + length_penalty
+            metrics["shaping/overlong_penalty_mean"] = length_penalty.mean().item()
+            metrics["shaping/overlong_frac"] = (length_penalty < 0).float().mean().item()
         penalty = torch.zeros_like(mask)  # (B, T) beta * KL_t, zero unless the KL is in the reward
         if "ref_logprobs" in batch.tensors:
             token_kl = kl_penalty(old_logprobs, batch["ref_logprobs"], algo.kl_reward_estimator) * mask
@@ -235,6 +258,9 @@ class RLTrainer:
             sft_coef=algo.sft_coef)
         keys = ["input_ids", "attention_mask", "response_mask", "rollout_logprobs", "advantages"]
         keys += [k for k in ("ref_logprobs", "old_logprobs") if k in batch.tensors]
+        if algo.mask_truncated:  # DAPO's overlong filtering: cut-off responses out of the loss
+            batch = Batch({**batch.tensors, "response_mask": batch["response_mask"] * ~batch["truncated"][:, None]},
+                          batch.prompt_width)
         orders = [torch.randperm(len(batch), generator=self.generator) for _ in range(algo.ppo_epochs)]
         budget = cfg.learner.max_tokens_per_micro_batch
         parts = shard_minibatches(batch, keys, orders, cfg.learner.mini_batch_size, len(self.learners))
@@ -363,19 +389,32 @@ class RLTrainer:
     def step(self, step: int) -> dict[str, float]:
         """The five phases on one batch. With trainer.async_rollout the batch was generated while
         the previous step trained, and the next one is generated while this step scores and trains
-        (rlhf_dist.rl.generation: launched in begin_step, collected in end_step, before the sync)."""
+        (rlhf_dist.rl.generation: launched once this step's generation is done, collected in
+        end_step, before the sync). With algo.dynamic_sampling, phase 1 scores the rewards of each
+        round and generates more until the step has enough groups with signal."""
         cfg, timing = self.cfg, {}
         with timed(timing, "step"):
             with timed(timing, "generate"):  # 1. generate (async: done during the last step)
-                launch_next = cfg.trainer.async_rollout and step < cfg.trainer.total_steps
-                pending = self.generation.begin_step(step, launch_next)  # wakes sleeping engines first
-                batch = samples_batch(pending.samples, self.tokenizer.pad_token_id)
-                self.weights.sleep_engines()  # rollout.sleep_level > 0 (GPU): memory to the learner
+                pending = self.generation.for_step(step)  # wakes sleeping engines first
+            filled = None
+            if cfg.algo.dynamic_sampling:  # 1b. rewards per round: keep groups with signal, refill
+                try:
+                    filled = self.fill_groups(pending, timing)
+                except RewardSamplesFailedError as err:  # reward.fallback_score=null: skip this step
+                    return self._skip_step(step, err)
+                pending = filled.rollout
+            self.generation.launch_ahead(step, cfg.trainer.async_rollout and step < cfg.trainer.total_steps)
+            self.weights.sleep_engines()  # rollout.sleep_level > 0 (GPU): memory to the learner
+            if not pending.samples:  # dynamic sampling: not one group with signal
+                return self._empty_step(step, filled)
+            batch = samples_batch(pending.samples, self.tokenizer.pad_token_id)
+            batch["truncated"] = torch.tensor([s.finish_reason == "length" for s in pending.samples])
             staleness = self._staleness(step, pending)
             with timed(timing, "score"):  # 2. score (+ reference logprobs, critic values, old logprobs)
                 try:
                     self.with_aux_recovery("scoring", lambda: self.score(
-                        batch, pending.sample_records, [s.text for s in pending.samples]))
+                        batch, pending.sample_records, [s.text for s in pending.samples],
+                        filled.scores if filled else None))
                 except RewardSamplesFailedError as err:  # reward.fallback_score=null: skip this step
                     return self._skip_step(step, err)
             with timed(timing, "train"):
@@ -388,8 +427,38 @@ class RLTrainer:
         if cfg.trainer.async_rollout:
             timing["timing/generate_hidden_s"] = hidden_s  # the next batch's generation the step hid
             timing["async/staleness"] = float(staleness)
-        return self._step_metrics(step, pending, batch, timing,
-                                  [batch.meta, advantage_metrics, train_metrics, sync_metrics])
+        parts = [batch.meta, advantage_metrics, train_metrics, sync_metrics]
+        if filled:
+            parts.append(self._fill_metrics(step, filled))
+        return self._step_metrics(step, pending, batch, timing, parts)
+
+    def fill_groups(self, first: GenerationBatch, timing: dict[str, float]) -> FillResult:
+        """algo.dynamic_sampling (rlhf_dist.rl.dynamic_sampling): score each round's rewards, keep
+        the groups with signal, generate rounds of new prompts until prompts_per_step are kept."""
+        cfg = self.cfg
+
+        def score(rollout: GenerationBatch) -> Scores:
+            with timed(timing, "score"):
+                return self.score_rewards(rollout)
+
+        def next_round(first_prompt: int) -> GenerationBatch:
+            with timed(timing, "generate"):
+                return self.generation.another_round(first.step, first_prompt)
+
+        return fill_groups(first, score, next_round, cfg.rollout.n_samples_per_prompt,
+                           cfg.trainer.prompts_per_step, cfg.algo.max_resample_rounds)
+
+    def _fill_metrics(self, step: int, filled: FillResult) -> dict[str, float]:
+        return self.fill_counts.count(step, filled, self.cfg.rollout.n_samples_per_prompt,
+                                      self.cfg.trainer.prompts_per_step, self.monitor.print)
+
+    def _empty_step(self, step: int, filled: FillResult) -> dict[str, float]:
+        """Dynamic sampling found no group with signal in any round: nothing to train, so no
+        update and nothing to sync (the engines already hold the policy)."""
+        metrics = self._fill_metrics(step, filled)
+        self.generation.end_step()
+        metrics["data/prompt_crc"] = float(zlib.crc32("\n".join(r["prompt"] for r in filled.rollout.records).encode()))
+        return metrics
 
     def _staleness(self, step: int, pending: GenerationBatch) -> int:
         """Policy updates the engines that generated `pending` had not seen (0, or 1 with async)."""
@@ -489,13 +558,15 @@ class RLTrainer:
     def state_dict(self, step: int) -> dict[str, Any]:
         return {"step": step, "sampler": self.generation.sampler_state(), "generator": self.generator.get_state(),
                 "kl_ctl": self.kl_ctl.state_dict(), "reward": self.reward.run("state_dict", timeout_s=60)[0],
-                "wandb_id": self.monitor.wandb_id or "", "bad_steps": self.bad_steps}
+                "wandb_id": self.monitor.wandb_id or "", "bad_steps": self.bad_steps,
+                "dynamic": self.fill_counts.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])
         self.generator.set_state(state["generator"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.bad_steps = int(state.get("bad_steps", 0))
+        self.fill_counts.load_state_dict(state.get("dynamic", {}))
         self.reward.run("load_state_dict", state["reward"], timeout_s=60)
         self.reward_state = state["reward"]  # what a replaced reward actor starts from
 

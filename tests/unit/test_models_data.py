@@ -164,7 +164,7 @@ def test_task_formats_and_partial_credit_by_hand():
 
 
 def test_get_task_errors_and_overrides():
-    with pytest.raises(ConfigError, match=r"task='nope'.*\['add', 'calc', 'copy', 'guess', 'reverse'\]"):
+    with pytest.raises(ConfigError, match=r"task='nope'.*\['add', 'calc', 'chain', 'copy', 'guess', 'reverse'\]"):
         get_task("nope")
     long_task = get_task("reverse", min_len=7, max_len=7)
     assert all(len(r["target"]) == 7 for r in long_task.make_records("train", 10, seed=0))
