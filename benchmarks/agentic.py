@@ -1,5 +1,5 @@
 """`experiment=agentic` measured: the guessing game (rlhf_dist/envs/guess.py) learned by GRPO, over
-seeds, beside its control, the same game with the answers hidden (GuessBlind).
+seeds (the model, the games, the warm-up and the sampling all follow the seed), beside its control, the same game with the answers hidden (GuessBlind).
 
     python benchmarks/agentic.py --seeds 0 1 2 --blind-seeds 0
     python benchmarks/agentic.py --from-json benchmarks/results/agentic.json
@@ -31,6 +31,7 @@ def run(out: Path, seed: int, blind: bool, extra: list[str]) -> dict:
     run_dir = out / f"{'blind' if blind else 'game'}_s{seed}"
     if not (run_dir / "summary.json").exists():
         args = ["experiment=agentic", f"hydra.run.dir={run_dir}", f"trainer.seed={seed}", f"rollout.seed={seed}",
+                f"warmup.seed={seed}", f"task.seed={seed}", f"model.tiny.seed={seed}",
                 "logger.wandb.mode=disabled", *(["rollout.env=rlhf_dist.envs.guess:GuessBlind"] if blind else []),
                 *extra]
         print("  $ rlhf-dist " + " ".join(args), flush=True)

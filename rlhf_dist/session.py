@@ -131,9 +131,9 @@ def selection_prompts(cfg: RLConfig, task, eval_records: list[dict], tokenizer) 
                                f"task.eval_file={cfg.task.eval_file} has {len(eval_records)}. Add prompts.")
         half = len(eval_records) // 2
         return eval_records[:half], eval_records[half:]
-    seen = {r["prompt"] for r in eval_records}
+    seen = {task.problem(r) for r in eval_records}
     drawn = task.make_records("eval", 2 * cfg.task.num_eval, cfg.task.seed + 1)
-    select = [r for r in drawn if r["prompt"] not in seen][: cfg.task.num_eval]
+    select = [r for r in drawn if task.problem(r) not in seen][: cfg.task.num_eval]
     return eval_records, fit_prompts(cfg, select, tokenizer, "keep_best selection")
 
 

@@ -110,6 +110,11 @@ def validate(cfg: Any) -> None:
         if ro.ignore_eos:
             raise ConfigError("rollout.ignore_eos=true with rollout.env: a policy turn ends at its end-of-sequence "
                               "token, which ignore_eos forbids. Fix: rollout.ignore_eos=false.")
+        if cfg.stage == "eval":
+            raise ConfigError(f"stage=eval with rollout.env={ro.env!r}: the evaluation stage plays single "
+                              "completions, not multi-turn episodes, so it would not score what the run's own "
+                              "eval scored. Fix: evaluate a multi-turn policy inside a run (trainer.eval_every, "
+                              "or trainer.total_steps=0 with model.path=<export>), or drop rollout.env.")
     fallback = cfg.reward.fallback_score
     if fallback is not None and not math.isfinite(fallback):
         raise ConfigError(f"reward.fallback_score={fallback} must be a finite number (the score of a "
@@ -206,9 +211,11 @@ def _validate_lora(cfg: Any) -> None:
 
 def _validate_keep_best(cfg: Any) -> None:
     keep, budget = cfg.trainer.keep_best, cfg.trainer.kl_budget
-    if keep is not None and not str(keep).startswith("eval/"):
-        raise ConfigError(f"trainer.keep_best={keep!r} must name an eval metric (eval/...), e.g. "
-                          "trainer.keep_best=eval/rule_mean (the gold/rule score) or eval/model_mean.")
+    if keep is not None and (not str(keep).startswith("eval/") or str(keep).count("/") > 1):
+        raise ConfigError(f"trainer.keep_best={keep!r} must name a greedy held-out eval metric (eval/<name>), "
+                          "e.g. trainer.keep_best=eval/rule_mean (the gold/rule score), eval/model_mean or "
+                          "eval/reward_mean; the selection is a greedy pass on its own prompts, so per-set "
+                          "metrics (eval/<set>/pass@k) cannot be selected on.")
     # the full recipe serves the reward model it trains; elsewhere these exist only beside a reward model
     if keep in ("eval/rule_mean", "eval/model_mean") and not cfg.reward.model.path and cfg.stage != "full_recipe":
         raise ConfigError(f"trainer.keep_best={keep} is logged only beside a reward model, and reward.model.path "
@@ -277,6 +284,18 @@ def _validate_dapo(cfg: Any) -> None:
                 f"algo.advantage={algo.advantage} does not compare samples within a group. Expected a "
                 "group estimator (grpo, dr_grpo, rloo). Fix: algo=grpo, or algo.dynamic_sampling=false.")
         # (a group estimator already needs rollout.n_samples_per_prompt >= 2: _validate_algo)
+        # a step short of groups trains on (kept groups x G) rows, which every rank must share
+        # equally: otherwise ranks run different numbers of optimizer steps and the collectives hang
+        for key in ("learner.world_size", "critic.world_size"):
+            ranks = _get(cfg, key)
+            if key == "learner.world_size" or uses_critic(cfg):
+                if ro.n_samples_per_prompt % ranks:
+                    raise ConfigError(
+                        f"algo.dynamic_sampling=true with rollout.n_samples_per_prompt={ro.n_samples_per_prompt} "
+                        f"and {key}={ranks}: a step that keeps fewer groups than asked trains on (groups x "
+                        f"{ro.n_samples_per_prompt}) rows, which must split evenly over the ranks. Expected "
+                        f"n_samples_per_prompt to be a multiple of {ranks}. Fix: e.g. "
+                        f"rollout.n_samples_per_prompt={ranks * max(1, ro.n_samples_per_prompt // ranks)}.")
     if algo.max_resample_rounds < 0:
         raise ConfigError(f"algo.max_resample_rounds={algo.max_resample_rounds} must be >= 0 (extra "
                           "generation rounds after the first). Fix: algo.max_resample_rounds=3.")

@@ -149,9 +149,16 @@ chain_reward.parts = chain_parts  # the reward actor logs each term's mean (rlhf
 def guess_reward(prompts: list[str], completions: list[str], **fields) -> list[float]:
     """The guessing game (multi-turn): 1 when the episode's last line is the secret number (the
     environment ends an episode at the right guess), else 0; eval/solved_frac is the success rate."""
+    from rlhf_dist.envs.guess import answer
+
     targets = _targets(fields, len(completions))
-    answers = [(c.strip().splitlines() or [""])[-1].strip() for c in completions]
-    return [float(a.isdigit() and int(a) == int(t)) for a, t in zip(answers, targets)]
+    rewards = []
+    for completion, target in zip(completions, targets):
+        lines = completion.strip().splitlines() or [""]
+        # the last line is the policy's last turn only if an answer ("...;") or the prompt precedes it
+        whole_turn = len(lines) == 1 or lines[-2].strip().endswith(";")
+        rewards.append(float(whole_turn and answer(lines[-1], target) is None))
+    return rewards
 
 
 # --------------------------------------------------------------------------- tasks
@@ -380,6 +387,15 @@ class GuessTask(Task):
 
     def problem(self, record: dict) -> str:  # the prompts are all alike: a game is its own problem
         return record["game"]
+
+    def make_records(self, split: str, num: int, seed: int) -> list[dict]:
+        """As Task.make_records, with the secrets balanced: every number equally often (up to one) in
+        any `num` records, so that the 40% bound holds on the very games a run trains and evals on
+        (uniform draws of 64 games gave a fixed guess sequence 56%)."""
+        records = super().make_records(split, num, seed)
+        secrets = [str(i % (self.max_value + 1)) for i in range(num)]
+        random.Random(f"{self.name}|secrets|{split}|{seed}").shuffle(secrets)
+        return [{**record, "target": secret} for record, secret in zip(records, secrets)]
 
     def demonstration(self, record: dict) -> list[str]:
         from rlhf_dist.envs.guess import answer

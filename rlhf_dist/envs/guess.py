@@ -8,6 +8,8 @@ A turn that is not a number is answered "number?;" and costs its guess.
 
 from __future__ import annotations
 
+import re
+
 from rlhf_dist.envs.base import EnvStep
 
 
@@ -15,7 +17,7 @@ def answer(guess: str, secret: str) -> str | None:
     """The game's answer to `guess`: None when it is the secret, else "higher;", "lower;" or
     "number?;" for a turn that is not a number."""
     guess = guess.strip()
-    if not guess.isdigit():
+    if not re.fullmatch(r"[0-9]+", guess):
         return "number?;"
     if int(guess) == int(secret):
         return None

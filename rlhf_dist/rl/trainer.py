@@ -17,6 +17,7 @@ the loss's truncated importance weights (algo.tis_cap) correct for that.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import time
@@ -55,6 +56,12 @@ from rlhf_dist.rl.generation import Generation, GenerationBatch
 from rlhf_dist.evaluation import EvalSet, eval_set_specs
 from rlhf_dist.rl.evaluation import EvalHarness, format_sets
 from rlhf_dist.rl.metrics import episode_metrics, rollout_metrics, sample_rows, timed
+
+def prompt_crc(records: list[dict]) -> float:
+    """A checksum of the records a step drew, every field (data/prompt_crc: a resumed run must draw
+    the same; records with one prompt text, e.g. the guessing game's, differ in their other fields)."""
+    return float(zlib.crc32("\n".join(json.dumps(r, sort_keys=True, default=str) for r in records).encode()))
+
 
 # metrics that each rank computes as its share of a global-normalised sum: summed over ranks
 _ADDITIVE = ("loss/", "kl/loss_term", "entropy/", "critic/value_loss")
@@ -457,7 +464,7 @@ class RLTrainer:
         update and nothing to sync (the engines already hold the policy)."""
         metrics = self._fill_metrics(step, filled)
         self.generation.end_step()
-        metrics["data/prompt_crc"] = float(zlib.crc32("\n".join(r["prompt"] for r in filled.rollout.records).encode()))
+        metrics["data/prompt_crc"] = prompt_crc(filled.rollout.records)
         return metrics
 
     def _staleness(self, step: int, pending: GenerationBatch) -> int:
@@ -487,7 +494,7 @@ class RLTrainer:
         metrics["faults/engine_restarts"] = float(self.engines.restarts)
         metrics["faults/aux_restarts"] = float(self.aux_restarts)
         # which prompts this step drew (a resumed run must draw the same ones)
-        metrics["data/prompt_crc"] = float(zlib.crc32("\n".join(r["prompt"] for r in rollout.records).encode()))
+        metrics["data/prompt_crc"] = prompt_crc(rollout.records)
         for part in parts:
             metrics.update(part)
         if cfg.logger.memory_every and (step == 1 or step % cfg.logger.memory_every == 0):

@@ -14,6 +14,7 @@ import zlib
 
 import pytest
 
+from rlhf_dist.rl.trainer import prompt_crc
 from helpers import start_trainer
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -38,12 +39,16 @@ def _has_signal(prompt: str) -> bool:
     return zlib.crc32(prompt.encode()) % 4 != 0
 
 
-def _drawn(trainer, rounds: int) -> list[str]:
-    """The prompts the sampler hands out next, `rounds` batches of them (without moving it)."""
+def _drawn_records(trainer, rounds: int) -> list[dict]:
+    """The records the sampler hands out next, `rounds` batches of them (without moving it)."""
     state = trainer.sampler.state_dict()
-    drawn = [r["prompt"] for _ in range(rounds) for r in trainer.sampler.next_batch()]
+    drawn = [r for _ in range(rounds) for r in trainer.sampler.next_batch()]
     trainer.sampler.load_state_dict(state)
     return drawn
+
+
+def _drawn(trainer, rounds: int) -> list[str]:
+    return [r["prompt"] for r in _drawn_records(trainer, rounds)]
 
 
 def _drawn_after(drawn: list[str], rounds: int) -> list[str]:
@@ -62,7 +67,8 @@ def test_dynamic_sampling_keeps_signal_refills_and_resumes(tiny_model_dir, tmp_p
         "rollout.max_new_tokens=8", "algo.overlong_buffer=2", "algo.mask_truncated=true"])
     try:
         # step 1: its prompts in rounds of PROMPTS, groups with signal kept in order until PROMPTS
-        drawn = _drawn(trainer, 5)
+        drawn_records = _drawn_records(trainer, 5)
+        drawn = [r["prompt"] for r in drawn_records]
         signal = [p for p in drawn if _has_signal(p)]
         rounds = next(r for r in range(1, 5) if sum(map(_has_signal, drawn[: r * PROMPTS])) >= PROMPTS)
         assert rounds >= 2, "the test's prompts need no refill: pick others"
@@ -71,7 +77,7 @@ def test_dynamic_sampling_keeps_signal_refills_and_resumes(tiny_model_dir, tmp_p
         assert first["dynamic/generated_samples"] == rounds * PROMPTS * G
         assert first["dynamic/samples_per_trained"] == rounds
         assert first["reward/frac_groups_all_equal"] == 0.0  # only groups with signal trained on
-        assert first["data/prompt_crc"] == zlib.crc32("\n".join(drawn[: rounds * PROMPTS]).encode())
+        assert first["data/prompt_crc"] == prompt_crc(drawn_records[: rounds * PROMPTS])
         # async: step 2's batch was launched once step 1's rounds were done, from the prompts after them
         assert [r["prompt"] for r in trainer.prefetched.records] == _drawn_after(drawn, rounds)
         assert len(signal) >= PROMPTS, "the test's prompts give too few groups with signal"

@@ -70,10 +70,34 @@ def test_demonstrations_guess_without_reading_the_answers():
     assert 4.5 < sum(lengths) / len(lengths) < 6.5  # 5.5 on average for a random order
 
 
-def test_secrets_are_uniform_and_games_split_train_from_eval():
+def test_secrets_are_balanced_and_games_split_train_from_eval():
     task = get_task("guess")
-    train, evals = task.make_records("train", 2000, seed=0), task.make_records("eval", 200, seed=0)
-    counts = [sum(r["target"] == str(v) for r in train) for v in range(10)]
-    assert min(counts) > 150 and max(counts) < 250  # 200 each, +-3.5 sigma
+    train, evals = task.make_records("train", 2000, seed=0), task.make_records("eval", 100, seed=0)
+    for records in (train, evals):  # every secret equally often: the 40% bound holds on these games
+        counts = [sum(r["target"] == str(v) for r in records) for v in range(10)]
+        assert counts == [len(records) // 10] * 10
     assert {r["prompt"] for r in train} == {"guess 0-9:"}
     assert not {r["game"] for r in train} & {r["game"] for r in evals}
+
+
+def test_the_bound_follows_the_experiment_config():
+    """The 40% of docs/agentic.md and the e2e test is max_turns / (max_value + 1) of the composed
+    `experiment=agentic`: if either changes, this says so."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from rlhf_dist.session import conf_dir
+
+    with initialize_config_dir(conf_dir(), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("config", overrides=["experiment=agentic", "trainer.run_dir=unused"]))
+    task = get_task(cfg.task.name, **cfg.task.options)
+    assert cfg.rollout.env == "rlhf_dist.envs.guess:GuessNumber"
+    assert cfg.rollout.max_turns / (task.max_value + 1) == 0.4
+    assert cfg.task.num_eval % (task.max_value + 1) == 0
+
+
+def test_the_reward_pays_only_what_the_environment_calls_right():
+    # a last turn "7\n5" is not a guess (the environment answers "number?;"), though its last line is
+    assert guess_reward([""] * 4, ["7\n5", "3\nhigher;\n7\n5", "\u00b2", "3\nlower;\n05"], target=["5"] * 4) == \
+        [0.0, 0.0, 0.0, 1.0]
+    assert answer("\u00b2", "2") == "number?;"  # a digit to str.isdigit, not a number
