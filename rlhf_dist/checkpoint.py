@@ -155,6 +155,16 @@ def policy_model_dir(path: str | Path) -> str:
     """`path`, or the HF weights inside it when it is a complete checkpoint (its policy/): what
     model.path may name. A checkpoint's DeepSpeed state (policy_ds/) is for trainer.resume only."""
     expanded = Path(os.path.expanduser(str(path)))
+    for adapter in (expanded, expanded / "policy"):
+        if (adapter / "adapter_config.json").is_file() and not (adapter / "config.json").is_file():
+            from rlhf_dist.errors import ConfigError
+
+            merged = expanded / "merged"
+            hint = (f"model.path={merged} (the merged model written beside it)" if (merged / "config.json").is_file()
+                    else "a LoRA run with model.lora.export_merged=true writes final/merged/, a full HF model")
+            raise ConfigError(f"model.path={path} holds a LoRA adapter ({adapter / 'adapter_config.json'}), not a "
+                              f"full model: an engine needs the base weights too. Fix: {hint}; or resume the run "
+                              "with trainer.resume.")
     if is_complete(expanded) and (expanded / "policy" / "config.json").is_file():
         print(f"[model] {path} is a checkpoint: using its HF weights {expanded / 'policy'}", flush=True)
         return str(expanded / "policy")

@@ -86,3 +86,18 @@ def test_merged_weights_under_hf_names_and_reference_is_the_base(tiny_model_dir)
     base.load_state_dict(merged, strict=False)
     with torch.no_grad():
         torch.testing.assert_close(base(ids).logits, adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_an_adapter_dir_as_model_path_names_the_merged_model(tmp_path):
+    from rlhf_dist.checkpoint import policy_model_dir
+
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="holds a LoRA adapter.*export_merged=true"):
+        policy_model_dir(final)
+    (final / "merged").mkdir()
+    (final / "merged" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"model.path=.*merged \(the merged model"):
+        policy_model_dir(final)
+    assert policy_model_dir(final / "merged") == str(final / "merged")
