@@ -34,6 +34,9 @@ NOISE = (
 _DRIVER_LOGGERS = (
     "ray._private.authentication.authentication_token_setup",
     "vllm.triton_utils.importing",
+    # transformers' save_pretrained imports DeepSpeed on the driver once accelerate is installed
+    # (a dependency of peft): building the tiny model printed the accelerator line
+    "DeepSpeed",
 )
 
 # Environment variables read by the libraries themselves, for the driver and every actor.
