@@ -147,8 +147,9 @@ chain_reward.parts = chain_parts  # the reward actor logs each term's mean (rlhf
 
 
 def guess_reward(prompts: list[str], completions: list[str], **fields) -> list[float]:
-    """The guessing game (multi-turn): 1 when the episode's last line is the secret number (the
-    environment ends an episode at the right guess), else 0; eval/solved_frac is the success rate."""
+    """The guessing game (multi-turn): 1 when the episode's last policy turn is a right guess by the
+    environment's own rule (envs.guess.answer, which ends the episode there), else 0;
+    eval/solved_frac is the success rate."""
     from rlhf_dist.envs.guess import answer
 
     targets = _targets(fields, len(completions))
