@@ -54,6 +54,11 @@ class LoraConfig:
     # the reference policy = the base model with the adapters off, computed on the learner ranks:
     # no reference actor and no second copy of the model
     reference_from_base: bool = True
+    # what the engines get after each update: "merged" (W + (alpha/rank) B A, every weight, served
+    # as a plain model) or "adapter" (only A and B, served through vLLM's LoRA support; falls back
+    # to merged, saying so, for a model vLLM serves no adapters for). Merged is the default by
+    # measurement: vLLM's LoRA kernels made CPU generation 1.4-3.1x slower (docs/lora.md)
+    sync: str = "merged"
 
 
 @dataclass

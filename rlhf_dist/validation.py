@@ -194,7 +194,8 @@ def _validate_lora(cfg: Any) -> None:
                           "for LoRA adapters. Fix: model.lora.rank=8 (or 0 to train every weight).")
     if lora.rank == 0:
         set_fields = [k for k, v in (("path", lora.path), ("target_modules", list(lora.target_modules)),
-                                     ("export_merged", lora.export_merged)) if v]
+                                     ("export_merged", lora.export_merged),
+                                     ("sync", lora.sync != "merged")) if v]
         if set_fields:
             raise ConfigError(f"model.lora.{set_fields[0]} is set but model.lora.rank=0 (LoRA off): it "
                               "would be ignored. Fix: model.lora.rank=8 (the adapter's rank with "
@@ -207,6 +208,31 @@ def _validate_lora(cfg: Any) -> None:
         raise ConfigError(f"model.lora.rank={lora.rank} with stage={cfg.stage}: LoRA applies to the RL "
                           "policy only; the SFT and reward-model stages (and the critic) train every weight. "
                           "Fix: model.lora.rank=0 for this stage.")
+    if lora.sync not in ("merged", "adapter"):
+        raise ConfigError(f"model.lora.sync={lora.sync!r}: expected 'merged' (the engines get W + (alpha/rank) "
+                          "B A, the default) or 'adapter' (only the adapter tensors move; vLLM serves them "
+                          "through its LoRA support). Fix: model.lora.sync=merged or model.lora.sync=adapter.")
+    if lora.sync == "adapter":
+        _validate_adapter_sync(cfg)
+
+
+def _validate_adapter_sync(cfg: Any) -> None:
+    """model.lora.sync=adapter against the rollout layout it cannot serve (rlhf_dist/weights/adapter.py)."""
+    ro = cfg.rollout
+    problem = None
+    if ro.tensor_parallel_size > 1:
+        problem = (f"rollout.tensor_parallel_size={ro.tensor_parallel_size}: adapter sync verifies the "
+                   "adapter slots of one unsharded engine worker; sharded engines are not built")
+    elif ro.sync_transport not in ("object_store", "collective"):
+        problem = (f"rollout.sync_transport={ro.sync_transport}: that transport feeds vLLM's own weight "
+                   "loader, which takes model weights, not adapters; adapter sync runs over "
+                   "object_store or collective")
+    elif ro.sleep_level == 2:
+        problem = ("rollout.sleep_level=2: the engines drop their base weights while the learner trains, "
+                   "and an adapter sync never sends them back")
+    if problem:
+        raise ConfigError(f"model.lora.sync=adapter with {problem}. Fix: model.lora.sync=merged (every "
+                          "layout works with it), or change the setting named.")
 
 
 def _validate_keep_best(cfg: Any) -> None:

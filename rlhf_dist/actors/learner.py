@@ -17,6 +17,7 @@ from rlhf_dist.algo.masked import aggregate_loss
 from rlhf_dist.algo.objective import PolicyLossConfig, policy_objective, rollout_correction
 from rlhf_dist.data.batch import Batch
 from rlhf_dist.models.lora import reference_off
+from rlhf_dist.weights.adapter import AdapterPublisher
 from rlhf_dist.weights.merged import MergedLoraPublisher
 from rlhf_dist.weights.plan import BucketPlan, WeightPublisher
 from rlhf_dist.weights.transports import call_verb
@@ -35,7 +36,9 @@ class LearnerActor(DeepSpeedRank):
     def init(self, *args, **kwargs) -> dict[str, Any]:
         info = super().init(*args, **kwargs)
         # with LoRA the engines get merged weights under the base model's names (weights/merged.py)
-        publisher = WeightPublisher if self.lora is None else MergedLoraPublisher
+        # or, with model.lora.sync=adapter, the adapter tensors only (weights/adapter.py)
+        publisher = WeightPublisher if self.lora is None else (
+            AdapterPublisher if self.lora.sync == "adapter" else MergedLoraPublisher)
         self.publisher = publisher(self.ds_engine.module, self.rank, self.zero_stage)
         return info
 
@@ -112,6 +115,10 @@ class LearnerActor(DeepSpeedRank):
     def weight_plan(self, bucket_mb: float, dtype: str) -> BucketPlan:
         return self.publisher.plan(bucket_mb, dtype)
 
+    def engine_lora_config(self) -> dict[str, Any] | None:
+        """With adapter sync, the PEFT config the engines serve the adapter with; else None."""
+        return self.publisher.engine_lora_config() if isinstance(self.publisher, AdapterPublisher) else None
+
     def weights_call(self, transport: str, verb: str, *args: Any) -> Any:
         """The learner side of a weight transport (rlhf_dist.weights.transports): its `verb` on
         this rank's weights, e.g. ("collective", "send", plan, dtype, timeout_s). Under ZeRO-3
@@ -129,8 +136,9 @@ class LearnerActor(DeepSpeedRank):
         that model.path accepts (rank 0 writes; under ZeRO-3 every rank joins the gathers)."""
         from transformers import AutoTokenizer
 
-        plan = self.publisher.plan(MERGE_BUCKET_MB, "float32")
-        merged = {n: t.clone() for bucket in self.publisher.buckets(plan, "float32") for n, t in bucket}
+        publisher = MergedLoraPublisher(self.ds_engine.module, self.rank, self.zero_stage)
+        plan = publisher.plan(MERGE_BUCKET_MB, "float32")
+        merged = {n: t.clone() for bucket in publisher.buckets(plan, "float32") for n, t in bucket}
         if self.rank == 0:
             model = load_causal_lm(self.model_path, "float32")
             missing, unexpected = model.load_state_dict(merged, strict=False)

@@ -7,7 +7,9 @@ process per shard, reached only through the methods of rlhf_dist.weights.vllm_wo
 
 New weights arrive by the transport named in rollout.sync_transport (rlhf_dist.weights.transports),
 whose engine side `weights_call` runs here; every transport streams them into vLLM's own in-place
-loader. `weight_layout` / `weight_checksums` / `packed_modules` serve the verification.
+loader (or, set up by `lora_setup` for model.lora.sync=adapter, install the policy's LoRA adapter,
+which every later generate then samples through: rlhf_dist.weights.adapter).
+`weight_layout` / `weight_checksums` / `packed_modules` serve the verification.
 With `sleep_level` > 0 (GPU) the engine sleeps while the learner trains (`sleep` / `wake_up`).
 """
 
@@ -24,6 +26,7 @@ from rlhf_dist.runtime.files import ModelSpec, local_model_path
 from rlhf_dist.config import RolloutConfig
 from rlhf_dist.data.messages import Sample
 from rlhf_dist.weights.transports import call_verb, get_transport
+from rlhf_dist.weights.adapter import ADAPTER_ID, ADAPTER_NAME, vllm_max_rank
 from rlhf_dist.weights.engine_weights import keep_cpu_linear_weights
 
 
@@ -63,6 +66,7 @@ class RolloutActor:
         sync_transport: str = RolloutConfig.sync_transport,
         sleep_level: int = 0,
         ignore_eos: bool = False,
+        lora_rank: int = 0,
     ) -> None:
         model_path = local_model_path(model_path)  # a copy on this node if shipped (runtime.files)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -74,6 +78,11 @@ class RolloutActor:
             keep_cpu_linear_weights()
         self.device, self.tensor_parallel_size, self.ignore_eos = device, tensor_parallel_size, ignore_eos
         from vllm import LLM
+
+        # adapter sync (lora_rank > 0): one adapter slot, served once the first sync installs it
+        self.lora_request, self.adapter_config = None, None
+        lora_options = dict(enable_lora=True, max_lora_rank=vllm_max_rank(lora_rank), max_loras=1,
+                            max_cpu_loras=1) if lora_rank else {}
 
         start = time.perf_counter()
         self.llm = LLM(
@@ -93,6 +102,7 @@ class RolloutActor:
             enable_sleep_mode=sleep_level > 0,
             **whole_prompts_per_step(device, max_model_len, tensor_parallel_size),
             **get_transport(sync_transport).engine_options,  # e.g. vLLM's CUDA-IPC receiver
+            **lora_options,
         )
         self.init_s = time.perf_counter() - start
         self.generate_s = 0.0
@@ -148,7 +158,7 @@ class RolloutActor:
             params = [sampling(n, None, limit) for limit in limits]
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids]
         start = time.perf_counter()
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora_request)
         self.generate_s = time.perf_counter() - start
         samples = []
         for request in outputs:
@@ -165,7 +175,18 @@ class RolloutActor:
     def weights_call(self, transport: str, verb: str, *args: Any) -> Any:
         """The engine side of a weight transport (rlhf_dist.weights.transports): its `verb` in this
         actor, e.g. ("collective", "receive", plan, dtype, timeout_s, verify)."""
-        return call_verb(transport, "engine", verb, self, *args)
+        result = call_verb(transport, "engine", verb, self, *args)
+        if self.adapter_config is not None and verb in ("receive", "load"):  # the adapter is installed
+            from vllm.lora.request import LoRARequest
+
+            self.lora_request = LoRARequest(ADAPTER_NAME, ADAPTER_ID, "rlhf_dist:in-memory")
+        return result
+
+    def lora_setup(self, config: dict[str, Any]) -> None:
+        """Adapter sync (model.lora.sync=adapter): every later sync installs the policy's LoRA
+        adapter (PEFT `config`) in the workers, and generation then samples through it."""
+        self.adapter_config = config
+        self.llm.collective_rpc("rlhf_lora_setup", args=(config,))
 
     # vLLM's weight-transfer protocol: the ipc transport's learner side drives these through
     # vLLM's RayVLLMWeightSyncClient, which calls them by name on this actor's handle.
@@ -212,5 +233,14 @@ class RolloutActor:
 
         def read(worker):
             return {n: p.detach().cpu().clone() for n, p in worker.model_runner.model.named_parameters()}
+
+        return self.llm.collective_rpc(read)[0]
+
+    def get_adapter(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the LoRA adapter as the engine's kernels read it (adapter sync; tests)."""
+        from rlhf_dist.weights.adapter import held_adapter
+
+        def read(worker):
+            return {n: t.detach().cpu().clone() for n, t in held_adapter(worker).items()}
 
         return self.llm.collective_rpc(read)[0]

@@ -48,6 +48,7 @@ class LoraSpec:
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=list)  # resolved: never empty
     path: str | None = None  # a trained PEFT adapter dir to start from
+    sync: str = "merged"  # what the engines get: "merged" weights or the "adapter" (weights/adapter.py)
 
 
 def linear_module_names(model_path: str) -> list[str]:

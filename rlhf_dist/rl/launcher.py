@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
 
 from rlhf_dist.runtime.cpu import parse_cores, vllm_binding
@@ -43,6 +43,7 @@ class RLActors:
     weights: WeightSync
     num_params: int  # the policy's
     timings: dict[str, float]  # startup/total_s, startup/engine_init_s, ...
+    lora_sync: Optional[str] = None  # with LoRA, what the engines get: "merged" or "adapter"
 
 
 def start_rl_actors(cfg, model_path: str, reward_spec: str, use_reference: bool, use_critic: bool) -> RLActors:
@@ -54,9 +55,10 @@ def start_rl_actors(cfg, model_path: str, reward_spec: str, use_reference: bool,
     try:
         # model dirs go to actors on other nodes through Ray unless under cluster.shared_dir
         model = model_dir(model_path, cl.shared_dir, cl.ship_models)
-        groups["engines"] = start_engines(cfg, model)
+        lora_sync = lora_sync_mode(cfg, model.path)
+        groups["engines"] = start_engines(cfg, model, lora_sync)
         engine_info = wait_ready(groups["engines"], ro.init_timeout_s) if engines_start_alone(cfg) else None
-        groups["learners"], init_refs = start_learners(cfg, model)
+        groups["learners"], init_refs = start_learners(cfg, model, lora_sync)
         groups["reward"] = start_reward(cfg, reward_spec)
         if use_reference:
             groups["reference"] = start_reference(cfg, model)
@@ -73,8 +75,8 @@ def start_rl_actors(cfg, model_path: str, reward_spec: str, use_reference: bool,
         ready = time.perf_counter()
         weights = WeightSync(groups["learners"], groups["engines"], ro, cl.device, cfg.learner.zero_stage)
         weights.prepare()
-        if cfg.model.lora.rank > 0 and cfg.model.lora.path:  # the engines hold the base: add the adapter
-            weights.sync()
+        if cfg.model.lora.rank > 0 and (cfg.model.lora.path or lora_sync == "adapter"):
+            weights.sync()  # the engines hold the base: add the adapter (merged, or installed as one)
         write_placement(os.path.join(cfg.trainer.run_dir, "actors.json"), list(groups.values()))
     except BaseException:
         kill_all(list(groups.values()))
@@ -84,7 +86,26 @@ def start_rl_actors(cfg, model_path: str, reward_spec: str, use_reference: bool,
                "startup/learner_init_s": max(l["init_s"] for l in learner_info),
                "startup/weight_sync_prepare_s": time.perf_counter() - ready}
     return RLActors(model, groups["engines"], groups["learners"], groups["reward"], groups.get("reference"),
-                    groups.get("critics"), weights, learner_info[0]["num_params"], timings)
+                    groups.get("critics"), weights, learner_info[0]["num_params"], timings, lora_sync)
+
+
+def lora_sync_mode(cfg, model_path: str) -> Optional[str]:
+    """With LoRA, what the engines get after each update: model.lora.sync, except that "adapter"
+    falls back to "merged", saying so, when vLLM serves no adapters for the model's architecture."""
+    lora = cfg.model.lora
+    if lora.rank == 0:
+        return None
+    if lora.sync != "adapter":
+        return "merged"
+    from rlhf_dist.weights.adapter import serves_adapters
+
+    served, arch = serves_adapters(model_path)
+    if not served:
+        print(f"[lora] model.lora.sync=adapter: vLLM serves no LoRA adapters for {arch} (its model class "
+              "does not implement SupportsLoRA), so the engines get the merged weights after each "
+              "update instead (model.lora.sync=merged)", flush=True)
+        return "merged"
+    return "adapter"
 
 
 def engines_start_alone(cfg) -> bool:
@@ -94,8 +115,9 @@ def engines_start_alone(cfg) -> bool:
     return cfg.cluster.device == "cuda" and cfg.cluster.gpus_per_engine < 1
 
 
-def start_engines(cfg, model: ModelDir) -> ActorGroup:
-    """rollout.num_engines vLLM engines, engine i seeded rollout.seed + i."""
+def start_engines(cfg, model: ModelDir, lora_sync: Optional[str] = None) -> ActorGroup:
+    """rollout.num_engines vLLM engines, engine i seeded rollout.seed + i; with adapter sync they
+    serve one LoRA adapter of the policy's rank."""
     cl, ro = cfg.cluster, cfg.rollout
     num_engines = ro.num_engines
     tp, cores = ro.tensor_parallel_size, parse_cores(cl.engine_cores)
@@ -116,7 +138,8 @@ def start_engines(cfg, model: ModelDir) -> ActorGroup:
         gpu_memory_utilization=ro.gpu_memory_utilization,
         kv_cache_gb=ro.kv_cache_gb, enforce_eager=ro.enforce_eager,
         device=cl.device, sync_transport=ro.sync_transport,
-        sleep_level=ro.sleep_level, ignore_eos=ro.ignore_eos)
+        sleep_level=ro.sleep_level, ignore_eos=ro.ignore_eos,
+        lora_rank=cfg.model.lora.rank if lora_sync == "adapter" else 0)
     return ActorGroup(
         "rollout", RolloutActor, num_engines, cl.cpus_per_engine, cl.gpus_per_engine,
         cl.placement_timeout_s,
@@ -124,11 +147,13 @@ def start_engines(cfg, model: ModelDir) -> ActorGroup:
         resources=dict(cl.engine_resources or {}))
 
 
-def start_learners(cfg, model: ModelDir) -> tuple[ActorGroup, list]:
+def start_learners(cfg, model: ModelDir, lora_sync: Optional[str] = None) -> tuple[ActorGroup, list]:
     """The policy's DeepSpeed ranks, and their init refs; with model.lora.rank > 0 they train
-    LoRA adapters (rlhf_dist/models/lora.py)."""
+    LoRA adapters (rlhf_dist/models/lora.py) and publish them as `lora_sync` says."""
     cl = cfg.cluster
     lora = resolve_lora(cfg.model.lora, model.path) if cfg.model.lora.rank > 0 else None
+    if lora is not None:
+        lora = replace(lora, sync=lora_sync or "merged")
     return start_ds_group("learner", LearnerActor, model, DSGroupSpec(
         cfg.learner.world_size, cfg.learner.zero_stage, cfg.learner.micro_batch_size,
         optim=asdict(cfg.learner.optim), num_cpus=cl.cpus_per_learner, num_gpus=cl.gpus_per_learner,

@@ -117,6 +117,7 @@ class RLTrainer:
         self.model, self.weights, self.num_params = actors.model, actors.weights, actors.num_params
         self.engines, self.learners, self.reward = actors.engines, actors.learners, actors.reward
         self.reference, self.critics = actors.reference, actors.critics
+        self.lora_sync = actors.lora_sync
         ro = self.cfg.rollout
         episodes = None
         if ro.env:  # multi-turn episodes (rlhf_dist.rl.episodes)

@@ -108,8 +108,11 @@ def fit(trainer, cfg: RLConfig, monitor, resume: Path | None = None) -> dict:
                   f"{cfg.learner.world_size} DeepSpeed rank(s) (ZeRO-{cfg.learner.zero_stage}){critic}, "
                   f"reference={reference_label(trainer, cfg)}, reward={trainer.reward_spec}")
     startup = trainer.start()
+    lora = (f"; LoRA rank {cfg.model.lora.rank}, the engines get the "
+            f"{'adapter' if trainer.lora_sync == 'adapter' else 'merged weights'} after each update"
+            if trainer.lora_sync else "")
     monitor.print(f"[start] actors ready in {startup['startup/total_s']:.1f}s "
-                  f"({trainer.num_params / 1e6:.2f}M parameters)")
+                  f"({trainer.num_params / 1e6:.2f}M parameters{lora})")
     tr, done = cfg.trainer, 0
     if resume is not None:
         done = trainer.load_checkpoint(str(resume))

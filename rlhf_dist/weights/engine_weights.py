@@ -59,6 +59,18 @@ def reload_in_place(worker, weights) -> float:
     return time.perf_counter() - refresh_start
 
 
+def apply_weights(worker, weights) -> float:
+    """Take a stream of (name, tensor) pairs, whichever transport brought them: the model's weights
+    in place (`reload_in_place`), or, on an engine set up for adapter sync
+    (rlhf_dist.weights.adapter), the policy's LoRA adapter. Returns the CPU re-pack seconds."""
+    from rlhf_dist.weights import adapter
+
+    if adapter.adapter_mode(worker):
+        adapter.install(worker, weights)
+        return 0.0
+    return reload_in_place(worker, weights)
+
+
 def shard_layout(model: torch.nn.Module) -> dict[str, list[Piece]]:
     """For each parameter, the pieces of the learner's (engine-named, fused) tensor it holds.
 

@@ -37,6 +37,9 @@ class WeightSync:
         self.plan = self.learners.run("weight_plan", bucket_mb or ro.sync_bucket_mb, ro.dtype, timeout_s=60)[0]
         self.packed_modules = self.engines.run("packed_modules", timeout_s=60)[0]
         self.layouts = self.engines.run("weight_layout", timeout_s=60)[0]  # one per TP worker
+        lora = self.learners.run("engine_lora_config", timeout_s=60)[0]
+        if lora is not None:  # model.lora.sync=adapter: engines install what they receive as the adapter
+            self.engines.run("lora_setup", lora, timeout_s=60)
         self.connect()
 
     def connect(self) -> None:

@@ -9,7 +9,9 @@ method that vLLM mixes into its worker class:
   (rlhf_dist.weights.transports; the collective transport joins its group and receives there);
 - `rlhf_weight_layout` / `rlhf_weight_checksums`: which rows of the learner's tensors this
   worker's shard holds, and their checksums, so verification compares shard with slice;
-- `rlhf_packed_modules`: the model's fusion map (qkv_proj <- q/k/v), for the learner's checksums.
+- `rlhf_packed_modules`: the model's fusion map (qkv_proj <- q/k/v), for the learner's checksums;
+- `rlhf_lora_setup`: adapter sync (model.lora.sync=adapter, rlhf_dist.weights.adapter): later
+  weights are installed as the LoRA adapter, and the checksums are those of its slots.
 
 Importing this module on CPU also keeps vLLM's linear weights (engine_weights.keep_cpu_linear_weights):
 vLLM imports the extension before it loads the model, in every worker process.
@@ -19,10 +21,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from rlhf_dist.weights import adapter
 from rlhf_dist.weights.checksum import Piece, held_checksums
 from rlhf_dist.weights.engine_weights import keep_cpu_linear_weights, shard_layout
 from rlhf_dist.weights.transports import call_verb
-
 
 
 class WorkerExtension:
@@ -37,11 +39,16 @@ class WorkerExtension:
         return shard_layout(self.model_runner.model)
 
     def rlhf_weight_checksums(self) -> dict[str, list[int]]:
+        if adapter.adapter_mode(self):
+            return adapter.held_checksums(self)
         model = self.model_runner.model
         return held_checksums(dict(model.named_parameters()), shard_layout(model))
 
     def rlhf_packed_modules(self) -> dict[str, list[str]]:
         return dict(getattr(self.model_runner.model, "packed_modules_mapping", {}) or {})
+
+    def rlhf_lora_setup(self, config: dict[str, Any]) -> None:
+        adapter.setup_worker(self, config)
 
     def rlhf_weights_call(self, transport: str, verb: str, *args: Any) -> Any:
         """A transport's worker-side `verb` on this worker (rlhf_dist.weights.transports)."""

@@ -217,8 +217,9 @@ def open_worker(worker, host: str, port: int, first_rank: int, world_size: int, 
 
 
 def receive_worker(worker, plan: BucketPlan, dtype: str, timeout_s: float) -> dict[str, Any]:
-    """Receive every bucket of `plan` by broadcast and stream it into vLLM's in-place loader."""
-    from rlhf_dist.weights.engine_weights import reload_in_place
+    """Receive every bucket of `plan` by broadcast and stream it into the engine (`apply_weights`:
+    vLLM's in-place loader, or the LoRA adapter with model.lora.sync=adapter)."""
+    from rlhf_dist.weights.engine_weights import apply_weights
 
     group = getattr(worker, "_rlhf_transport_state", {}).get(NAME)
     if group is None:
@@ -236,7 +237,7 @@ def receive_worker(worker, plan: BucketPlan, dtype: str, timeout_s: float) -> di
                 received["tensors"] += 1
                 yield name, tensor
 
-    received["refresh_s"] = reload_in_place(worker, stream())
+    received["refresh_s"] = apply_weights(worker, stream())
     group.barrier("acknowledging the new weights", timeout_s)
     return {"load_s": time.perf_counter() - start, **received}
 

@@ -70,7 +70,7 @@ def load(engine, bucket_refs: list, timeout_s: float, verify: bool = False,
     """
     import ray
 
-    from rlhf_dist.weights.engine_weights import reload_in_place
+    from rlhf_dist.weights.engine_weights import apply_weights
 
     if engine.tensor_parallel_size > 1:
         raise WeightSyncError("the object-store transport feeds one in-process worker; with "
@@ -98,7 +98,7 @@ def load(engine, bucket_refs: list, timeout_s: float, verify: bool = False,
                 yield name, tensor
 
     # tensor_parallel_size 1: the worker is in this process, so the generator passes by reference
-    received["refresh_s"] = engine.llm.collective_rpc(reload_in_place, args=(stream(),))[0]
+    received["refresh_s"] = engine.llm.collective_rpc(apply_weights, args=(stream(),))[0]
     return with_checksums(engine, {"load_s": time.perf_counter() - start, **received}, verify)
 
 
