@@ -1,5 +1,6 @@
 """`rlhf-dist` with LoRA (model.lora): bad input stops before any actor starts, with the fix; a
-short run writes the adapter and the merged model, and starts no reference actor."""
+short run with adapter sync writes the adapter and the merged model, and starts no reference
+actor. (Merged sync: tests/ray/test_lora_trainer.py.)"""
 
 import json
 
@@ -39,13 +40,17 @@ def test_resume_across_full_and_lora_refused_before_start(tiny_model_dir, tmp_pa
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_lora_run_exports_adapter_and_merged_model(tiny_model_dir, tmp_path):
+def test_lora_run_with_adapter_sync_exports_adapter_and_merged_model(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli(["experiment=smoke", f"model.path={tiny_model_dir}", f"trainer.run_dir={run_dir}",
                       f"hydra.run.dir={run_dir}", "model.lora.rank=8", "model.lora.export_merged=true",
-                      "trainer.save_final=true"], cwd=tmp_path, timeout=900)
+                      "model.lora.sync=adapter", "trainer.save_final=true"], cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "reference=the base model (LoRA rank 8 adapters off" in result.stdout
+    assert "LoRA rank 8, the engines get the adapter after each update" in result.stdout
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    synced = [m for m in metrics if "sync/verified_tensors" in m]
+    assert synced and all(m["sync/verified_tensors"] == 28 for m in synced)  # A and B of 14 projections
     assert json.loads((run_dir / "actors.json").read_text())["actors"]
     assert not any(a["name"].startswith("reference") for a in json.loads((run_dir / "actors.json").read_text())["actors"])
     assert json.loads((run_dir / "final" / "adapter_config.json").read_text())["r"] == 8

@@ -101,3 +101,32 @@ def test_an_adapter_dir_as_model_path_names_the_merged_model(tmp_path):
     with pytest.raises(ConfigError, match=r"model.path=.*merged \(the merged model"):
         policy_model_dir(final)
     assert policy_model_dir(final / "merged") == str(final / "merged")
+
+
+def test_adapter_sync_refused_where_it_cannot_work():
+    validate(compose_config(["model.lora.rank=8", "model.lora.sync=adapter"]))
+    with pytest.raises(ConfigError, match=r"model.lora.sync is set but model.lora.rank=0"):
+        validate(compose_config(["model.lora.sync=adapter"]))
+    with pytest.raises(ConfigError, match=r"model.lora.sync='deltas': expected 'merged'.*Fix"):
+        validate(compose_config(["model.lora.rank=8", "model.lora.sync=deltas"]))
+    for override, named in (("rollout.tensor_parallel_size=2", "tensor_parallel_size=2"),
+                            ("rollout.sync_transport=ipc", "sync_transport=ipc"),
+                            ("rollout.sleep_level=2", "sleep_level=2")):
+        with pytest.raises(ConfigError, match=rf"model.lora.sync=adapter with rollout.{named}.*Fix: model.lora.sync=merged"):
+            validate(compose_config(["model.lora.rank=8", "model.lora.sync=adapter", override]))
+
+
+def test_adapter_sync_falls_back_to_merged_for_a_model_vllm_serves_no_adapters_for(tiny_model_dir, tmp_path, capsys):
+    from rlhf_dist.rl.launcher import lora_sync_mode
+    from rlhf_dist.weights.adapter import vllm_max_rank
+
+    adapter = compose_config(["model.lora.rank=8", "model.lora.sync=adapter"])
+    assert lora_sync_mode(compose_config([]), str(tiny_model_dir)) is None
+    assert lora_sync_mode(compose_config(["model.lora.rank=8"]), str(tiny_model_dir)) == "merged"
+    assert lora_sync_mode(adapter, str(tiny_model_dir)) == "adapter"  # Qwen2: vLLM serves adapters
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    assert lora_sync_mode(adapter, str(gpt2)) == "merged"
+    assert "vLLM serves no LoRA adapters for GPT2LMHeadModel" in capsys.readouterr().out
+    assert [vllm_max_rank(r) for r in (1, 4, 8, 9, 320)] == [1, 8, 8, 16, 320]
