@@ -1,14 +1,18 @@
 """Full fine-tuning against LoRA on one learner rank and one vLLM engine: memory, step, sync.
 
-    python benchmarks/lora.py                          # the ~100M Qwen2, full vs LoRA rank 8 and 32
-    python benchmarks/lora.py --size 10m --modes full,8
+    python benchmarks/lora.py                          # the ~100M Qwen2: full, LoRA rank 8 and 32, each
+                                                       # LoRA rank with merged and with adapter sync
+    python benchmarks/lora.py --size 10m --modes full,8,8a
+
+Modes: `full`; `<rank>` = LoRA with merged sync; `<rank>a` = LoRA with adapter sync
+(model.lora.sync=adapter: only A and B move, the engine serves them through vLLM's LoRA kernels).
 
 For each mode a DeepSpeed learner rank (ZeRO-0, fp32, AdamW) and one engine start on a local Ray
 with the same code the trainer runs; the learner takes `--steps` policy steps on a random batch
 (`--seqs` sequences of 8 prompt + `--response` response tokens), timed, with its resident memory
 sampled every 20 ms (peak RSS of the rank process, model + gradients + optimizer + activations);
-then `--repeats` weight syncs (collective transport, merged weights under LoRA) are timed, and a
-verified one checks them. The reference a LoRA run does not start is measured once: a
+then `--repeats` weight syncs (collective transport) are timed, and a verified one checks them;
+then the engine generates `--seqs` x `--response` tokens (timed: what serving an adapter costs). The reference a LoRA run does not start is measured once: a
 ReferenceActor's RSS after loading the same model. Prints a table and writes JSON.
 """
 
@@ -68,8 +72,11 @@ def bench_mode(mode: str, model_dir: Path, args) -> dict:
     from rlhf_dist.runtime.group import ActorGroup
     from rlhf_dist.weights.sync import WeightSync
 
-    lora = None if mode == "full" else LoraSpec(int(mode), 2.0 * int(mode), 0.0, DEFAULT_TARGETS["qwen2"])
-    engines = ActorGroup("rollout", RolloutActor, 1, 0.3, 0, 60, [dict(model_path=str(model_dir), max_model_len=64)])
+    adapter = mode.endswith("a")
+    rank = 0 if mode == "full" else int(mode.removesuffix("a"))
+    lora = LoraSpec(rank, 2.0 * rank, 0.0, DEFAULT_TARGETS["qwen2"], sync="adapter" if adapter else "merged") if rank else None
+    engines = ActorGroup("rollout", RolloutActor, 1, 0.3, 0, 60, [dict(
+        model_path=str(model_dir), max_model_len=64, lora_rank=rank if adapter else 0)])
     engines.wait(engines.call("ready"), "engine start-up", 900)
     learners, refs = start_ds_group("learner", LearnerActor, str(model_dir), DSGroupSpec(
         1, 0, args.seqs, mini_batch_size=args.seqs, optim=asdict(LearnerConfig().optim), num_cpus=0.4,
@@ -97,11 +104,17 @@ def bench_mode(mode: str, model_dir: Path, args) -> dict:
             metrics = sync.sync(verify=False)
             times.append(time.perf_counter() - start)
         verified = sync.sync(verify=True)
+        prompts = [list(range(3, 11))] * args.seqs
+        engines.run("generate", prompts, 1, 1.0, 1.0, args.response, timeout_s=900)  # warm-up
+        start = time.perf_counter()
+        samples = engines.run("generate", prompts, 1, 1.0, 1.0, args.response, timeout_s=900)[0]
+        gen_tok_s = sum(len(s.token_ids) for s in samples) / (time.perf_counter() - start)
     finally:
         engines.kill()
         learners.kill()
     adapter_mb = info["trainable_params"] * 4 / 2**20 if lora else None
-    return {"mode": "full" if lora is None else f"lora r{mode}", "params_m": info["num_params"] / 1e6,
+    name = "full" if lora is None else f"lora r{rank} {'adapter' if adapter else 'merged'}"
+    return {"mode": name, "gen_tok_s": gen_tok_s, "params_m": info["num_params"] / 1e6,
             "trainable_m": info["trainable_params"] / 1e6, "learner_rest_mb": rest_mb,
             "learner_peak_mb": rss["base_mb"] + rss["peak_above_base_mb"], "optimizer_state_mb": optim_mb,
             "step_s": statistics.median(step_s[1:] or step_s), "step_s_all": step_s,
@@ -124,20 +137,22 @@ def reference_rss_mb(model_dir: Path) -> float:
         group.kill()
 
 
-HEADER = (f"{'mode':>9}{'trainable':>11}{'learner MB':>11}{'peak MB':>9}{'optim MB':>9}{'step s':>8}"
-          f"{'sync MB':>9}{'sync s':>8}{'adapter MB':>11}")
+HEADER = (f"{'mode':>18}{'trainable':>11}{'learner MB':>11}{'peak MB':>9}{'optim MB':>9}{'step s':>8}"
+          f"{'sync MB':>9}{'sync s':>8}{'adapter MB':>11}{'gen tok/s':>10}")
 
 
 def _row(r: dict) -> str:
     adapter = f"{r['adapter_mb']:>11.2f}" if r["adapter_mb"] is not None else f"{'-':>11}"
-    return (f"{r['mode']:>9}{r['trainable_m']:>10.2f}M{r['learner_rest_mb']:>11.0f}{r['learner_peak_mb']:>9.0f}"
-            f"{r['optimizer_state_mb']:>9.1f}{r['step_s']:>8.2f}{r['sync_mb']:>9.1f}{r['sync_s']:>8.3f}{adapter}")
+    return (f"{r['mode']:>18}{r['trainable_m']:>10.2f}M{r['learner_rest_mb']:>11.0f}{r['learner_peak_mb']:>9.0f}"
+            f"{r['optimizer_state_mb']:>9.1f}{r['step_s']:>8.2f}{r['sync_mb']:>9.2f}{r['sync_s']:>8.3f}{adapter}"
+            f"{r['gen_tok_s']:>10.0f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="100m", choices=sorted(SIZES))
-    parser.add_argument("--modes", default="full,8,32", help="comma list: full and/or LoRA ranks")
+    parser.add_argument("--modes", default="full,8,8a,32,32a",
+                        help="comma list: full, LoRA ranks (merged sync), ranks + 'a' (adapter sync)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--seqs", type=int, default=16)
     parser.add_argument("--response", type=int, default=32)

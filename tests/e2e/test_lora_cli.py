@@ -55,3 +55,13 @@ def test_lora_run_with_adapter_sync_exports_adapter_and_merged_model(tiny_model_
     assert not any(a["name"].startswith("reference") for a in json.loads((run_dir / "actors.json").read_text())["actors"])
     assert json.loads((run_dir / "final" / "adapter_config.json").read_text())["r"] == 8
     assert (run_dir / "final" / "merged" / "config.json").is_file()
+    # a second run starts from that adapter (model.lora.path): the engines get it before the first
+    # rollout (installed as their adapter), so step 1 already samples from base + adapter
+    again = tmp_path / "again"
+    result = run_cli(["experiment=smoke", f"model.path={tiny_model_dir}", f"trainer.run_dir={again}",
+                      f"hydra.run.dir={again}", "model.lora.rank=8", f"model.lora.path={run_dir / 'final'}",
+                      "model.lora.sync=adapter", "trainer.total_steps=1"], cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    first = [json.loads(line) for line in (again / "metrics.jsonl").read_text().splitlines()
+             if '"kl/mean"' in line][0]
+    assert first["kl/mean"] > 0 and first["sync/rollout_logprob_gap_max"] < 1e-3, first
