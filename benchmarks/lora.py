@@ -12,7 +12,8 @@ with the same code the trainer runs; the learner takes `--steps` policy steps on
 (`--seqs` sequences of 8 prompt + `--response` response tokens), timed, with its resident memory
 sampled every 20 ms (peak RSS of the rank process, model + gradients + optimizer + activations);
 then `--repeats` weight syncs (collective transport) are timed, and a verified one checks them;
-then the engine generates `--seqs` x `--response` tokens (timed: what serving an adapter costs). The reference a LoRA run does not start is measured once: a
+then the engine generates `--gen-seqs` x `--response` tokens, `--repeats` times (median tokens/s:
+what serving through the adapter costs). The reference a LoRA run does not start is measured once: a
 ReferenceActor's RSS after loading the same model. Prints a table and writes JSON.
 """
 
@@ -104,17 +105,19 @@ def bench_mode(mode: str, model_dir: Path, args) -> dict:
             metrics = sync.sync(verify=False)
             times.append(time.perf_counter() - start)
         verified = sync.sync(verify=True)
-        prompts = [list(range(3, 11))] * args.seqs
+        prompts = [list(range(3, 11))] * args.gen_seqs
         engines.run("generate", prompts, 1, 1.0, 1.0, args.response, timeout_s=900)  # warm-up
-        start = time.perf_counter()
-        samples = engines.run("generate", prompts, 1, 1.0, 1.0, args.response, timeout_s=900)[0]
-        gen_tok_s = sum(len(s.token_ids) for s in samples) / (time.perf_counter() - start)
+        gen_tok_s = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            samples = engines.run("generate", prompts, 1, 1.0, 1.0, args.response, timeout_s=900)[0]
+            gen_tok_s.append(sum(len(s.token_ids) for s in samples) / (time.perf_counter() - start))
     finally:
         engines.kill()
         learners.kill()
     adapter_mb = info["trainable_params"] * 4 / 2**20 if lora else None
     name = "full" if lora is None else f"lora r{rank} {'adapter' if adapter else 'merged'}"
-    return {"mode": name, "gen_tok_s": gen_tok_s, "params_m": info["num_params"] / 1e6,
+    return {"mode": name, "gen_tok_s": statistics.median(gen_tok_s), "gen_tok_s_all": gen_tok_s, "params_m": info["num_params"] / 1e6,
             "trainable_m": info["trainable_params"] / 1e6, "learner_rest_mb": rest_mb,
             "learner_peak_mb": rss["base_mb"] + rss["peak_above_base_mb"], "optimizer_state_mb": optim_mb,
             "step_s": statistics.median(step_s[1:] or step_s), "step_s_all": step_s,
@@ -157,6 +160,7 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, default=16)
     parser.add_argument("--response", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gen-seqs", type=int, default=64, help="sequences per timed generate")
     parser.add_argument("--cache", default="~/.cache/rlhf_dist/models")
     parser.add_argument("--out", default="bench_results/lora.json")
     args = parser.parse_args()

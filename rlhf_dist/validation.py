@@ -220,6 +220,9 @@ def _validate_adapter_sync(cfg: Any) -> None:
     """model.lora.sync=adapter against the rollout layout it cannot serve (rlhf_dist/weights/adapter.py)."""
     ro = cfg.rollout
     problem = None
+    if cfg.model.lora.rank > 512:
+        raise ConfigError(f"model.lora.sync=adapter with model.lora.rank={cfg.model.lora.rank}: vLLM serves "
+                          "adapters of rank <= 512. Fix: model.lora.rank=512 or less, or model.lora.sync=merged.")
     if ro.tensor_parallel_size > 1:
         problem = (f"rollout.tensor_parallel_size={ro.tensor_parallel_size}: adapter sync verifies the "
                    "adapter slots of one unsharded engine worker; sharded engines are not built")

@@ -126,7 +126,8 @@ class LearnerActor(DeepSpeedRank):
         return call_verb(transport, "learner", verb, self.publisher, *args)
 
     def published_weights(self) -> dict[str, torch.Tensor] | None:
-        """Every tensor as the engines get it (merged with LoRA), in fp32 on rank 0 (tests)."""
+        """Every tensor as the engines get it (merged weights with LoRA, or only A and scaled B with
+        model.lora.sync=adapter), in fp32 on rank 0 (tests)."""
         plan = self.publisher.plan(float("inf"), "float32")
         tensors = {n: t.clone() for bucket in self.publisher.buckets(plan, "float32") for n, t in bucket}
         return tensors if self.rank == 0 else None

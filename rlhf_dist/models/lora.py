@@ -91,7 +91,27 @@ def resolve_lora(lora_cfg, model_path: str) -> LoraSpec:
             raise ConfigError(f"model.lora.path={lora_cfg.path} holds a rank-{adapter.get('r')} adapter, but "
                               f"model.lora.rank={lora_cfg.rank}. Fix: model.lora.rank={adapter.get('r')}.")
         targets = sorted(adapter.get("target_modules") or targets)
+        extra = _parts_beyond_a_and_b(adapter)
+        if extra and getattr(lora_cfg, "sync", "merged") == "adapter":
+            raise ConfigError(f"model.lora.path={lora_cfg.path} holds an adapter with {', '.join(extra)}; "
+                              "model.lora.sync=adapter sends only the A and B of each layer, so the engines "
+                              "would serve a different policy than the learner trains. Fix: "
+                              "model.lora.sync=merged (the engines get every trained tensor merged in).")
     return LoraSpec(lora_cfg.rank, float(lora_cfg.alpha), float(lora_cfg.dropout), targets, lora_cfg.path)
+
+
+def _parts_beyond_a_and_b(adapter: dict) -> list[str]:
+    """What a PEFT adapter config trains besides one A and B per layer of rank r."""
+    extra = []
+    if adapter.get("bias", "none") != "none":
+        extra.append(f"bias={adapter['bias']!r}")
+    if adapter.get("modules_to_save"):
+        extra.append(f"modules_to_save={adapter['modules_to_save']}")
+    if adapter.get("use_dora"):
+        extra.append("use_dora=true")
+    if adapter.get("rank_pattern"):
+        extra.append(f"rank_pattern={adapter['rank_pattern']}")
+    return extra
 
 
 def _read_adapter_config(path: str) -> dict:

@@ -120,6 +120,7 @@ def install(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> dict[str, in
     tensors = dict(weights)
     helper = PEFTHelper.from_dict(dict(getattr(worker, STATE),
                                        vllm_max_position_embeddings=manager.max_position_embeddings))
+    helper.validate_legal(manager.lora_config)  # vLLM's own checks (the rank fits the slots)
     lora = manager._lora_model_cls.from_lora_tensors(
         ADAPTER_ID, tensors, helper, device="cpu", dtype=manager.lora_config.lora_dtype,
         model_vocab_size=manager.vocab_size)

@@ -130,3 +130,15 @@ def test_adapter_sync_falls_back_to_merged_for_a_model_vllm_serves_no_adapters_f
     assert lora_sync_mode(adapter, str(gpt2)) == "merged"
     assert "vLLM serves no LoRA adapters for GPT2LMHeadModel" in capsys.readouterr().out
     assert [vllm_max_rank(r) for r in (1, 4, 8, 9, 320)] == [1, 8, 8, 16, 320]
+
+
+def test_adapter_sync_refuses_an_adapter_with_parts_it_would_not_send(tiny_model_dir, tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": ["q_proj"],
+                                                              "bias": "lora_only"}))
+    merged = compose_config(["model.lora.rank=8", f"model.lora.path={tmp_path}"])
+    assert resolve_lora(merged.model.lora, str(tiny_model_dir)).target_modules == ["q_proj"]  # merged sends it all
+    adapter = compose_config(["model.lora.rank=8", f"model.lora.path={tmp_path}", "model.lora.sync=adapter"])
+    with pytest.raises(ConfigError, match=r"bias='lora_only'.*Fix: model.lora.sync=merged"):
+        resolve_lora(adapter.model.lora, str(tiny_model_dir))
+    with pytest.raises(ConfigError, match=r"rank <= 512"):
+        validate(compose_config(["model.lora.rank=1024", "model.lora.sync=adapter"]))
