@@ -17,37 +17,25 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_runs import REPO, metrics, run_once  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
 BLIND_CEILING = 0.4  # 4 guesses of 10 numbers, answers unread
 
 
 def run(out: Path, seed: int, blind: bool, extra: list[str]) -> dict:
     run_dir = out / f"{'blind' if blind else 'game'}_s{seed}"
-    if not (run_dir / "summary.json").exists():
-        args = ["experiment=agentic", f"hydra.run.dir={run_dir}", f"trainer.seed={seed}", f"rollout.seed={seed}",
-                f"warmup.seed={seed}", f"task.seed={seed}", f"model.tiny.seed={seed}",
-                "logger.wandb.mode=disabled", *(["rollout.env=rlhf_dist.envs.guess:GuessBlind"] if blind else []),
-                *extra]
-        print("  $ rlhf-dist " + " ".join(args), flush=True)
-        start = time.perf_counter()
-        with (out / f"{run_dir.name}.log").open("w") as log:
-            done = subprocess.run([sys.executable, "-m", "rlhf_dist.main", *args], stdout=log,
-                                  stderr=subprocess.STDOUT, cwd=REPO)
-        if done.returncode:
-            raise SystemExit(f"failed ({done.returncode}); see {out / run_dir.name}.log")
-        print(f"    done in {time.perf_counter() - start:.0f} s", flush=True)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "reward/mean" in r]
-    evals = [r for r in rows if "eval/solved_frac" in r]
+    run_once(run_dir, ["experiment=agentic", f"hydra.run.dir={run_dir}", f"trainer.seed={seed}", f"rollout.seed={seed}",
+                       f"warmup.seed={seed}", f"task.seed={seed}", f"model.tiny.seed={seed}",
+                       "logger.wandb.mode=disabled", *(["rollout.env=rlhf_dist.envs.guess:GuessBlind"] if blind else []),
+                       *extra])
+    steps, evals, summary = metrics(run_dir)
     success = [r["reward/mean"] for r in steps]
     moving = [statistics.mean(success[max(0, i - 9): i + 1]) for i in range(len(success))]
-    summary = json.loads((run_dir / "summary.json").read_text())
     return {
         "seed": seed, "blind": blind, "steps": len(steps),
         "greedy_start": evals[0]["eval/solved_frac"], "greedy_end": evals[-1]["eval/solved_frac"],

@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_runs import REPO, metrics, run_once  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
 VARIANTS = {
     "full": [],
@@ -36,22 +36,10 @@ VARIANTS = {
 
 def run(out: Path, variant: str, seed: int, extra: list[str]) -> dict:
     run_dir = out / f"{variant}_s{seed}"
-    if not (run_dir / "summary.json").exists():
-        args = [*VARIANTS[variant], f"hydra.run.dir={run_dir}", f"trainer.run_dir={run_dir}",
-                f"trainer.seed={seed}", f"rollout.seed={seed}", "trainer.save_final=false",
-                "logger.wandb.mode=disabled", *extra]
-        print("  $ rlhf-dist " + " ".join(args), flush=True)
-        start = time.perf_counter()
-        with (out / f"{run_dir.name}.log").open("w") as log:
-            done = subprocess.run([sys.executable, "-m", "rlhf_dist.main", *args], stdout=log,
-                                  stderr=subprocess.STDOUT, cwd=REPO)
-        if done.returncode:
-            raise SystemExit(f"failed ({done.returncode}); see {out / run_dir.name}.log")
-        print(f"    done in {time.perf_counter() - start:.0f} s", flush=True)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "reward/mean" in r]
-    evals = [r for r in rows if "eval/solved_frac" in r]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    run_once(run_dir, [*VARIANTS[variant], f"hydra.run.dir={run_dir}", f"trainer.run_dir={run_dir}",
+                       f"trainer.seed={seed}", f"rollout.seed={seed}", "trainer.save_final=false",
+                       "logger.wandb.mode=disabled", *extra])
+    steps, evals, summary = metrics(run_dir)
     tail = steps[-20:]
     return {
         "variant": variant, "seed": seed, "steps": len(steps),
