@@ -188,6 +188,17 @@ class OptimConfig:
 
 
 @dataclass
+class CriticLoraConfig:
+    """LoRA adapters on the PPO critic (rlhf_dist/models/lora.py): the value model's body frozen,
+    its adapters and its value head trained."""
+
+    rank: int = 0  # 0 = the critic trains every weight
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)  # [] = the architecture's default
+
+
+@dataclass
 class CriticOptimConfig(OptimConfig):
     lr: float = 1e-3  # a fresh value head must catch up quickly; the policy's lr is 10x lower
 
@@ -257,6 +268,7 @@ class CriticConfig:
     value_clip: Optional[float] = 0.2  # clip V - V_old to +-value_clip in the loss; null = off
     value_loss_coef: float = 1.0  # scales the value loss (matters with grad clipping)
     optim: CriticOptimConfig = field(default_factory=CriticOptimConfig)
+    lora: CriticLoraConfig = field(default_factory=CriticLoraConfig)
     init_timeout_s: float = 600.0
     step_timeout_s: float = 1800.0
 

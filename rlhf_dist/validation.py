@@ -127,6 +127,7 @@ def validate(cfg: Any) -> None:
             "(tune exploration with rollout.temperature instead).")
     _validate_algo(cfg)
     _validate_lora(cfg)
+    _validate_critic_lora(cfg)
     _validate_batches(cfg)
     _validate_rollout(cfg)
     _validate_off_policy(cfg)
@@ -214,6 +215,20 @@ def _validate_lora(cfg: Any) -> None:
                           "through its LoRA support). Fix: model.lora.sync=merged or model.lora.sync=adapter.")
     if lora.sync == "adapter":
         _validate_adapter_sync(cfg)
+
+
+def _validate_critic_lora(cfg: Any) -> None:
+    """critic.lora on its own; against the critic's model in resolve_lora when the critic starts."""
+    lora = cfg.critic.lora
+    if lora.rank < 0:
+        raise ConfigError(f"critic.lora.rank={lora.rank}: expected 0 (the critic trains every weight) or a "
+                          "rank >= 1 for LoRA adapters on the critic. Fix: critic.lora.rank=8 (or 0).")
+    if lora.rank == 0 and list(lora.target_modules):
+        raise ConfigError("critic.lora.target_modules is set but critic.lora.rank=0 (LoRA off): it would be "
+                          "ignored. Fix: critic.lora.rank=8, or unset it.")
+    if lora.rank > 0 and (not lora.alpha > 0 or not 0.0 <= lora.dropout < 1.0):
+        raise ConfigError(f"critic.lora.alpha={lora.alpha}, critic.lora.dropout={lora.dropout}: expected "
+                          "alpha > 0 and 0 <= dropout < 1. Fix: e.g. critic.lora.alpha=16 critic.lora.dropout=0.")
 
 
 def _validate_adapter_sync(cfg: Any) -> None:

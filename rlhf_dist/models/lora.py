@@ -49,6 +49,9 @@ class LoraSpec:
     target_modules: list[str] = field(default_factory=list)  # resolved: never empty
     path: str | None = None  # a trained PEFT adapter dir to start from
     sync: str = "merged"  # what the engines get: "merged" weights or the "adapter" (weights/adapter.py)
+    # peft's task: CAUSAL_LM for the policy; TOKEN_CLS for the critic, whose value head (`score`)
+    # then trains in full beside the adapters (peft's modules_to_save)
+    task_type: str = "CAUSAL_LM"
 
 
 def linear_module_names(model_path: str) -> list[str]:
@@ -66,38 +69,39 @@ def linear_module_names(model_path: str) -> list[str]:
     return sorted(names - {"lm_head", "score"})
 
 
-def resolve_lora(lora_cfg, model_path: str) -> LoraSpec:
-    """Check model.lora against the model and the adapter it starts from; the spec the learner
-    ranks get. Raises ConfigError (what was given, what was expected, the fix)."""
+def resolve_lora(lora_cfg, model_path: str, prefix: str = "model.lora") -> LoraSpec:
+    """Check model.lora (or `prefix`, e.g. critic.lora) against the model and the adapter it starts
+    from; the spec the ranks get. Raises ConfigError (what was given, what was expected, the fix)."""
     model_type = json.loads((Path(model_path) / "config.json").read_text()).get("model_type", "?")
     targets = list(lora_cfg.target_modules)
     if not targets:
         if model_type not in DEFAULT_TARGETS:
             raise ConfigError(
-                f"model.lora.target_modules is empty and there is no default for model_type "
+                f"{prefix}.target_modules is empty and there is no default for model_type "
                 f"{model_type!r} (defaults exist for {sorted(DEFAULT_TARGETS)}). Fix: name them, e.g. "
-                f"model.lora.target_modules=[{','.join(linear_module_names(model_path)[:4])}].")
+                f"{prefix}.target_modules=[{','.join(linear_module_names(model_path)[:4])}].")
         targets = DEFAULT_TARGETS[model_type]
     candidates = linear_module_names(model_path)
     unknown = [t for t in targets if t not in candidates]
     if unknown:
-        raise ConfigError(f"model.lora.target_modules has {unknown}, which the model at {model_path} "
+        raise ConfigError(f"{prefix}.target_modules has {unknown}, which the model at {model_path} "
                           f"({model_type}) does not have. Its linear layers: {candidates}. Fix: "
-                          f"model.lora.target_modules=[{','.join(c for c in candidates if c in targets) or candidates[0]}] "
+                          f"{prefix}.target_modules=[{','.join(c for c in candidates if c in targets) or candidates[0]}] "
                           "or leave it empty for the architecture's default.")
-    if lora_cfg.path:
-        adapter = _read_adapter_config(lora_cfg.path)
+    path = getattr(lora_cfg, "path", None)  # the critic's config has none
+    if path:
+        adapter = _read_adapter_config(path)
         if int(adapter.get("r", -1)) != lora_cfg.rank:
-            raise ConfigError(f"model.lora.path={lora_cfg.path} holds a rank-{adapter.get('r')} adapter, but "
+            raise ConfigError(f"model.lora.path={path} holds a rank-{adapter.get('r')} adapter, but "
                               f"model.lora.rank={lora_cfg.rank}. Fix: model.lora.rank={adapter.get('r')}.")
         targets = sorted(adapter.get("target_modules") or targets)
         extra = _parts_beyond_a_and_b(adapter)
         if extra and getattr(lora_cfg, "sync", "merged") == "adapter":
-            raise ConfigError(f"model.lora.path={lora_cfg.path} holds an adapter with {', '.join(extra)}; "
+            raise ConfigError(f"model.lora.path={path} holds an adapter with {', '.join(extra)}; "
                               "model.lora.sync=adapter sends only the A and B of each layer, so the engines "
                               "would serve a different policy than the learner trains. Fix: "
                               "model.lora.sync=merged (the engines get every trained tensor merged in).")
-    return LoraSpec(lora_cfg.rank, float(lora_cfg.alpha), float(lora_cfg.dropout), targets, lora_cfg.path)
+    return LoraSpec(lora_cfg.rank, float(lora_cfg.alpha), float(lora_cfg.dropout), targets, path)
 
 
 def _parts_beyond_a_and_b(adapter: dict) -> list[str]:
@@ -130,7 +134,7 @@ def add_adapters(model: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
     if spec.path:
         return PeftModel.from_pretrained(model, spec.path, is_trainable=True)
     config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                        target_modules=list(spec.target_modules), bias="none", task_type="CAUSAL_LM")
+                        target_modules=list(spec.target_modules), bias="none", task_type=spec.task_type)
     return get_peft_model(model, config)
 
 
@@ -175,15 +179,19 @@ def reference_off(module: torch.nn.Module) -> Iterator[None]:
         yield
 
 
-def check_resume(manifest: dict, lora_rank: int, checkpoint: str) -> None:
-    """A checkpoint resumes only into a run of the same kind: full weights or LoRA of one rank
-    (a full checkpoint holds no adapter; a LoRA one holds only adapters and their moments)."""
-    saved = int(manifest.get("lora_rank", 0))
-    if saved == lora_rank:
-        return
-    kind = lambda rank: f"LoRA rank {rank}" if rank else "full fine-tuning"  # noqa: E731
-    fix = (f"model.lora.rank={saved}" if saved else "model.lora.rank=0") + " to continue that run"
-    raise ConfigError(f"trainer.resume: the checkpoint {checkpoint} is from a {kind(saved)} run, but this run "
-                      f"is {kind(lora_rank)} (model.lora.rank={lora_rank}); its state cannot be loaded "
-                      f"into this one. Fix: {fix}, or start afresh without trainer.resume (a LoRA run "
-                      "can start from a merged export: model.path=<final/merged>).")
+def check_resume(manifest: dict, lora_rank: int, checkpoint: str, critic_lora_rank: int = 0) -> None:
+    """A checkpoint resumes only into a run of the same kind: full weights or LoRA of one rank, for
+    the policy and for the critic (a full checkpoint holds no adapter; a LoRA one holds only
+    adapters, the critic's value head, and their moments)."""
+    for key, field_name, asked in (("lora_rank", "model.lora.rank", lora_rank),
+                                   ("critic_lora_rank", "critic.lora.rank", critic_lora_rank)):
+        saved = int(manifest.get(key, 0))
+        if saved == asked:
+            continue
+        kind = lambda rank: f"LoRA rank {rank}" if rank else "full fine-tuning"  # noqa: E731
+        who = "" if key == "lora_rank" else " critic"
+        raise ConfigError(f"trainer.resume: the checkpoint {checkpoint} is from a{who} {kind(saved)} run, but "
+                          f"this run is{who} {kind(asked)} ({field_name}={asked}); its state cannot be loaded "
+                          f"into this one. Fix: {field_name}={saved} to continue that run, or start afresh "
+                          "without trainer.resume (a LoRA run can start from a merged export: "
+                          "model.path=<final/merged>).")

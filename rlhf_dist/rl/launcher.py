@@ -161,13 +161,19 @@ def start_learners(cfg, model: ModelDir, lora_sync: Optional[str] = None) -> tup
 
 
 def start_critics(cfg, model: ModelDir) -> tuple[ActorGroup, list]:
-    """The critic's DeepSpeed ranks (PPO), from critic.model_path or else the policy's model."""
+    """The critic's DeepSpeed ranks (PPO), from critic.model_path or else the policy's model; with
+    critic.lora.rank > 0 they train LoRA adapters and the value head only."""
     cl = cfg.cluster
+    lora = None
+    if cfg.critic.lora.rank > 0:
+        lora = replace(resolve_lora(cfg.critic.lora, cfg.critic.model_path or model.path, "critic.lora"),
+                       task_type="TOKEN_CLS")
     return start_ds_group(
         "critic", CriticActor, cfg.critic.model_path or model, DSGroupSpec(
             cfg.critic.world_size, cfg.critic.zero_stage, critic_micro_batch_size(cfg),
             optim=asdict(cfg.critic.optim), num_cpus=cl.cpus_per_critic,
-            num_gpus=cl.gpus_per_critic, resources=dict(cl.critic_resources or {}), **_ds_common(cfg)))
+            num_gpus=cl.gpus_per_critic, resources=dict(cl.critic_resources or {}), lora=lora,
+            **_ds_common(cfg)))
 
 
 def _ds_common(cfg) -> dict[str, Any]:

@@ -541,7 +541,8 @@ class RLTrainer:
         See rlhf_dist/checkpoint.py."""
         start = time.perf_counter()
         final = checkpoint.save(root, step, self._ds_groups(), lambda: self.state_dict(step),
-                                {"algo": self.cfg.algo.name, "lora_rank": self.cfg.model.lora.rank},
+                                {"algo": self.cfg.algo.name, "lora_rank": self.cfg.model.lora.rank,
+                                 "critic_lora_rank": self.cfg.critic.lora.rank},
                                 self.cfg.trainer.keep_last,
                                 self.cfg.learner.step_timeout_s)
         self.monitor.print(f"[checkpoint] step {step} -> {final} ({time.perf_counter() - start:.1f}s)")

@@ -35,7 +35,7 @@ def run_rl(dict_cfg: DictConfig) -> dict:
         from rlhf_dist.checkpoint import read_manifest
         from rlhf_dist.models.lora import check_resume
 
-        check_resume(read_manifest(resume), cfg.model.lora.rank, str(resume))
+        check_resume(read_manifest(resume), cfg.model.lora.rank, str(resume), cfg.critic.lora.rank)
     driver_state = torch_load_driver_state(resume) if resume else {}
     with ray_session(cfg):
         model_path = inputs["model_path"]
@@ -102,7 +102,8 @@ def fit(trainer, cfg: RLConfig, monitor, resume: Path | None = None) -> dict:
     """Start-up, eval at start, the RL steps with periodic eval and checkpoints, eval at the end,
     a summary. With `resume` the steps continue after the checkpoint's."""
     run_start = time.perf_counter()
-    critic = (f", critic {cfg.critic.world_size} rank(s) (ZeRO-{cfg.critic.zero_stage})"
+    critic_lora = f", LoRA rank {cfg.critic.lora.rank}" if cfg.critic.lora.rank else ""
+    critic = (f", critic {cfg.critic.world_size} rank(s) (ZeRO-{cfg.critic.zero_stage}{critic_lora})"
               if trainer.use_critic else "")
     monitor.print(f"[start] algo={cfg.algo.name}: {cfg.rollout.num_engines} vLLM engine(s), "
                   f"{cfg.learner.world_size} DeepSpeed rank(s) (ZeRO-{cfg.learner.zero_stage}){critic}, "

@@ -142,3 +142,18 @@ def test_adapter_sync_refuses_an_adapter_with_parts_it_would_not_send(tiny_model
         resolve_lora(adapter.model.lora, str(tiny_model_dir))
     with pytest.raises(ConfigError, match=r"rank <= 512"):
         validate(compose_config(["model.lora.rank=1024", "model.lora.sync=adapter"]))
+
+
+def test_critic_lora_validated_and_resumed_only_into_its_kind(tiny_model_dir):
+    validate(compose_config(["algo=ppo", "critic.lora.rank=8"]))
+    with pytest.raises(ConfigError, match=r"critic.lora.rank=-2.*Fix: critic.lora.rank=8"):
+        validate(compose_config(["critic.lora.rank=-2"]))
+    with pytest.raises(ConfigError, match=r"critic.lora.target_modules is set but critic.lora.rank=0"):
+        validate(compose_config(["critic.lora.target_modules=[q_proj]"]))
+    cfg = compose_config(["critic.lora.rank=8", "critic.lora.target_modules=[c_attn]"])
+    with pytest.raises(ConfigError, match=r"critic.lora.target_modules has \['c_attn'\]"):
+        resolve_lora(cfg.critic.lora, str(tiny_model_dir), "critic.lora")
+    check_resume({"lora_rank": 0, "critic_lora_rank": 8}, 0, "ck", critic_lora_rank=8)
+    with pytest.raises(ConfigError, match=r"from a critic LoRA rank 8 run, but this run is critic full fine-tuning"
+                                          r".*Fix: critic.lora.rank=8"):
+        check_resume({"critic_lora_rank": 8}, 0, "ck")
