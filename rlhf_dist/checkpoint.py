@@ -6,7 +6,8 @@ Layout under the checkpoint root (`trainer.checkpoint_dir`, default <run_dir>/ch
         COMPLETE.json       directory is renamed into place, so a reader never sees a partial one
         driver.pt           step, prompt sampler, minibatch RNG, KL controller, reward normaliser,
                             W&B run id (tensors and plain values: loads with weights_only=True)
-        policy/             HF weights + tokenizer (the model to use or to serve)
+        policy/             HF weights + tokenizer (the model to use or to serve); with LoRA
+                            (model.lora / critic.lora) a PEFT adapter over the run's base model
         policy_ds/          DeepSpeed model, optimizer and scheduler state of every rank
         critic/, critic_ds/ the same for the critic (PPO)
     .step_00000020.partial-<id>/   being written; ignored, removed by the next save

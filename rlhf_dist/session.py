@@ -74,6 +74,11 @@ def prepare(cfg: RLConfig) -> dict:
         from rlhf_dist.models.lora import resolve_lora
 
         resolve_lora(cfg.model.lora, str(model_path))
+    if cfg.critic.lora.rank > 0:  # the critic's targets against its model (the policy's by default)
+        from rlhf_dist.models.lora import resolve_lora
+
+        resolve_lora(cfg.critic.lora, str(check_model_dir(cfg.critic.model_path) if cfg.critic.model_path
+                                          else model_path), "critic.lora")
     train_records = (load_prompt_records(cfg.task.prompts_file) if cfg.task.prompts_file
                      else task.make_records("train", cfg.task.num_train, cfg.task.seed))
     eval_records = (load_prompt_records(cfg.task.eval_file) if cfg.task.eval_file

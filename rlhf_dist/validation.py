@@ -207,7 +207,7 @@ def _validate_lora(cfg: Any) -> None:
                           "alpha > 0 and 0 <= dropout < 1. Fix: e.g. model.lora.alpha=16 model.lora.dropout=0.")
     if cfg.stage in ("sft", "reward_model"):
         raise ConfigError(f"model.lora.rank={lora.rank} with stage={cfg.stage}: LoRA applies to the RL "
-                          "policy only; the SFT and reward-model stages (and the critic) train every weight. "
+                          "policy (and, with critic.lora, the critic); the SFT and reward-model stages train every weight. "
                           "Fix: model.lora.rank=0 for this stage.")
     if lora.sync not in ("merged", "adapter"):
         raise ConfigError(f"model.lora.sync={lora.sync!r}: expected 'merged' (the engines get W + (alpha/rank) "
@@ -218,7 +218,7 @@ def _validate_lora(cfg: Any) -> None:
 
 
 def _validate_critic_lora(cfg: Any) -> None:
-    """critic.lora on its own; against the critic's model in resolve_lora when the critic starts."""
+    """critic.lora on its own; against the critic's model in resolve_lora (session.prepare)."""
     lora = cfg.critic.lora
     if lora.rank < 0:
         raise ConfigError(f"critic.lora.rank={lora.rank}: expected 0 (the critic trains every weight) or a "
@@ -226,6 +226,9 @@ def _validate_critic_lora(cfg: Any) -> None:
     if lora.rank == 0 and list(lora.target_modules):
         raise ConfigError("critic.lora.target_modules is set but critic.lora.rank=0 (LoRA off): it would be "
                           "ignored. Fix: critic.lora.rank=8, or unset it.")
+    if lora.rank > 0 and not uses_critic(cfg):
+        raise ConfigError(f"critic.lora.rank={lora.rank} but algo.advantage={cfg.algo.advantage} uses no critic: "
+                          "it would be ignored. Fix: algo=ppo (GAE with a critic), or critic.lora.rank=0.")
     if lora.rank > 0 and (not lora.alpha > 0 or not 0.0 <= lora.dropout < 1.0):
         raise ConfigError(f"critic.lora.alpha={lora.alpha}, critic.lora.dropout={lora.dropout}: expected "
                           "alpha > 0 and 0 <= dropout < 1. Fix: e.g. critic.lora.alpha=16 critic.lora.dropout=0.")

@@ -179,19 +179,31 @@ def reference_off(module: torch.nn.Module) -> Iterator[None]:
         yield
 
 
-def check_resume(manifest: dict, lora_rank: int, checkpoint: str, critic_lora_rank: int = 0) -> None:
-    """A checkpoint resumes only into a run of the same kind: full weights or LoRA of one rank, for
-    the policy and for the critic (a full checkpoint holds no adapter; a LoRA one holds only
-    adapters, the critic's value head, and their moments)."""
-    for key, field_name, asked in (("lora_rank", "model.lora.rank", lora_rank),
-                                   ("critic_lora_rank", "critic.lora.rank", critic_lora_rank)):
-        saved = int(manifest.get(key, 0))
-        if saved == asked:
+def lora_signature(lora_cfg) -> dict:
+    """What a checkpoint's adapters are (COMPLETE.json): a resume must build the same ones."""
+    if lora_cfg.rank == 0:
+        return {"rank": 0}
+    return {"rank": int(lora_cfg.rank), "alpha": float(lora_cfg.alpha),
+            "target_modules": sorted(lora_cfg.target_modules)}
+
+
+def check_resume(manifest: dict, lora_cfg, checkpoint: str, critic_lora_cfg=None) -> None:
+    """A checkpoint resumes only into a run of the same kind, for the policy and for the critic:
+    full weights, or LoRA adapters of the same rank, alpha and targets (a full checkpoint holds no
+    adapter; a LoRA one holds only adapters, the critic's value head, and their moments, and
+    DeepSpeed restores them by position)."""
+    for key, prefix, cfg in (("lora", "model.lora", lora_cfg), ("critic_lora", "critic.lora", critic_lora_cfg)):
+        if cfg is None:
             continue
-        kind = lambda rank: f"LoRA rank {rank}" if rank else "full fine-tuning"  # noqa: E731
-        who = "" if key == "lora_rank" else " critic"
+        saved = manifest.get(key) or {"rank": int(manifest.get(f"{key}_rank", 0))}  # older manifests: the rank
+        asked = lora_signature(cfg)
+        if saved["rank"] == asked["rank"] and (not asked["rank"] or "alpha" not in saved or saved == asked):
+            continue
+        kind = lambda sig: f"LoRA {sig}" if sig["rank"] else "full fine-tuning"  # noqa: E731
+        who = "" if key == "lora" else " critic"
+        fix = " ".join(f"{prefix}.{k}={v if not isinstance(v, list) else '[' + ','.join(v) + ']'}"
+                       for k, v in saved.items() if k == "rank" or saved["rank"])
+        start = " (a LoRA run can start from a merged export: model.path=<final/merged>)" if key == "lora" else ""
         raise ConfigError(f"trainer.resume: the checkpoint {checkpoint} is from a{who} {kind(saved)} run, but "
-                          f"this run is{who} {kind(asked)} ({field_name}={asked}); its state cannot be loaded "
-                          f"into this one. Fix: {field_name}={saved} to continue that run, or start afresh "
-                          "without trainer.resume (a LoRA run can start from a merged export: "
-                          "model.path=<final/merged>).")
+                          f"this run is{who} {kind(asked)}; its state cannot be loaded into this one. Fix: "
+                          f"{fix} to continue that run, or start afresh without trainer.resume{start}.")

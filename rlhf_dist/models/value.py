@@ -1,7 +1,8 @@
 """The critic's value model: the policy's architecture with a scalar head on every position.
 
 Stored in the HF token-classification format with one label (`AutoModelForTokenClassification`,
-`num_labels=1`), so any HF tool can load a trained critic. Initialised from a causal-LM checkpoint
+`num_labels=1`), so any HF tool can load a trained critic (with critic.lora: a PEFT
+token-classification adapter over the base model, its value head saved in full). Initialised from a causal-LM checkpoint
 (the policy: its transformer body is reused, the LM head dropped and a fresh `score` head added) or
 from a sequence-classification reward model, whose `score` head has the same name and shape and is
 then reused as well.

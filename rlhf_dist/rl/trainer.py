@@ -41,6 +41,7 @@ from rlhf_dist.algo import (
     overlong_penalty,
 )
 from rlhf_dist.algo.objective import PolicyLossConfig, ValueLossConfig
+from rlhf_dist.models.lora import lora_signature
 from rlhf_dist.config import (critic_micro_batch_size, old_logprobs_source, response_budget, uses_critic,
                               uses_reference, uses_reference_actor)
 from rlhf_dist.data.messages import Sample, Scores
@@ -542,7 +543,8 @@ class RLTrainer:
         start = time.perf_counter()
         final = checkpoint.save(root, step, self._ds_groups(), lambda: self.state_dict(step),
                                 {"algo": self.cfg.algo.name, "lora_rank": self.cfg.model.lora.rank,
-                                 "critic_lora_rank": self.cfg.critic.lora.rank},
+                                 "lora": lora_signature(self.cfg.model.lora),
+                                 "critic_lora": lora_signature(self.cfg.critic.lora)},
                                 self.cfg.trainer.keep_last,
                                 self.cfg.learner.step_timeout_s)
         self.monitor.print(f"[checkpoint] step {step} -> {final} ({time.perf_counter() - start:.1f}s)")

@@ -35,7 +35,7 @@ def run_rl(dict_cfg: DictConfig) -> dict:
         from rlhf_dist.checkpoint import read_manifest
         from rlhf_dist.models.lora import check_resume
 
-        check_resume(read_manifest(resume), cfg.model.lora.rank, str(resume), cfg.critic.lora.rank)
+        check_resume(read_manifest(resume), cfg.model.lora, str(resume), cfg.critic.lora)
     driver_state = torch_load_driver_state(resume) if resume else {}
     with ray_session(cfg):
         model_path = inputs["model_path"]

@@ -24,7 +24,7 @@ def test_lora_off_by_default_and_rank_validated():
         validate(compose_config(["model.lora.path=/x"]))
     with pytest.raises(ConfigError, match=r"dropout"):
         validate(compose_config(["model.lora.rank=8", "model.lora.dropout=1.5"]))
-    with pytest.raises(ConfigError, match=r"stage=sft.*RL policy only"):
+    with pytest.raises(ConfigError, match=r"stage=sft.*applies to the RL policy"):
         validate(compose_config(["model.lora.rank=8", "stage=sft"]))
     validate(compose_config(["model.lora.rank=8"]))
 
@@ -49,13 +49,27 @@ def test_adapter_path_checked(tiny_model_dir, tmp_path):
         resolve_lora(cfg.model.lora, str(tiny_model_dir))
 
 
+def _lora(rank, alpha=16.0, targets=()):
+    from rlhf_dist.config import LoraConfig
+
+    return LoraConfig(rank=rank, alpha=alpha, target_modules=list(targets))
+
+
 def test_resume_across_full_and_lora_refused():
-    check_resume({"algo": "grpo"}, 0, "ck")
-    check_resume({"lora_rank": 8}, 8, "ck")
-    with pytest.raises(ConfigError, match="full fine-tuning run, but this run is LoRA rank 8.*model.lora.rank=0"):
-        check_resume({"algo": "grpo"}, 8, "ck")
-    with pytest.raises(ConfigError, match="LoRA rank 8 run, but this run is full fine-tuning.*model.lora.rank=8"):
-        check_resume({"lora_rank": 8}, 0, "ck")
+    from rlhf_dist.models.lora import lora_signature
+
+    check_resume({"algo": "grpo"}, _lora(0), "ck")
+    check_resume({"lora_rank": 8}, _lora(8), "ck")  # a manifest from before alpha/targets were recorded
+    check_resume({"lora": lora_signature(_lora(8, 32.0))}, _lora(8, 32.0), "ck")
+    with pytest.raises(ConfigError, match="full fine-tuning run, but this run is LoRA .*Fix: model.lora.rank=0"):
+        check_resume({"algo": "grpo"}, _lora(8), "ck")
+    with pytest.raises(ConfigError, match="LoRA .* run, but this run is full fine-tuning.*model.lora.rank=8"):
+        check_resume({"lora_rank": 8}, _lora(0), "ck")
+    # same rank, another scale or other targets: other adapters, refused (DeepSpeed restores by position)
+    with pytest.raises(ConfigError, match=r"Fix: model.lora.rank=8 model.lora.alpha=32.0 model.lora.target_modules=\[\]"):
+        check_resume({"lora": lora_signature(_lora(8, 32.0))}, _lora(8, 16.0), "ck")
+    with pytest.raises(ConfigError, match=r"model.lora.target_modules=\[q_proj\]"):
+        check_resume({"lora": lora_signature(_lora(8, 16.0, ["q_proj"]))}, _lora(8, 16.0), "ck")
 
 
 def test_merged_weights_under_hf_names_and_reference_is_the_base(tiny_model_dir):
@@ -153,7 +167,11 @@ def test_critic_lora_validated_and_resumed_only_into_its_kind(tiny_model_dir):
     cfg = compose_config(["critic.lora.rank=8", "critic.lora.target_modules=[c_attn]"])
     with pytest.raises(ConfigError, match=r"critic.lora.target_modules has \['c_attn'\]"):
         resolve_lora(cfg.critic.lora, str(tiny_model_dir), "critic.lora")
-    check_resume({"lora_rank": 0, "critic_lora_rank": 8}, 0, "ck", critic_lora_rank=8)
-    with pytest.raises(ConfigError, match=r"from a critic LoRA rank 8 run, but this run is critic full fine-tuning"
+    from rlhf_dist.models.lora import lora_signature
+
+    check_resume({"lora_rank": 0, "critic_lora": lora_signature(_lora(8))}, _lora(0), "ck", _lora(8))
+    with pytest.raises(ConfigError, match=r"from a critic LoRA .* run, but this run is critic full fine-tuning"
                                           r".*Fix: critic.lora.rank=8"):
-        check_resume({"critic_lora_rank": 8}, 0, "ck")
+        check_resume({"critic_lora": lora_signature(_lora(8))}, _lora(0), "ck", _lora(0))
+    with pytest.raises(ConfigError, match=r"critic.lora.rank=8 but algo.advantage=grpo uses no critic"):
+        validate(compose_config(["critic.lora.rank=8"]))
