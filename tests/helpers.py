@@ -54,6 +54,22 @@ def start_trainer(run_dir: Path, model_dir: Path, overrides: list[str]):
     return trainer
 
 
+def assert_resume_repeats_the_step(trainer, checkpoint: str, saved_step: int, keys: tuple[str, ...],
+                                   weights: Callable[[], dict]) -> None:
+    """Step `saved_step` + 1, load `checkpoint` (of `saved_step`), step again: the metrics `keys`
+    and every tensor `weights()` returns are the same both times (exact resume)."""
+    import torch
+
+    after = trainer.step(saved_step + 1)
+    weights_after = weights()
+    assert trainer.load_checkpoint(checkpoint) == saved_step
+    again = trainer.step(saved_step + 1)
+    for key in keys:
+        assert again[key] == after[key], key
+    for name, tensor in weights().items():
+        assert torch.equal(tensor, weights_after[name]), name
+
+
 def assert_rises(values: list[float], head: int, tail: int, k: float = 3.0,
                  within_sd: list[float] | None = None, batch: int = 1) -> None:
     """The mean of the last `tail` values exceeds that of the first `head` by `k` standard errors

@@ -12,7 +12,7 @@ import torch
 
 from rlhf_dist.weights.checksum import fuse_like_engine, narrow_to
 
-from helpers import start_trainer
+from helpers import assert_resume_repeats_the_step, start_trainer
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -56,14 +56,8 @@ def test_checkpoint_holds_the_adapter_and_resumes_exactly(trainer, tmp_path):
     files = {p.name for p in (tmp_path / "ck").rglob("*") if p.is_file()}
     assert "adapter_model.safetensors" in files and "model.safetensors" not in files
     assert json.loads((tmp_path / "ck" / "step_00000003" / "COMPLETE.json").read_text())["lora_rank"] == 8
-    after = trainer.step(4)
-    weights_after = trainer.learners.run("published_weights", timeout_s=60)[0]
-    assert trainer.load_checkpoint(path) == 3
-    again = trainer.step(4)
-    for key in ("reward/mean", "loss/policy", "kl/mean", "optim/grad_norm"):
-        assert again[key] == after[key], key
-    for name, tensor in trainer.learners.run("published_weights", timeout_s=60)[0].items():
-        assert torch.equal(tensor, weights_after[name]), name
+    assert_resume_repeats_the_step(trainer, path, 3, ("reward/mean", "loss/policy", "kl/mean", "optim/grad_norm"),
+                                   lambda: trainer.learners.run("published_weights", timeout_s=60)[0])
 
 
 def test_final_export_is_an_adapter_and_a_merged_model(trainer, tmp_path):
