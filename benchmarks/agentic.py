@@ -15,13 +15,12 @@ wall time. Prints a table, writes benchmarks/results/agentic.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli_runs import REPO, metrics, run_once  # noqa: E402
+from cli_runs import REPO, add_run_args, metrics, print_saved, run_once, write_results  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 BLIND_CEILING = 0.4  # 4 guesses of 10 numbers, answers unread
@@ -66,21 +65,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--blind-seeds", type=int, nargs="*", default=[0])
-    parser.add_argument("--out", type=Path, default=Path("/tmp/rlhf_dist_agentic"))
-    parser.add_argument("--from-json", type=Path)
-    parser.add_argument("overrides", nargs="*", help="extra rlhf-dist overrides for every run")
+    add_run_args(parser, "/tmp/rlhf_dist_agentic")
     args = parser.parse_args()
     if args.from_json:
-        print(table(json.loads(args.from_json.read_text())["runs"]))
+        print_saved(args.from_json, table)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     results = [run(args.out, seed, False, args.overrides) for seed in args.seeds]
     results += [run(args.out, seed, True, args.overrides) for seed in args.blind_seeds]
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "agentic.json"
-    path.write_text(json.dumps({"overrides": args.overrides, "runs": results}, indent=1) + "\n")
-    print(table(results))
-    print(f"wrote {path}")
+    write_results(RESULTS / "agentic.json", args.overrides, results, table)
 
 
 if __name__ == "__main__":

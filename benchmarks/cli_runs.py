@@ -33,3 +33,23 @@ def metrics(run_dir: Path) -> tuple[list[dict], list[dict], dict]:
     steps = [r for r in rows if "reward/mean" in r]
     evals = [r for r in rows if "eval/solved_frac" in r]
     return steps, evals, json.loads((run_dir / "summary.json").read_text())
+
+
+def write_results(path: Path, overrides: list[str], results: list[dict], table) -> None:
+    """The runs' results as JSON at `path`, and their `table(results)` printed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"overrides": overrides, "runs": results}, indent=1) + "\n")
+    print(table(results))
+    print(f"wrote {path}")
+
+
+def print_saved(path: Path, table) -> None:
+    """`--from-json`: the table of results written earlier."""
+    print(table(json.loads(path.read_text())["runs"]))
+
+
+def add_run_args(parser, out: str) -> None:
+    """The arguments every run-based benchmark takes: where runs go, a saved table, overrides."""
+    parser.add_argument("--out", type=Path, default=Path(out), help="run dirs (finished runs are reused)")
+    parser.add_argument("--from-json", type=Path, help="print the table of a results JSON and stop")
+    parser.add_argument("overrides", nargs="*", help="extra rlhf-dist overrides for every run")

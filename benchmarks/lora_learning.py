@@ -16,13 +16,12 @@ learner's policy), and time. Prints a table, writes benchmarks/results/lora_lear
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli_runs import REPO, metrics, run_once  # noqa: E402
+from cli_runs import REPO, add_run_args, metrics, print_saved, run_once, write_results  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 VARIANTS = {
@@ -73,20 +72,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="*", default=["full", "lora", "lora-adapter"], choices=sorted(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1])
-    parser.add_argument("--out", type=Path, default=Path("/tmp/rlhf_dist_lora_learning"))
     parser.add_argument("--json", type=Path, default=RESULTS / "lora_learning_seeds.json")
-    parser.add_argument("--from-json", type=Path)
-    parser.add_argument("overrides", nargs="*", help="extra rlhf-dist overrides for every run")
+    add_run_args(parser, "/tmp/rlhf_dist_lora_learning")
     args = parser.parse_args()
     if args.from_json:
-        print(table(json.loads(args.from_json.read_text())["runs"]))
+        print_saved(args.from_json, table)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     results = [run(args.out, variant, seed, args.overrides) for seed in args.seeds for variant in args.variants]
-    args.json.parent.mkdir(exist_ok=True)
-    args.json.write_text(json.dumps({"overrides": args.overrides, "runs": results}, indent=1) + "\n")
-    print(table(results))
-    print(f"wrote {args.json}")
+    write_results(args.json, args.overrides, results, table)
 
 
 if __name__ == "__main__":
