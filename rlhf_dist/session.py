@@ -70,13 +70,11 @@ def prepare(cfg: RLConfig) -> dict:
         model_path = check_model_dir(policy_model_dir(cfg.model.path))
     check_tensor_parallel(json.loads((Path(model_path) / "config.json").read_text()),
                           cfg.rollout.tensor_parallel_size, str(model_path))
-    if cfg.model.lora.rank > 0:  # target modules against the model, an adapter's rank
-        from rlhf_dist.models.lora import resolve_lora
+    from rlhf_dist.models.lora import resolve_lora
 
+    if cfg.model.lora.rank > 0:  # target modules against the model, an adapter's rank
         resolve_lora(cfg.model.lora, str(model_path))
     if cfg.critic.lora.rank > 0:  # the critic's targets against its model (the policy's by default)
-        from rlhf_dist.models.lora import resolve_lora
-
         resolve_lora(cfg.critic.lora, str(check_model_dir(cfg.critic.model_path) if cfg.critic.model_path
                                           else model_path), "critic.lora")
     train_records = (load_prompt_records(cfg.task.prompts_file) if cfg.task.prompts_file

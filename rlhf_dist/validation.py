@@ -190,9 +190,7 @@ def _validate_lora(cfg: Any) -> None:
     """model.lora values on their own; against the model (target names, an adapter's rank) in
     rlhf_dist.models.lora.resolve_lora, once the model dir is known."""
     lora = cfg.model.lora
-    if lora.rank < 0:
-        raise ConfigError(f"model.lora.rank={lora.rank}: expected 0 (full fine-tuning) or a rank >= 1 "
-                          "for LoRA adapters. Fix: model.lora.rank=8 (or 0 to train every weight).")
+    _check_lora_values(lora, "model.lora")
     if lora.rank == 0:
         set_fields = [k for k, v in (("path", lora.path), ("target_modules", list(lora.target_modules)),
                                      ("export_merged", lora.export_merged),
@@ -202,13 +200,10 @@ def _validate_lora(cfg: Any) -> None:
                               "would be ignored. Fix: model.lora.rank=8 (the adapter's rank with "
                               "model.lora.path), or unset it.")
         return
-    if not lora.alpha > 0 or not 0.0 <= lora.dropout < 1.0:
-        raise ConfigError(f"model.lora.alpha={lora.alpha}, model.lora.dropout={lora.dropout}: expected "
-                          "alpha > 0 and 0 <= dropout < 1. Fix: e.g. model.lora.alpha=16 model.lora.dropout=0.")
     if cfg.stage in ("sft", "reward_model"):
         raise ConfigError(f"model.lora.rank={lora.rank} with stage={cfg.stage}: LoRA applies to the RL "
-                          "policy (and, with critic.lora, the critic); the SFT and reward-model stages train every weight. "
-                          "Fix: model.lora.rank=0 for this stage.")
+                          "policy (and, with critic.lora, the critic); the SFT and reward-model stages train "
+                          "every weight. Fix: model.lora.rank=0 for this stage.")
     if lora.sync not in ("merged", "adapter"):
         raise ConfigError(f"model.lora.sync={lora.sync!r}: expected 'merged' (the engines get W + (alpha/rank) "
                           "B A, the default) or 'adapter' (only the adapter tensors move; vLLM serves them "
@@ -217,21 +212,27 @@ def _validate_lora(cfg: Any) -> None:
         _validate_adapter_sync(cfg)
 
 
+def _check_lora_values(lora: Any, prefix: str) -> None:
+    """The values every LoRA section (model.lora, critic.lora) shares: a rank >= 0 and, with
+    adapters on, alpha > 0 and 0 <= dropout < 1."""
+    if lora.rank < 0:
+        raise ConfigError(f"{prefix}.rank={lora.rank}: expected 0 (full fine-tuning) or a rank >= 1 "
+                          f"for LoRA adapters. Fix: {prefix}.rank=8 (or 0 to train every weight).")
+    if lora.rank > 0 and (not lora.alpha > 0 or not 0.0 <= lora.dropout < 1.0):
+        raise ConfigError(f"{prefix}.alpha={lora.alpha}, {prefix}.dropout={lora.dropout}: expected "
+                          f"alpha > 0 and 0 <= dropout < 1. Fix: e.g. {prefix}.alpha=16 {prefix}.dropout=0.")
+
+
 def _validate_critic_lora(cfg: Any) -> None:
     """critic.lora on its own; against the critic's model in resolve_lora (session.prepare)."""
     lora = cfg.critic.lora
-    if lora.rank < 0:
-        raise ConfigError(f"critic.lora.rank={lora.rank}: expected 0 (the critic trains every weight) or a "
-                          "rank >= 1 for LoRA adapters on the critic. Fix: critic.lora.rank=8 (or 0).")
+    _check_lora_values(lora, "critic.lora")
     if lora.rank == 0 and list(lora.target_modules):
         raise ConfigError("critic.lora.target_modules is set but critic.lora.rank=0 (LoRA off): it would be "
                           "ignored. Fix: critic.lora.rank=8, or unset it.")
     if lora.rank > 0 and not uses_critic(cfg):
         raise ConfigError(f"critic.lora.rank={lora.rank} but algo.advantage={cfg.algo.advantage} uses no critic: "
                           "it would be ignored. Fix: algo=ppo (GAE with a critic), or critic.lora.rank=0.")
-    if lora.rank > 0 and (not lora.alpha > 0 or not 0.0 <= lora.dropout < 1.0):
-        raise ConfigError(f"critic.lora.alpha={lora.alpha}, critic.lora.dropout={lora.dropout}: expected "
-                          "alpha > 0 and 0 <= dropout < 1. Fix: e.g. critic.lora.alpha=16 critic.lora.dropout=0.")
 
 
 def _validate_adapter_sync(cfg: Any) -> None:

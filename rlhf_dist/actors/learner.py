@@ -117,7 +117,7 @@ class LearnerActor(DeepSpeedRank):
 
     def engine_lora_config(self) -> dict[str, Any] | None:
         """With adapter sync, the PEFT config the engines serve the adapter with; else None."""
-        return self.publisher.engine_lora_config() if isinstance(self.publisher, AdapterPublisher) else None
+        return self.publisher.engine_lora_config()
 
     def weights_call(self, transport: str, verb: str, *args: Any) -> Any:
         """The learner side of a weight transport (rlhf_dist.weights.transports): its `verb` on

@@ -79,8 +79,8 @@ class RolloutActor:
         self.device, self.tensor_parallel_size, self.ignore_eos = device, tensor_parallel_size, ignore_eos
         from vllm import LLM
 
-        # adapter sync (lora_rank > 0): one adapter slot, served once the first sync installs it
-        self.lora_request, self.adapter_config = None, None
+        # adapter sync (lora_rank > 0): one adapter slot; every generate asks for it after `lora_setup`
+        self.lora_request = None
         lora_options = dict(enable_lora=True, max_lora_rank=vllm_max_rank(lora_rank), max_loras=1,
                             max_cpu_loras=1) if lora_rank else {}
 
@@ -175,18 +175,18 @@ class RolloutActor:
     def weights_call(self, transport: str, verb: str, *args: Any) -> Any:
         """The engine side of a weight transport (rlhf_dist.weights.transports): its `verb` in this
         actor, e.g. ("collective", "receive", plan, dtype, timeout_s, verify)."""
-        result = call_verb(transport, "engine", verb, self, *args)
-        if self.adapter_config is not None and verb in ("receive", "load"):  # the adapter is installed
-            from vllm.lora.request import LoRARequest
-
-            self.lora_request = LoRARequest(ADAPTER_NAME, ADAPTER_ID, "rlhf_dist:in-memory")
-        return result
+        return call_verb(transport, "engine", verb, self, *args)
 
     def lora_setup(self, config: dict[str, Any]) -> None:
         """Adapter sync (model.lora.sync=adapter): every later sync installs the policy's LoRA
-        adapter (PEFT `config`) in the workers, and generation then samples through it."""
-        self.adapter_config = config
+        adapter (PEFT `config`) in the workers, and every generate samples through it. The trainer
+        syncs right after set-up (start-up, an engine restart), so no generate comes before an
+        adapter is installed; if one did, vLLM would fail to find the adapter rather than sample
+        the base model unnoticed."""
+        from vllm.lora.request import LoRARequest
+
         self.llm.collective_rpc("rlhf_lora_setup", args=(config,))
+        self.lora_request = LoRARequest(ADAPTER_NAME, ADAPTER_ID, "rlhf_dist:in-memory")
 
     # vLLM's weight-transfer protocol: the ipc transport's learner side drives these through
     # vLLM's RayVLLMWeightSyncClient, which calls them by name on this actor's handle.
@@ -230,17 +230,17 @@ class RolloutActor:
 
     def get_weights(self) -> dict[str, torch.Tensor]:
         """A CPU copy of every parameter the engine holds (tests and debugging; one worker)."""
-
-        def read(worker):
-            return {n: p.detach().cpu().clone() for n, p in worker.model_runner.model.named_parameters()}
-
-        return self.llm.collective_rpc(read)[0]
+        return self._cpu_copy(lambda worker: dict(worker.model_runner.model.named_parameters()))
 
     def get_adapter(self) -> dict[str, torch.Tensor]:
         """A CPU copy of the LoRA adapter as the engine's kernels read it (adapter sync; tests)."""
         from rlhf_dist.weights.adapter import held_adapter
 
+        return self._cpu_copy(held_adapter)
+
+    def _cpu_copy(self, named_tensors) -> dict[str, torch.Tensor]:
+        """CPU copies of the tensors `named_tensors(worker)` names, from the first worker."""
         def read(worker):
-            return {n: t.detach().cpu().clone() for n, t in held_adapter(worker).items()}
+            return {n: t.detach().cpu().clone() for n, t in named_tensors(worker).items()}
 
         return self.llm.collective_rpc(read)[0]

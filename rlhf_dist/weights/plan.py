@@ -100,6 +100,11 @@ class WeightPublisher:
                 else:
                     yield [(n, p.detach().to(DTYPES[dtype])) for n, p in params] if self.rank == 0 else []
 
+    def engine_lora_config(self) -> dict[str, Any] | None:
+        """The PEFT config engines serve a LoRA adapter with, when this publisher sends one (adapter
+        sync, rlhf_dist.weights.adapter); None: the engines take model weights."""
+        return None
+
     def checksums(self, plan: BucketPlan, dtype: str, packed_modules: dict[str, list[str]],
                   layouts: list[dict[str, list[Piece]]]) -> list[dict[str, list[int]]] | None:
         """What each engine worker (one layout per tensor-parallel rank) must hold (rank 0)."""
